@@ -1,0 +1,625 @@
+"""
+The data nanoCOOPER trains and is judged on (DESIGN §3, §5).
+
+A tiny numpy ray caster renders 3D scenes of cubes, spheres and cylinders on a textured ground
+plane. From one scene graph it produces, exactly and at once:
+  - rgb    uint8 H×W×3: Lambert shading (one directional light plus ambient)
+  - depth  float32 H×W metres: z-depth along the camera axis; sky (and ground beyond DEPTH_MAX) is DEPTH_MAX
+  - seg    uint8 H×W: 0 sky, 1 ground, 2… objects, numbered left to right by their mask's centroid
+and spatial questions whose answers are computed from the scene graph, so every label is exact.
+
+COOPER's trick is to turn depth and segmentation into RGB-like "pseudo-images" so one image
+generator can produce all three: `depth_to_rgb`/`rgb_to_depth` and `seg_to_rgb`/`rgb_to_seg`.
+
+Real data enters through `load_manifest`: a JSONL of image/depth/seg files and questions.
+
+    python data.py                       # write the tiny preset's train/val/test splits to data/tiny
+    python data.py --n_train=20000 --image_size=128 --out_dir=data/small
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+# --- constants: one place for everything a conversion depends on --------------------------------
+DEPTH_MIN, DEPTH_MAX = 0.5, 25.0  # metres; the pseudo-image range is absolute, so decoded maps are metric
+# Log depth spreads the 256 grey levels evenly in relative terms (~1.5% a step over 0.5–25 m);
+# linear would give ~0.1 m steps, i.e. ~5% at 2 m. See `depth_to_rgb`.
+DEPTH_ENCODING = "log"
+COLORS = {  # name -> albedo (0..1)
+    "red": (0.85, 0.12, 0.10), "green": (0.15, 0.70, 0.20), "blue": (0.15, 0.30, 0.90),
+    "yellow": (0.92, 0.85, 0.15), "purple": (0.55, 0.20, 0.75), "orange": (0.95, 0.50, 0.10),
+    "cyan": (0.15, 0.80, 0.85), "white": (0.92, 0.92, 0.92),
+}
+SHAPES = ("cube", "sphere", "cylinder")
+# Segmentation palette: sky, ground, then up to 14 objects; colours far apart in RGB so a lossy
+# image tokenizer cannot blur one into another.
+SEG_PALETTE = np.array([
+    (0, 0, 0), (128, 128, 128),
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+    (255, 255, 255), (128, 0, 0),
+], dtype=np.uint8)
+MODALITIES = ("rgb", "depth", "seg")
+SPLITS = ("train", "val", "test")
+CATEGORIES = ("distance", "size", "depth_order", "relative_distance", "relation", "counting", "general")
+# Tool flag per question kind, the rule the CPR reward relies on: depth helps metric and ordering
+# questions, segmentation helps counting and left/right localisation, neither helps colour/shape.
+TOOL_FOR = {"distance": "depth", "size": "depth", "depth_order": "depth", "relative_distance": "depth",
+            "relation_front": "depth", "relation_left": "seg", "counting": "seg", "general": "none"}
+
+
+@dataclass
+class SceneConfig:
+    image_size: int = 64
+    min_objects: int = 2
+    max_objects: int = 6
+    min_visible: int = 16  # pixels (at 64×64; scaled by area) for an object to be "clearly visible"
+
+
+# --- the ray caster ------------------------------------------------------------------------------
+def sample_scene(rng, cfg):
+    """A scene graph: camera and non-interpenetrating objects with distinct (colour, shape) pairs,
+    so "the red cube" always names exactly one object."""
+    cam = {"height": float(rng.uniform(1.3, 2.2)), "pitch": float(np.radians(rng.uniform(12, 24))),
+           "fov": float(np.radians(rng.uniform(50, 65)))}
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    kinds = rng.permutation(len(COLORS) * len(SHAPES))[:n]
+    objects = []
+    for k in kinds:
+        color, shape = list(COLORS)[k // len(SHAPES)], SHAPES[k % len(SHAPES)]
+        for _ in range(100):  # rejection sampling of a free footprint in front of the camera
+            z = rng.uniform(2.5, 8.0)
+            x = rng.uniform(-0.45, 0.45) * z
+            if shape == "sphere":
+                size = rng.uniform(0.25, 0.6)  # radius
+                dims = {"radius": size}
+                footprint, height = size, 2 * size
+            elif shape == "cube":
+                size = rng.uniform(0.4, 1.1)  # side
+                dims = {"side": size, "yaw": float(rng.uniform(0, np.pi / 2))}
+                footprint, height = size / math.sqrt(2), size
+            else:
+                r, h = rng.uniform(0.2, 0.45), rng.uniform(0.5, 1.4)
+                dims = {"radius": r, "height": h}
+                footprint, height = r, h
+            if all(math.hypot(x - o["position"][0], z - o["position"][2]) > footprint + o["footprint"] + 0.1
+                   for o in objects):
+                objects.append({"shape": shape, "color": color, "position": [float(x), float(height / 2), float(z)],
+                                "footprint": float(footprint), "height": float(height),
+                                **{k: float(v) for k, v in dims.items()}})
+                break
+    return {"camera": cam, "objects": objects}
+
+
+def camera_rays(cam, size):
+    """Ray origin and world directions (H, W, 3), scaled so a hit at parameter t has z-depth t."""
+    f = (size / 2) / math.tan(cam["fov"] / 2)
+    c = (np.arange(size) + 0.5 - size / 2) / f
+    dx, dy = np.meshgrid(c, -c)  # image rows go down, world y goes up
+    p, cp, sp = cam["pitch"], math.cos(cam["pitch"]), math.sin(cam["pitch"])
+    # camera looks along +z pitched down by p: rotate the camera-frame direction (dx, dy, 1) about x
+    d = np.stack([dx, dy * cp - sp, dy * sp + cp], axis=-1)
+    return np.array([0.0, cam["height"], 0.0]), d
+
+
+def world_to_camera(cam, points):
+    """World points (..., 3) to camera frame (x right, y up, z forward)."""
+    cp, sp = math.cos(cam["pitch"]), math.sin(cam["pitch"])
+    p = np.asarray(points, dtype=np.float64) - np.array([0.0, cam["height"], 0.0])
+    return np.stack([p[..., 0], p[..., 1] * cp + p[..., 2] * sp, -p[..., 1] * sp + p[..., 2] * cp], axis=-1)
+
+
+def project(cam, size, points):
+    """World points (..., 3) to pixel coordinates (col, row) and camera z."""
+    f = (size / 2) / math.tan(cam["fov"] / 2)
+    q = world_to_camera(cam, points)
+    z = q[..., 2]
+    return q[..., 0] / z * f + size / 2, -q[..., 1] / z * f + size / 2, z
+
+
+def intersect(obj, o, d):
+    """Ray parameter t of the first hit (inf on a miss) and the unit normal, for rays o + t·d.
+    o: (3,), d: (M, 3). Solved in the object's frame (origin at its base centre, yaw removed)."""
+    cx, _, cz = obj["position"]
+    ro = o - np.array([cx, 0.0, cz])
+    t = np.full(len(d), np.inf)
+    n = np.zeros_like(d)
+    if obj["shape"] == "sphere":
+        r = obj["radius"]
+        oc = ro - np.array([0.0, r, 0.0])
+        a = (d * d).sum(1)
+        b = 2 * d @ oc
+        disc = b * b - 4 * a * (oc @ oc - r * r)
+        hit = disc >= 0
+        th = (-b[hit] - np.sqrt(disc[hit])) / (2 * a[hit])
+        ok = th > 0
+        idx = np.flatnonzero(hit)[ok]
+        t[idx] = th[ok]
+        n[idx] = (oc + t[idx, None] * d[idx]) / r
+        return t, n
+    if obj["shape"] == "cube":
+        s, yaw = obj["side"], obj["yaw"]
+        cy, sy = math.cos(yaw), math.sin(yaw)
+        rot = np.array([[cy, 0, -sy], [0, 1, 0], [sy, 0, cy]])  # world -> object frame
+        lo_, ld = rot @ ro, d @ rot.T
+        lo = np.array([-s / 2, 0.0, -s / 2])
+        hi = np.array([s / 2, s, s / 2])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t1, t2 = (lo - lo_) / ld, (hi - lo_) / ld
+        tmin, tmax = np.minimum(t1, t2), np.maximum(t1, t2)
+        tmin = np.where(np.isnan(tmin), -np.inf, tmin)
+        tmax = np.where(np.isnan(tmax), np.inf, tmax)
+        tn, tf = tmin.max(1), tmax.min(1)
+        ok = (tn <= tf) & (tn > 0)
+        t[ok] = tn[ok]
+        axis = tmin.argmax(1)
+        ln = np.zeros_like(d)
+        ln[np.arange(len(d)), axis] = -np.sign(ld[np.arange(len(d)), axis])
+        n[ok] = (ln @ rot)[ok]  # back to world
+        return t, n
+    # cylinder: vertical axis through the base centre, radius r, height h; side and top cap
+    r, h = obj["radius"], obj["height"]
+    a = d[:, 0] ** 2 + d[:, 2] ** 2
+    b = 2 * (ro[0] * d[:, 0] + ro[2] * d[:, 2])
+    c = ro[0] ** 2 + ro[2] ** 2 - r * r
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disc = b * b - 4 * a * c
+        ts = (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a)
+        ys = ro[1] + ts * d[:, 1]
+        side = (disc >= 0) & (a > 0) & (ts > 0) & (ys >= 0) & (ys <= h)
+        tt = (h - ro[1]) / d[:, 1]
+        px, pz = ro[0] + tt * d[:, 0], ro[2] + tt * d[:, 2]
+        top = (tt > 0) & (px * px + pz * pz <= r * r)
+    t[side] = ts[side]
+    p = ro + ts[:, None] * d
+    n[side] = np.stack([p[side, 0], np.zeros(side.sum()), p[side, 2]], 1) / r
+    better = top & (tt < t)
+    t[better] = tt[better]
+    n[better] = (0.0, 1.0, 0.0)
+    return t, n
+
+
+LIGHT = np.array([-0.4, 0.8, -0.45]) / np.linalg.norm([-0.4, 0.8, -0.45])
+AMBIENT = 0.35
+
+
+def render(scene, size):
+    """Ray-cast a scene graph. Returns rgb, depth, seg and fills each object's visible_pixels,
+    centroid and id (ids follow the canonical left-to-right order)."""
+    cam = scene["camera"]
+    o, d = camera_rays(cam, size)
+    d = d.reshape(-1, 3)
+    depth = np.full(len(d), np.inf)
+    normal = np.zeros_like(d)
+    label = np.zeros(len(d), dtype=np.int64)  # 0 sky, 1 ground, 2+k object k (creation order)
+    albedo = np.zeros_like(d)
+    with np.errstate(divide="ignore"):
+        tg = np.where(d[:, 1] < 0, -o[1] / d[:, 1], np.inf)
+    g = np.isfinite(tg)
+    depth[g], label[g], normal[g] = tg[g], 1, (0.0, 1.0, 0.0)
+    gp = o + tg[g, None] * d[g]
+    # 1 m checker tiles: a texture that carries depth cues. Its contrast fades once a tile spans
+    # only a few pixels, as a mip-mapped texture would, instead of aliasing into noise.
+    checker = (np.floor(gp[:, 0]) + np.floor(gp[:, 2])) % 2 - 0.5
+    tile_px = (size / 2) / math.tan(cam["fov"] / 2) / tg[g]
+    albedo[g] = (0.485 + 0.13 * checker * np.clip(tile_px / 6, 0, 1))[:, None]
+    for k, obj in enumerate(scene["objects"]):
+        # only rays inside the projected bounding box can hit: a big saving for small objects
+        x, y, z = obj["position"]
+        rad = obj["footprint"]
+        corners = np.array([[x + sx * rad, sy * obj["height"], z + sz * rad]
+                            for sx in (-1, 1) for sy in (0, 1) for sz in (-1, 1)])
+        u, v, cz = project(cam, size, corners)
+        if cz.min() > 0.05:
+            c0, c1 = max(int(u.min()) - 1, 0), min(int(u.max()) + 2, size)
+            r0, r1 = max(int(v.min()) - 1, 0), min(int(v.max()) + 2, size)
+            if c0 >= c1 or r0 >= r1:
+                continue
+            rows, cols = np.mgrid[r0:r1, c0:c1]
+            idx = (rows * size + cols).ravel()
+        else:
+            idx = np.arange(len(d))
+        t, n = intersect(obj, o, d[idx])
+        closer = t < depth[idx]
+        sel = idx[closer]
+        depth[sel], normal[sel], label[sel] = t[closer], n[closer], 2 + k
+        albedo[sel] = COLORS[obj["color"]]
+    shade = AMBIENT + (1 - AMBIENT) * np.clip(normal @ LIGHT, 0, None)
+    rgb = albedo * shade[:, None]
+    sky = label == 0
+    sky_t = np.clip(d[sky, 1] / np.linalg.norm(d[sky], axis=1), 0, 1)[:, None]
+    rgb[sky] = (0.75, 0.85, 0.95) * (1 - sky_t) + (0.35, 0.55, 0.90) * sky_t
+    rgb = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(size, size, 3)
+    depth = np.minimum(depth, DEPTH_MAX).astype(np.float32).reshape(size, size)
+    # canonical ids: visible objects left to right by mask centroid, then hidden ones
+    cols = np.tile(np.arange(size), size)
+    for k, obj in enumerate(scene["objects"]):
+        m = label == 2 + k
+        obj["visible_pixels"] = int(m.sum())
+        obj["centroid"] = [float(cols[m].mean()), float((np.arange(len(m)) // size)[m].mean())] if m.any() else None
+    order = sorted(range(len(scene["objects"])),
+                   key=lambda k: (scene["objects"][k]["centroid"] is None, (scene["objects"][k]["centroid"] or [0])[0]))
+    remap = np.zeros(2 + len(order), dtype=np.uint8)
+    remap[1] = 1
+    for new, k in enumerate(order):
+        remap[2 + k] = 2 + new
+    seg = remap[label].reshape(size, size)
+    scene["objects"] = [scene["objects"][k] for k in order]
+    for new, obj in enumerate(scene["objects"]):
+        obj["id"] = 2 + new
+    return rgb, depth, seg
+
+
+def render_scene(seed, cfg):
+    """One scene from its seed: {"rgb", "depth", "seg", "graph"} where graph is JSON-serialisable."""
+    rng = np.random.default_rng(seed)
+    graph = sample_scene(rng, cfg)
+    graph["seed"] = seed if isinstance(seed, int) else list(seed)
+    graph["image_size"] = cfg.image_size
+    graph["min_visible"] = round(cfg.min_visible * (cfg.image_size / 64) ** 2)
+    rgb, depth, seg = render(graph, cfg.image_size)
+    return {"rgb": rgb, "depth": depth, "seg": seg, "graph": graph}
+
+
+# --- pseudo-RGB conversions (COOPER §3.1) ------------------------------------------------------
+def depth_to_rgb(depth, encoding=DEPTH_ENCODING):
+    """Metric depth (..., H, W) -> grey uint8 (..., H, W, 3) over the fixed range [DEPTH_MIN, DEPTH_MAX]."""
+    d = np.clip(np.asarray(depth, dtype=np.float64), DEPTH_MIN, DEPTH_MAX)
+    if encoding == "log":
+        v = np.log(d / DEPTH_MIN) / math.log(DEPTH_MAX / DEPTH_MIN)
+    elif encoding == "linear":
+        v = (d - DEPTH_MIN) / (DEPTH_MAX - DEPTH_MIN)
+    else:
+        raise ValueError(f"unknown depth encoding {encoding!r}")
+    grey = np.round(v * 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def rgb_to_depth(img, encoding=DEPTH_ENCODING):
+    """Grey pseudo-image (..., H, W, 3), uint8 or float in [0, 255] -> metres. Channels are
+    averaged, so a generated map that is not perfectly grey still decodes."""
+    v = np.clip(np.asarray(img, dtype=np.float64).mean(-1) / 255, 0, 1)
+    if encoding == "log":
+        return (DEPTH_MIN * np.exp(v * math.log(DEPTH_MAX / DEPTH_MIN))).astype(np.float32)
+    if encoding == "linear":
+        return (DEPTH_MIN + v * (DEPTH_MAX - DEPTH_MIN)).astype(np.float32)
+    raise ValueError(f"unknown depth encoding {encoding!r}")
+
+
+def seg_to_rgb(seg):
+    """Instance ids (..., H, W) -> palette colours (..., H, W, 3)."""
+    seg = np.asarray(seg)
+    if seg.size and seg.max() >= len(SEG_PALETTE):
+        raise ValueError(f"segmentation id {seg.max()} exceeds the palette's {len(SEG_PALETTE)} entries")
+    return SEG_PALETTE[seg]
+
+
+def rgb_to_seg(img):
+    """Palette image (..., H, W, 3) -> ids of the nearest palette colour (a lossy decoder's
+    colours snap back to the right object)."""
+    x = np.asarray(img, dtype=np.float32)
+    dist = ((x[..., None, :] - SEG_PALETTE.astype(np.float32)) ** 2).sum(-1)
+    return dist.argmin(-1).astype(np.uint8)
+
+
+def pseudo_images(split):
+    """{"rgb", "depth", "seg"} -> the three images per scene as uint8 (N, H, W, 3)."""
+    return {"rgb": split["rgb"], "depth": depth_to_rgb(split["depth"]), "seg": seg_to_rgb(split["seg"])}
+
+
+# --- questions with exact answers ----------------------------------------------------------------
+def name(obj):
+    return f"{obj['color']} {obj['shape']}"
+
+
+def camera_distance(graph, obj):
+    x, y, z = obj["position"]
+    return math.sqrt(x * x + (y - graph["camera"]["height"]) ** 2 + z * z)
+
+
+def ground_distance(a, b):
+    """Distance between two objects' centres on the ground plane (their footprints' centres)."""
+    return math.hypot(a["position"][0] - b["position"][0], a["position"][2] - b["position"][2])
+
+
+def image_x(graph, obj):
+    """Column of the object's centre in the image."""
+    u, _, _ = project(graph["camera"], graph["image_size"], obj["position"])
+    return float(u)
+
+
+def question(category, kind, text, answer, answer_type, objects, **extra):
+    return {"category": category, "kind": kind, "question": text, "answer": answer,
+            "answer_type": answer_type, "tool": TOOL_FOR[kind], "objects": [o["id"] for o in objects], **extra}
+
+
+def number(category, kind, text, value, unit, objects):
+    shown = f"{value:.1f}" if unit == "m" else f"{round(value)}"
+    return question(category, kind, text, f"{shown} {unit}", "number", objects, value=float(shown), unit=unit)
+
+
+def candidate_questions(graph):
+    """Every question this scene supports, by category. Only clearly visible objects are named,
+    and comparisons need a clear margin so the answer is not a coin toss."""
+    objs = graph["objects"]
+    vis = [o for o in objs if o["visible_pixels"] >= graph["min_visible"]]
+    pairs = [(a, b) for a in vis for b in vis if a is not b]
+    q = {c: [] for c in CATEGORIES}
+    for a, b in pairs:
+        if a["id"] < b["id"]:
+            q["distance"].append(number("distance", "distance", f"How far apart are the {name(a)} and the {name(b)}, in meters?",
+                                        ground_distance(a, b), "m", [a, b]))
+        da, db = camera_distance(graph, a), camera_distance(graph, b)
+        if da + 0.5 <= db:
+            for word, ans in (("closer to", a), ("farther from", b)):
+                q["depth_order"].append(question("depth_order", "depth_order",
+                                                 f"Which is {word} the camera, the {name(a)} or the {name(b)}?",
+                                                 name(ans), "choice", [a, b], choices=[name(a), name(b)]))
+        za, zb = world_to_camera(graph["camera"], a["position"])[2], world_to_camera(graph["camera"], b["position"])[2]
+        if abs(za - zb) >= 0.5:
+            q["relation"].append(question("relation", "relation_front", f"Is the {name(a)} in front of the {name(b)}?",
+                                          "yes" if za < zb else "no", "yesno", [a, b]))
+        ua, ub = image_x(graph, a), image_x(graph, b)
+        if abs(ua - ub) >= 0.05 * graph["image_size"]:
+            q["relation"].append(question("relation", "relation_left", f"Is the {name(a)} to the left of the {name(b)}?",
+                                          "yes" if ua < ub else "no", "yesno", [a, b]))
+    for a in vis:
+        q["distance"].append(number("distance", "distance", f"How far is the {name(a)} from the camera, in meters?",
+                                    camera_distance(graph, a), "m", [a]))
+        q["size"].append(number("size", "size", f"How tall is the {name(a)}, in centimeters?", 100 * a["height"], "cm", [a]))
+        if a["shape"] != "cube":
+            q["size"].append(number("size", "size", f"How wide is the {name(a)}, in centimeters?", 200 * a["radius"], "cm", [a]))
+        others = sorted((o for o in vis if o is not a), key=lambda o: ground_distance(a, o))
+        if len(others) >= 2:
+            choices = [name(o) for o in sorted(others, key=lambda o: o["id"])]
+            if ground_distance(a, others[1]) - ground_distance(a, others[0]) >= 0.4:
+                q["relative_distance"].append(question("relative_distance", "relative_distance",
+                                                       f"Which object is closest to the {name(a)}?",
+                                                       name(others[0]), "choice", [a, others[0]], choices=choices))
+            if ground_distance(a, others[-1]) - ground_distance(a, others[-2]) >= 0.4:
+                q["relative_distance"].append(question("relative_distance", "relative_distance",
+                                                       f"Which object is farthest from the {name(a)}?",
+                                                       name(others[-1]), "choice", [a, others[-1]], choices=choices))
+    for attr, values, text in (("shape", SHAPES, "How many {}s are there?"), ("color", COLORS, "How many {} objects are there?")):
+        for v in values:
+            group = [o for o in objs if o[attr] == v]
+            if all(o["visible_pixels"] >= graph["min_visible"] or o["visible_pixels"] == 0 for o in group):
+                seen = [o for o in group if o["visible_pixels"] > 0]
+                q["counting"].append(question("counting", "counting", text.format(v), str(len(seen)), "integer", seen))
+        # "the sphere" only names an object when it is the only one of its kind in the scene
+        for v in values:
+            group = [o for o in objs if o[attr] == v]
+            if len(group) == 1 and group[0] in vis:
+                a = group[0]
+                if attr == "shape":
+                    q["general"].append(question("general", "general", f"What color is the {v}?", a["color"], "choice",
+                                                 [a], choices=list(COLORS)))
+                else:
+                    q["general"].append(question("general", "general", f"What shape is the {v} object?", a["shape"],
+                                                 "choice", [a], choices=list(SHAPES)))
+    return q
+
+
+def make_questions(graph, rng):
+    """One question per category (where the scene supports one), drawn at random. Counting
+    questions whose answer is 0 are kept only some of the time, so counts are not mostly zero."""
+    out = []
+    for category, qs in candidate_questions(graph).items():
+        if category == "counting" and rng.random() < 0.7:
+            qs = [x for x in qs if x["answer"] != "0"] or qs
+        if qs:
+            out.append(qs[int(rng.integers(len(qs)))])
+    return out
+
+
+# --- the dataset on disk -------------------------------------------------------------------------
+SHARD_SIZE = 1000
+
+
+def write_split(out_dir, split, n_scenes, cfg, seed):
+    """Render n_scenes into out_dir/split: shard_XXX.npz (rgb, depth, seg), scenes.jsonl, questions.jsonl.
+    Scene i of a split has seed (seed, split index, i), so splits never share a scene seed."""
+    d = os.path.join(out_dir, split)
+    os.makedirs(d, exist_ok=True)
+    scenes, questions, t0 = [], [], time.time()
+    for start in range(0, n_scenes, SHARD_SIZE):
+        arrays = {m: [] for m in MODALITIES}
+        for i in range(start, min(start + SHARD_SIZE, n_scenes)):
+            s = render_scene([seed, SPLITS.index(split), i], cfg)
+            for m in MODALITIES:
+                arrays[m].append(s[m])
+            for q in make_questions(s["graph"], np.random.default_rng([seed, SPLITS.index(split), i, 1])):
+                questions.append({"scene": i, **q})
+            scenes.append(s["graph"])
+        np.savez_compressed(os.path.join(d, f"shard_{start // SHARD_SIZE:03d}.npz"),
+                            **{m: np.stack(a) for m, a in arrays.items()})
+        print(f"  {split}: {len(scenes)}/{n_scenes} scenes, {len(questions)} questions, {time.time() - t0:.1f}s")
+    for fname, rows in (("scenes.jsonl", scenes), ("questions.jsonl", questions)):
+        with open(os.path.join(d, fname), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return scenes, questions
+
+
+def load_split(data_dir, split):
+    """{"rgb" (N,H,W,3) uint8, "depth" (N,H,W) float32 m, "seg" (N,H,W) uint8, "scenes", "questions"}."""
+    d = os.path.join(data_dir, split)
+    if not os.path.exists(os.path.join(d, "questions.jsonl")):
+        raise FileNotFoundError(f"no {split} split in {data_dir}: run `python data.py --out_dir={data_dir}`")
+    shards = sorted(f for f in os.listdir(d) if f.startswith("shard_") and f.endswith(".npz"))
+    out = {m: [] for m in MODALITIES}
+    for f in shards:
+        with np.load(os.path.join(d, f)) as z:
+            for m in MODALITIES:
+                out[m].append(z[m])
+    out = {m: np.concatenate(a) for m, a in out.items()}
+    out["scenes"] = [json.loads(line) for line in open(os.path.join(d, "scenes.jsonl"))]
+    out["questions"] = [json.loads(line) for line in open(os.path.join(d, "questions.jsonl"))]
+    return out
+
+
+def text_corpus(data_dir, split="train"):
+    """The dataset's own text, for training the BPE tokenizer."""
+    qs = [json.loads(line) for line in open(os.path.join(data_dir, split, "questions.jsonl"))]
+    return [q["question"] for q in qs] + [q["answer"] for q in qs]
+
+
+def build_dataset(out_dir, n_train, n_val, n_test, cfg, seed=0):
+    t0 = time.time()
+    counts, summary = {}, {}
+    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+        scenes, questions = write_split(out_dir, split, n, cfg, seed)
+        counts[split] = {"scenes": len(scenes), "questions": len(questions)}
+        summary[split] = {c: sum(q["category"] == c for q in questions) for c in CATEGORIES}
+    meta = {"config": asdict(cfg), "seed": seed, "counts": counts, "categories": summary,
+            "depth_encoding": DEPTH_ENCODING, "seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:  # written last: its presence means "complete"
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    return meta
+
+
+def prepare(data_dir="data/tiny", **preset):
+    """Build the dataset in data_dir if it is not complete yet (the tiny preset unless told otherwise)."""
+    if os.path.exists(os.path.join(data_dir, "meta.json")):
+        return json.load(open(os.path.join(data_dir, "meta.json")))
+    p = dict(TINY_PRESET, **preset)
+    print(f"dataset {data_dir} missing: building it ({p['n_train']}/{p['n_val']}/{p['n_test']} scenes)")
+    return build_dataset(data_dir, p["n_train"], p["n_val"], p["n_test"], SceneConfig(image_size=p["image_size"]), p["seed"])
+
+
+TINY_PRESET = {"n_train": 4000, "n_val": 200, "n_test": 400, "image_size": 64, "seed": 0}
+
+
+# --- real data: a JSONL manifest ----------------------------------------------------------------
+def _fit(img, size, resample):
+    """Resize the shorter side to `size`, then centre-crop to size×size."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _canonical_ids(ids):
+    """Arbitrary instance ids (0 = background) -> 0 background, 2… instances ordered left to right
+    by centroid, as the synthetic renderer numbers them. Beyond the palette, the smallest
+    instances merge into the background."""
+    labels, counts = np.unique(ids[ids > 0], return_counts=True)
+    keep = labels[np.argsort(-counts, kind="stable")][:len(SEG_PALETTE) - 2]
+    cols = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    keep = sorted(keep, key=lambda k: cols[ids == k].mean())
+    out = np.zeros(ids.shape, dtype=np.uint8)
+    for new, k in enumerate(keep):
+        out[ids == k] = 2 + new
+    return out
+
+
+def load_manifest(path, image_size=64):
+    """Real data. Each line of the JSONL at `path` is an object with
+        image     path to an RGB image (any format pillow reads), relative to the manifest
+        depth     optional: 16-bit PNG in millimetres, or .npy in metres
+        seg       optional: PNG of instance ids (0 = background)
+        question, answer, category   (and optionally answer_type, tool)
+    Returns the load_split format; depth is NaN and seg 0 where a file is absent. Every error
+    names the manifest line and the file."""
+    root = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"manifest {path} not found")
+    images, scenes, questions, index = {m: [] for m in MODALITIES}, [], [], {}
+    for n, line in enumerate(open(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+        missing = [k for k in ("image", "question", "answer", "category") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        key = (row["image"], row.get("depth"), row.get("seg"))
+        if key not in index:
+            index[key] = len(scenes)
+            rgb, depth, seg = _load_files(root, row, where, image_size)
+            for m, a in zip(MODALITIES, (rgb, depth, seg)):
+                images[m].append(a)
+            scenes.append({"image": row["image"], "has_depth": row.get("depth") is not None,
+                           "has_seg": row.get("seg") is not None, "image_size": image_size})
+        q = {k: v for k, v in row.items() if k not in ("image", "depth", "seg")}
+        q.setdefault("tool", "none")
+        questions.append({"scene": index[key], **q})
+    if not scenes:
+        raise ValueError(f"manifest {path} has no entries")
+    out = {m: np.stack(a) for m, a in images.items()}
+    out["scenes"], out["questions"] = scenes, questions
+    return out
+
+
+def _load_files(root, row, where, size):
+    def open_image(field):
+        f = os.path.join(root, row[field])
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{where}: {field} file {f} not found")
+        try:
+            img = Image.open(f)
+            img.load()
+            return img
+        except Exception as e:
+            raise ValueError(f"{where}: cannot read {field} file {f}: {e}") from None
+
+    rgb = np.asarray(_fit(open_image("image").convert("RGB"), size, Image.BICUBIC))
+    depth = np.full((size, size), np.nan, dtype=np.float32)
+    if row.get("depth") is not None:
+        if row["depth"].endswith(".npy"):
+            f = os.path.join(root, row["depth"])
+            try:
+                metres = np.load(f).astype(np.float32)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{where}: depth file {f} not found") from None
+            except Exception as e:
+                raise ValueError(f"{where}: cannot read depth file {f}: {e}") from None
+            if metres.ndim != 2:
+                raise ValueError(f"{where}: depth file {f} has shape {metres.shape}, expected (H, W)")
+        else:
+            img = open_image("depth")
+            if img.mode not in ("I;16", "I;16B", "I", "L"):
+                raise ValueError(f"{where}: depth PNG {row['depth']} has mode {img.mode}, expected 16-bit millimetres")
+            metres = np.asarray(img, dtype=np.float32) / 1000.0
+        # nearest-neighbour: interpolating depth across an object boundary invents surfaces
+        d = _fit(Image.fromarray(metres, mode="F"), size, Image.NEAREST)
+        depth = np.asarray(d, dtype=np.float32)
+        depth = np.where(depth > 0, np.clip(depth, DEPTH_MIN, DEPTH_MAX), np.nan).astype(np.float32)  # 0 = no reading
+    seg = np.zeros((size, size), dtype=np.uint8)
+    if row.get("seg") is not None:
+        ids = np.asarray(open_image("seg"), dtype=np.int64)
+        if ids.ndim != 2:
+            raise ValueError(f"{where}: seg file {row['seg']} must be a single-channel PNG of ids")
+        ids = np.asarray(_fit(Image.fromarray(ids.astype(np.int32), mode="I"), size, Image.NEAREST), dtype=np.int64)
+        seg = _canonical_ids(ids)
+    return rgb, depth, seg
+
+
+if __name__ == "__main__":
+    # -----------------------------------------------------------------------------
+    out_dir = "data/tiny"
+    n_train, n_val, n_test = TINY_PRESET["n_train"], TINY_PRESET["n_val"], TINY_PRESET["n_test"]
+    image_size = TINY_PRESET["image_size"]
+    seed = TINY_PRESET["seed"]
+    from configurator import configure
+    configure(globals())
+    # -----------------------------------------------------------------------------
+    print(f"writing {n_train}/{n_val}/{n_test} scenes at {image_size}x{image_size} to {out_dir}")
+    meta = build_dataset(out_dir, n_train, n_val, n_test, SceneConfig(image_size=image_size), seed)
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out_dir) for f in fs)
+    print(f"{'category':<18}" + "".join(f"{s:>8}" for s in SPLITS))
+    for c in CATEGORIES:
+        print(f"{c:<18}" + "".join(f"{meta['categories'][s][c]:>8}" for s in SPLITS))
+    print(f"done in {meta['seconds']}s, {size / 1e6:.1f} MB on disk")
+    print("final: " + json.dumps({**{f"{s}_{k}": v for s in SPLITS for k, v in meta["counts"][s].items()},
+                                  "seconds": meta["seconds"], "mbytes": round(size / 1e6, 1)}))
