@@ -1,0 +1,345 @@
+"""data.py: exact depth and segmentation, exact answers, conversions, determinism, the manifest loader.
+Answers and intersections are recomputed here independently of data.py's own code paths."""
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    data.build_dataset(str(d), 60, 12, 12, data.SceneConfig(image_size=SIZE), seed=3)
+    return str(d)
+
+
+# --- an independent camera model: basis vectors instead of data.py's rotation formulas -----------
+def basis(cam):
+    p = cam["pitch"]
+    forward = np.array([0.0, -math.sin(p), math.cos(p)])
+    up = np.array([0.0, math.cos(p), math.sin(p)])
+    return np.array([1.0, 0.0, 0.0]), up, forward
+
+
+def pixel_ray(cam, row, col, size):
+    f = (size / 2) / math.tan(cam["fov"] / 2)
+    right, up, forward = basis(cam)
+    d = right * (col + 0.5 - size / 2) / f - up * (row + 0.5 - size / 2) / f + forward
+    return np.array([0.0, cam["height"], 0.0]), d / np.linalg.norm(d)
+
+
+def hit_sphere(o, d, obj):
+    c = np.array(obj["position"])
+    oc = o - c
+    b = d @ oc
+    disc = b * b - (oc @ oc - obj["radius"] ** 2)
+    return -b - math.sqrt(disc) if disc >= 0 else math.inf
+
+
+def hit_cube(o, d, obj):
+    """Nearest of the six faces whose intersection lies inside the face."""
+    c, s, yaw = np.array(obj["position"]), obj["side"], obj["yaw"]
+    axes = [np.array([math.cos(yaw), 0, -math.sin(yaw)]), np.array([0.0, 1, 0]), np.array([math.sin(yaw), 0, math.cos(yaw)])]
+    best = math.inf
+    for k, n in enumerate(axes):
+        for sign in (-1, 1):
+            denom = d @ n
+            if abs(denom) < 1e-12:
+                continue
+            t = (n @ c + sign * s / 2 - n @ o) / denom
+            p = o + t * d - c
+            if t > 0 and all(abs(p @ axes[j]) <= s / 2 + 1e-9 for j in range(3) if j != k):
+                best = min(best, t)
+    return best
+
+
+def hit_cylinder(o, d, obj):
+    x, _, z = obj["position"]
+    r, h = obj["radius"], obj["height"]
+    best = math.inf
+    a = d[0] ** 2 + d[2] ** 2
+    b = 2 * ((o[0] - x) * d[0] + (o[2] - z) * d[2])
+    c = (o[0] - x) ** 2 + (o[2] - z) ** 2 - r * r
+    if a > 0 and b * b - 4 * a * c >= 0:
+        t = (-b - math.sqrt(b * b - 4 * a * c)) / (2 * a)
+        if t > 0 and 0 <= o[1] + t * d[1] <= h:
+            best = t
+    t = (h - o[1]) / d[1]
+    p = o + t * d
+    if t > 0 and (p[0] - x) ** 2 + (p[2] - z) ** 2 <= r * r:
+        best = min(best, t)
+    return best
+
+
+HITS = {"sphere": hit_sphere, "cube": hit_cube, "cylinder": hit_cylinder}
+ONE_OBJECT = {
+    "sphere": {"shape": "sphere", "color": "red", "position": [0.3, 0.5, 4.0], "radius": 0.5, "footprint": 0.5, "height": 1.0},
+    "cube": {"shape": "cube", "color": "blue", "position": [-0.2, 0.4, 3.5], "side": 0.8, "yaw": 0.4,
+             "footprint": 0.8 / math.sqrt(2), "height": 0.8},
+    "cylinder": {"shape": "cylinder", "color": "green", "position": [0.1, 0.5, 3.0], "radius": 0.3, "height": 1.0,
+                 "footprint": 0.3},
+}
+
+
+@pytest.mark.parametrize("shape", list(ONE_OBJECT))
+def test_depth_is_exact_ray_surface_z(shape):
+    cam = {"height": 1.8, "pitch": math.radians(18), "fov": math.radians(60)}
+    graph = {"camera": cam, "objects": [dict(ONE_OBJECT[shape])]}
+    rgb, depth, seg = data.render(graph, SIZE)
+    obj = graph["objects"][0]
+    assert obj["id"] == 2 and obj["visible_pixels"] == (seg == 2).sum() > 50
+    # interior pixels only: their whole neighbourhood is on the object
+    m = seg == 2
+    interior = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    rows, cols = np.nonzero(interior)
+    forward = basis(cam)[2]
+    errs, heights = [], []
+    for r, c in zip(rows + 1, cols + 1):
+        o, d = pixel_ray(cam, r, c, SIZE)
+        t = HITS[shape](o, d, obj)
+        assert math.isfinite(t), (r, c)
+        errs.append(abs(t * (d @ forward) - depth[r, c]))
+        heights.append((o + t * d)[1])
+    assert len(errs) > 30 and max(errs) < 1e-4
+    top = np.isclose(heights, obj["height"], atol=1e-9)
+    if shape != "sphere":  # the camera looks down on them: both top face and sides are checked
+        assert top.sum() > 5 and (~top).sum() > 5
+    assert (depth[seg == 0] == data.DEPTH_MAX).all()
+    assert (rgb[seg == 2].std(0) > 0).any()  # shaded, not flat
+
+
+def test_ground_depth_grows_toward_horizon():
+    cam = {"height": 1.6, "pitch": math.radians(15), "fov": math.radians(55)}
+    _, depth, seg = data.render({"camera": cam, "objects": []}, SIZE)
+    assert set(np.unique(seg)) == {0, 1}
+    for col in (0, SIZE // 2, SIZE - 1):
+        ground = depth[seg[:, col] == 1, col]  # rows top to bottom
+        assert len(ground) > 20 and (np.diff(ground) <= 0).all() and ground[0] > 3 * ground[-1]
+    # exact on the ground too: t where the ray meets y = 0
+    o, d = pixel_ray(cam, SIZE - 1, 7, SIZE)
+    t = -o[1] / d[1]
+    assert abs(t * (d @ basis(cam)[2]) - depth[SIZE - 1, 7]) < 1e-4
+
+
+def test_objects_never_interpenetrate_and_are_uniquely_named():
+    cfg = data.SceneConfig()
+    for i in range(200):
+        g = data.sample_scene(np.random.default_rng(i), cfg)
+        assert cfg.min_objects <= len(g["objects"]) <= cfg.max_objects
+        names = [data.name(o) for o in g["objects"]]
+        assert len(set(names)) == len(names)
+        for a in g["objects"]:
+            for b in g["objects"]:
+                if a is not b:
+                    assert data.ground_distance(a, b) > a["footprint"] + b["footprint"]
+
+
+# --- answers, recomputed from the scene graph and the seg map ------------------------------------
+def recompute(q, scene, seg):
+    objs = {o["id"]: o for o in scene["objects"]}
+    cam, size = scene["camera"], scene["image_size"]
+    cam_pos = np.array([0.0, cam["height"], 0.0])
+    right, up, forward = basis(cam)
+    named = [objs[i] for i in q["objects"]]
+    pos = {o["id"]: np.array(o["position"]) for o in scene["objects"]}
+
+    def cam_dist(o):
+        return float(np.linalg.norm(pos[o["id"]] - cam_pos))
+
+    def ground(a, b):
+        return float(np.hypot(*(pos[a["id"]] - pos[b["id"]])[[0, 2]]))
+
+    def by_name(text):
+        return next(o for o in scene["objects"] if f"{o['color']} {o['shape']}" == text)
+
+    text, kind = q["question"], q["kind"]
+    if kind == "distance":
+        v = ground(*named) if "apart" in text else cam_dist(named[0])
+        return f"{v:.1f} m"
+    if kind == "size":
+        o = named[0]
+        v = 100 * (o["height"] if "tall" in text else 2 * o["radius"])
+        return f"{round(v)} cm"
+    if kind == "depth_order":
+        a, b = (by_name(s) for s in text.split(", the ")[1].rstrip("?").split(" or the "))
+        pick = min if "closer" in text else max
+        return data.name(pick((a, b), key=cam_dist))
+    if kind == "relative_distance":
+        anchor = by_name(text.split("the ")[-1].rstrip("?"))
+        vis = [o for o in scene["objects"] if o is not anchor and (seg == o["id"]).sum() >= scene["min_visible"]]
+        pick = min if "closest" in text else max
+        return data.name(pick(vis, key=lambda o: ground(anchor, o)))
+    if kind == "relation_front":
+        a, b = named
+        return "yes" if (pos[a["id"]] - cam_pos) @ forward < (pos[b["id"]] - cam_pos) @ forward else "no"
+    if kind == "relation_left":
+        a, b = named
+        f = (size / 2) / math.tan(cam["fov"] / 2)
+        u = {o["id"]: ((pos[o["id"]] - cam_pos) @ right) / ((pos[o["id"]] - cam_pos) @ forward) * f for o in (a, b)}
+        return "yes" if u[a["id"]] < u[b["id"]] else "no"
+    if kind == "counting":
+        word = text.split("How many ")[1].split(" ")[0]
+        attr, value = ("shape", word[:-1]) if word.endswith("s") and word[:-1] in data.SHAPES else ("color", word)
+        return str(sum(o[attr] == value and (seg == o["id"]).any() for o in scene["objects"]))
+    if kind == "general":
+        if text.startswith("What color"):
+            return next(o["color"] for o in scene["objects"] if o["shape"] == text.split("the ")[1].rstrip("?"))
+        return next(o["shape"] for o in scene["objects"] if o["color"] == text.split("the ")[1].split(" ")[0])
+    raise AssertionError(f"no recomputation for {kind}")
+
+
+def test_every_answer_matches_an_independent_recomputation(dataset):
+    for split in data.SPLITS:
+        s = data.load_split(dataset, split)
+        assert len(s["questions"]) > 4 * len(s["scenes"])
+        for q in s["questions"]:
+            scene, seg = s["scenes"][q["scene"]], s["seg"][q["scene"]]
+            assert recompute(q, scene, seg) == q["answer"], q
+            for k, o in enumerate(scene["objects"][i - 2] for i in q["objects"]):
+                # counting lists what it counts; relative distance lists the anchor, then the answer
+                # general questions name an object by its one unique attribute
+                if q["kind"] not in ("counting", "general") and not (q["kind"] == "relative_distance" and k == 1):
+                    assert f"the {data.name(o)}" in q["question"]
+                assert (seg == o["id"]).sum() >= scene["min_visible"]  # named objects are clearly visible
+            if q["answer_type"] == "choice":
+                assert q["answer"] in q["choices"]
+            assert q["tool"] in ("depth", "seg", "none") and q["category"] in data.CATEGORIES
+
+
+def test_scene_graph_matches_images(dataset):
+    s = data.load_split(dataset, "val")
+    for scene, seg in zip(s["scenes"], s["seg"]):
+        json.dumps(scene)  # JSON-serialisable
+        ids = [o["id"] for o in scene["objects"]]
+        assert ids == list(range(2, 2 + len(ids)))
+        cx = [o["centroid"][0] for o in scene["objects"] if o["centroid"] is not None]
+        assert cx == sorted(cx)  # canonical left-to-right order
+        for o in scene["objects"]:
+            assert o["visible_pixels"] == (seg == o["id"]).sum()
+
+
+def test_all_categories_and_tools_present(dataset):
+    qs = data.load_split(dataset, "train")["questions"]
+    assert {q["category"] for q in qs} == set(data.CATEGORIES)
+    assert {q["tool"] for q in qs} == {"depth", "seg", "none"}
+    assert {q["answer_type"] for q in qs} == {"number", "choice", "yesno", "integer"}
+
+
+# --- conversions ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding", ["log", "linear"])
+def test_depth_round_trip_within_half_a_step(encoding):
+    d = np.random.default_rng(0).uniform(data.DEPTH_MIN, data.DEPTH_MAX, (50, 64)).astype(np.float32)
+    back = data.rgb_to_depth(data.depth_to_rgb(d, encoding), encoding)
+    if encoding == "log":
+        step = math.log(data.DEPTH_MAX / data.DEPTH_MIN) / 255
+        err = np.abs(np.log(back / d))
+    else:
+        step = (data.DEPTH_MAX - data.DEPTH_MIN) / 255
+        err = np.abs(back - d)
+    assert err.max() <= step / 2 * 1.0001
+    assert err.max() > step / 4  # it does quantise
+    grey = data.depth_to_rgb(d, encoding)
+    assert grey.dtype == np.uint8 and grey.shape == (50, 64, 3) and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_seg_round_trip_exact_and_snaps_noisy_colours():
+    seg = np.random.default_rng(0).integers(0, len(data.SEG_PALETTE), (4, 32, 32)).astype(np.uint8)
+    img = data.seg_to_rgb(seg)
+    assert (data.rgb_to_seg(img) == seg).all()
+    # palette colours are >= 60 apart, so noise of up to 15 a channel (26 in all) must snap back
+    noisy = np.clip(img.astype(int) + np.random.default_rng(1).integers(-15, 16, img.shape), 0, 255)
+    assert (data.rgb_to_seg(noisy) == seg).all()
+    with pytest.raises(ValueError, match="palette"):
+        data.seg_to_rgb(np.full((2, 2), len(data.SEG_PALETTE)))
+
+
+# --- files ---------------------------------------------------------------------------------------
+def digest(d):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(d)):
+        for f in sorted(files):
+            if f != "meta.json":  # holds the wall time
+                h.update(f.encode() + open(os.path.join(root, f), "rb").read())
+    return h.hexdigest()
+
+
+def test_same_seed_byte_identical_and_splits_disjoint(tmp_path, dataset):
+    cfg = data.SceneConfig(image_size=SIZE)
+    data.build_dataset(str(tmp_path / "a"), 60, 12, 12, cfg, seed=3)
+    assert digest(tmp_path / "a") == digest(dataset)
+    data.build_dataset(str(tmp_path / "b"), 60, 12, 12, cfg, seed=4)
+    assert digest(tmp_path / "b") != digest(dataset)
+    seen = {}
+    for split in data.SPLITS:
+        s = data.load_split(dataset, split)
+        seeds = {tuple(sc["seed"]) for sc in s["scenes"]}
+        images = {hashlib.sha256(x.tobytes()).hexdigest() for x in s["rgb"]}
+        for other, (oseeds, oimages) in seen.items():
+            assert not seeds & oseeds and not images & oimages, (split, other)
+        seen[split] = (seeds, images)
+
+
+def test_prepare_is_a_no_op_on_a_complete_dataset(dataset, capsys):
+    meta = data.prepare(dataset)
+    assert meta["counts"]["train"]["scenes"] == 60
+    assert "building" not in capsys.readouterr().out
+
+
+# --- the manifest loader -------------------------------------------------------------------------
+def write_manifest(tmp_path, rows):
+    p = tmp_path / "manifest.jsonl"
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(p)
+
+
+def test_manifest_reads_png_jpeg_16bit_png_and_npy(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 255, (48, 80, 3)).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    Image.fromarray(photo).save(tmp_path / "b.jpg", quality=95)
+    mm = np.full((48, 80), 3000, dtype=np.uint16)
+    mm[:, 40:] = 1500
+    Image.fromarray(mm).save(tmp_path / "d.png")
+    np.save(tmp_path / "d.npy", mm.astype(np.float32) / 1000)
+    ids = np.zeros((48, 80), dtype=np.uint8)
+    ids[10:30, 50:70], ids[10:30, 5:25] = 7, 3  # instance 7 right of instance 3
+    Image.fromarray(ids).save(tmp_path / "s.png")
+    q = {"question": "How far?", "answer": "3.0 m", "category": "distance"}
+    path = write_manifest(tmp_path, [{"image": "a.png", "depth": "d.png", "seg": "s.png", **q},
+                                     {"image": "b.jpg", "depth": "d.npy", **q},
+                                     {"image": "a.png", "depth": "d.png", "seg": "s.png", **q}])
+    out = data.load_manifest(path, image_size=32)
+    assert out["rgb"].shape == (2, 32, 32, 3) and len(out["questions"]) == 3
+    assert [q["scene"] for q in out["questions"]] == [0, 1, 0]  # same files -> same scene
+    for i in range(2):  # 48×80 -> 32×53 -> centre crop: columns 10..41 of the resized image
+        left, right = out["depth"][i][:, :8], out["depth"][i][:, -8:]
+        assert np.allclose(left, 3.0) and np.allclose(right, 1.5)
+    assert np.abs(out["rgb"][0].astype(int) - out["rgb"][1].astype(int)).mean() < 20  # jpeg ~ png
+    seg = out["seg"][0]
+    assert set(np.unique(seg)) == {0, 2, 3}
+    assert np.nonzero(seg == 2)[1].mean() < np.nonzero(seg == 3)[1].mean()  # renumbered left to right
+    assert (out["seg"][1] == 0).all()
+
+
+def test_manifest_errors_name_the_line_and_file(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    q = {"question": "q", "answer": "a", "category": "general"}
+    with pytest.raises(ValueError, match=r"manifest.jsonl:2: cannot read image file .*corrupt.png"):
+        data.load_manifest(write_manifest(tmp_path, [{"image": "ok.png", **q}, {"image": "corrupt.png", **q}]))
+    with pytest.raises(FileNotFoundError, match=r"manifest.jsonl:1: image file .*gone.png not found"):
+        data.load_manifest(write_manifest(tmp_path, [{"image": "gone.png", **q}]))
+    with pytest.raises(ValueError, match=r"manifest.jsonl:2: malformed JSON"):
+        data.load_manifest(write_manifest(tmp_path, [{"image": "ok.png", **q}, "{not json"]))
+    with pytest.raises(ValueError, match=r"manifest.jsonl:1: missing field\(s\) answer"):
+        data.load_manifest(write_manifest(tmp_path, [{"image": "ok.png", "question": "q", "category": "general"}]))
+    with pytest.raises(FileNotFoundError, match=r"manifest.jsonl:1: depth file .*nope.npy not found"):
+        data.load_manifest(write_manifest(tmp_path, [{"image": "ok.png", "depth": "nope.npy", **q}]))
