@@ -611,11 +611,20 @@ if __name__ == "__main__":
     n_train, n_val, n_test = TINY_PRESET["n_train"], TINY_PRESET["n_val"], TINY_PRESET["n_test"]
     image_size = TINY_PRESET["image_size"]
     seed = TINY_PRESET["seed"]
+    force = False  # rebuild even if out_dir already holds this dataset
     from configurator import configure
-    configure(globals())
+    configure(globals(), section="data")
     # -----------------------------------------------------------------------------
-    print(f"writing {n_train}/{n_val}/{n_test} scenes at {image_size}x{image_size} to {out_dir}")
-    meta = build_dataset(out_dir, n_train, n_val, n_test, SceneConfig(image_size=image_size), seed)
+    cfg = SceneConfig(image_size=image_size)
+    meta_path = os.path.join(out_dir, "meta.json")
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+    wanted = {"train": n_train, "val": n_val, "test": n_test}
+    if (not force and meta and meta["config"] == asdict(cfg) and meta["seed"] == seed
+            and {s: c["scenes"] for s, c in meta["counts"].items()} == wanted):
+        print(f"{out_dir} already holds this dataset: skipping (--force=True rebuilds it)")
+    else:
+        print(f"writing {n_train}/{n_val}/{n_test} scenes at {image_size}x{image_size} to {out_dir}")
+        meta = build_dataset(out_dir, n_train, n_val, n_test, cfg, seed)
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out_dir) for f in fs)
     print(f"{'category':<18}" + "".join(f"{s:>8}" for s in SPLITS))
     for c in CATEGORIES:

@@ -226,7 +226,7 @@ if __name__ == "__main__":
     vocab_size = 1024  # text ids only; specials and image codes come on top
     codebook_size = 512
     from configurator import configure
-    configure(globals())
+    configure(globals(), section="tokenizer")
     # -----------------------------------------------------------------------------
     t0 = time.time()
     tok = build_tokenizer(data_dir, vocab_size, codebook_size)
