@@ -1,0 +1,112 @@
+"""trainer.py, the one training loop: DDP equivalence, exact resume, atomic checkpoints, NaN stop."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trainer
+from tests import loop_driver
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def losses(out_dir):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))) if "loss" in r]
+
+
+def run_driver(tmp_path, name, iters, accum, init="scratch"):
+    loop_driver.main(str(tmp_path / name), iters, accum, init)
+    return str(tmp_path / name)
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    """2 gloo ranks × 2 micro-batches against 1 process × 4 micro-batches: the same 4 micro-batches
+    an iteration, so the same losses. Tolerance 1e-5: only the order of float sums differs."""
+    single = run_driver(tmp_path, "single", 6, 4)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "tests/loop_driver.py",
+                        str(tmp_path / "ddp"), "6", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(single), losses(str(tmp_path / "ddp"))
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    assert a[-1] < a[0]  # and it is learning
+    wa = torch.load(os.path.join(single, "ckpt.pt"), weights_only=True)["model"]
+    wb = torch.load(str(tmp_path / "ddp" / "ckpt.pt"), weights_only=True)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+class Crash(Exception):
+    pass
+
+
+def test_kill_and_resume_is_exact(tmp_path, monkeypatch):
+    straight = run_driver(tmp_path, "straight", 8, 2)
+    # the same run, crashing in the first batch after the iteration-4 checkpoint
+    calls = {"n": 0}
+    real = loop_driver.get_batch
+
+    def crashing(split, rng, batch_size=4):
+        if split == "train":
+            calls["n"] += 1
+            if calls["n"] > 4 * 2:
+                raise Crash()
+        return real(split, rng, batch_size)
+
+    monkeypatch.setattr(loop_driver, "get_batch", crashing)
+    with pytest.raises(Crash):
+        run_driver(tmp_path, "resumed", 8, 2)
+    assert torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)["iter_num"] == 4
+    monkeypatch.setattr(loop_driver, "get_batch", real)
+    run_driver(tmp_path, "resumed", 8, 2, "resume")
+    assert losses(straight) == losses(str(tmp_path / "resumed"))  # bit for bit, and no duplicate lines
+    wa = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    wb = torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert wb["iter_num"] == 8 and wb["config"]["max_iters"] == 8
+
+
+def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    trainer.save_checkpoint(path, {"w": torch.ones(3), "iter_num": 1})
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(path, {"w": torch.zeros(3), "iter_num": 2})
+    ck = trainer.load_checkpoint(path)
+    assert ck["iter_num"] == 1 and torch.equal(ck["w"], torch.ones(3))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = loop_driver.get_batch
+    calls = {"n": 0}
+    cfg = loop_driver.config(str(tmp_path / "nan"), 6, 1)
+    run = trainer.setup_run("cpu")
+    model, opt, start = trainer.init_model(cfg, run, loop_driver.VOCAB)
+    orig_forward = model.forward
+
+    def forward(idx, targets=None, loss_mask=None, **kw):
+        logits, loss = orig_forward(idx, targets, loss_mask, **kw)
+        calls["n"] += model.training
+        return logits, (loss * float("nan") if model.training and calls["n"] == 5 else loss)
+
+    monkeypatch.setattr(model, "forward", forward)
+    good = None
+    with pytest.raises(trainer.NonFiniteLoss, match="non-finite loss at iteration 4"):
+        trainer.train(cfg, run, model, opt, start, real)
+    good = trainer.load_checkpoint(str(tmp_path / "nan" / "ckpt.pt"))
+    assert good["iter_num"] == 3 and all(torch.isfinite(v).all() for v in good["model"].values())
+    assert "last good checkpoint" in capsys.readouterr().out
+
+
+def test_lr_schedule():
+    cfg = dict(warmup_iters=10, max_iters=110, learning_rate=1.0, min_lr=0.1)
+    assert trainer.lr_at(0, cfg) == pytest.approx(0.1) and trainer.lr_at(9, cfg) == pytest.approx(1.0)
+    assert trainer.lr_at(60, cfg) == pytest.approx(0.55) and trainer.lr_at(110, cfg) == pytest.approx(0.1)

@@ -1,0 +1,303 @@
+"""
+The one training loop every stage uses (stage 1, stage 2 SFT; RL reuses its machinery).
+
+A stage script defines its data as `get_batch(split, rng) -> (idx, targets, loss_mask)` and
+hands it to `train`, which does what nanoGPT's train.py does, once, for everyone:
+  - DDP through torchrun (NCCL on CUDA, gloo on CPU); the global micro-batches of an iteration
+    are split across ranks, and gradients sync only on each rank's last micro-step;
+  - bf16 autocast on CUDA, fp32 on CPU; optional torch.compile;
+  - cosine learning rate with warm-up; gradient clipping; periodic val loss and a stage hook
+    (samples, pictures, metrics);
+  - a log line with loss, lr, ms/iter, tokens/s, MFU and ETA, and metrics.jsonl for plots;
+  - an atomic checkpoint (temp file, fsync, rename) that `torch.load(weights_only=True)` reads;
+  - exact resume: batches are a pure function of (seed, iteration, micro-step), so restoring
+    weights, optimizer, iteration and torch RNG continues the run bit for bit;
+  - a NaN/inf loss or gradient stops the run with a message and leaves the last good checkpoint.
+
+Stage scripts pull the loop's config keys into their globals with `globals().update(LOOP_DEFAULTS)`,
+so `--help` lists them and `--max_iters=…` overrides them like any other key.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import GPT, GPTConfig
+
+LOOP_DEFAULTS = dict(
+    out_dir="out/run",
+    init_from="scratch",  # scratch | resume | path to a previous stage's ckpt.pt
+    seed=1337,
+    device="auto",  # auto: cuda if available, else cpu
+    compile=False,  # torch.compile the model (CUDA)
+    # model (ignored when the weights come from a checkpoint)
+    n_layer=4, n_head=4, n_embd=256, block_size=512, dropout=0.0, attn_impl="auto",
+    # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
+    max_iters=500, batch_size=16, grad_accum=1,
+    learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # logging and evaluation
+    log_interval=10, eval_interval=100, eval_iters=10, peak_tflops=0.0,  # 0: measure (CPU) or look up (GPU)
+)
+
+
+# --- the run: devices, ranks, precision ------------------------------------------------------------
+@dataclass
+class Run:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    device_type: str
+    master: bool
+
+    def autocast(self):
+        # bf16 on CUDA keeps fp32 range, so no loss scaling; CPU trains in fp32
+        if self.device_type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def setup_run(device="auto"):
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and join the process group."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if ddp:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        else:  # ranks on one CPU share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    else:
+        rank, local_rank, world = 0, 0, 1
+    dev = f"cuda:{local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Run(ddp, rank, local_rank, world, dev, "cuda" if cuda else "cpu", rank == 0)
+
+
+def peak_flops(run, configured_tflops):
+    """The FLOP/s that MFU is measured against: configured, a GPU's bf16 datasheet peak, or on a
+    CPU this process's own measured fp32 matmul rate (so MFU says how close to matmul speed we train)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if run.device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in {"H100": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}.items() if k in name), 100e12)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.2:
+        a @ b
+        n += 1
+    return 2 * 512 ** 3 * n / (time.perf_counter() - t0)
+
+
+def lr_at(it, cfg):
+    """Linear warm-up, then cosine decay to min_lr at max_iters."""
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
+    progress = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(path, payload):
+    """Write to a temp file, fsync, then rename over the old checkpoint: a crash at any moment
+    leaves either the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_model(path, device="cpu", attn_impl=None):
+    """A trained model from a ckpt.pt, in eval mode (for sampling and evaluation)."""
+    ckpt = load_checkpoint(path, device)
+    args = dict(ckpt["model_args"], **({"attn_impl": attn_impl} if attn_impl else {}))
+    model = GPT(GPTConfig(**args))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def init_model(cfg, run, vocab_size):
+    """(model, optimizer, start_iter) from init_from: scratch, resume (out_dir/ckpt.pt), or the
+    path of a previous stage's checkpoint (weights only; a fresh optimizer and schedule)."""
+    ckpt, init = None, cfg["init_from"]
+    if init == "resume":
+        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), run.device)
+        model_args = ckpt["model_args"]
+    elif init != "scratch":
+        ckpt = load_checkpoint(init, run.device)
+        model_args = ckpt["model_args"]
+    else:
+        model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
+                          dropout=cfg["dropout"], vocab_size=vocab_size, attn_impl=cfg["attn_impl"])
+    if model_args["vocab_size"] != vocab_size:
+        raise ValueError(f"checkpoint vocab {model_args['vocab_size']} != tokenizer's {vocab_size}: "
+                         "was it trained with another tokenizer or VQ codebook?")
+    model_args = dict(model_args, attn_impl=cfg["attn_impl"])
+    model = GPT(GPTConfig(**model_args))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(run.device)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), run.device_type)
+    start = 0
+    if init == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["iter_num"]
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if run.device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        print(f"resuming from {cfg['out_dir']}/ckpt.pt at iteration {start}")
+    elif ckpt is not None:
+        print(f"initialised from {init} (iteration {ckpt['iter_num']} of that run)")
+    return model, optimizer, start
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def train(cfg, run, model, optimizer, start_iter, get_batch, evaluate=None, refs=None):
+    """Train from start_iter to cfg["max_iters"]. evaluate(model, iter_num) -> dict of metrics runs on
+    the master at each eval interval; refs (tokenizer, VQ, data paths, stage) go into the checkpoint.
+    Returns the last logged metrics. Raises NonFiniteLoss (after saying so) on a NaN/inf loss."""
+    raw_model = model
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if run.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+    if cfg["grad_accum"] % run.world_size:
+        raise ValueError(f"grad_accum={cfg['grad_accum']} must be a multiple of the {run.world_size} ranks")
+    accum = cfg["grad_accum"] // run.world_size
+    out_dir, ckpt_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "ckpt.pt")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    peak = peak_flops(run, cfg["peak_tflops"])
+    if run.master:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        _truncate_metrics(metrics_path, start_iter)
+        print(f"training {raw_model.get_num_params() / 1e6:.2f}M parameters on {run.world_size}×{run.device}, "
+              f"iterations {start_iter}→{cfg['max_iters']}, {cfg['grad_accum']}×{cfg['batch_size']} sequences an iteration")
+
+    def batch(split, seed_parts):
+        x, y, m = get_batch(split, np.random.default_rng([cfg["seed"], *seed_parts]))
+        return x.to(run.device), y.to(run.device), m.to(run.device)
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        losses = []
+        for k in range(cfg["eval_iters"]):
+            x, y, m = batch("val", [1, k, run.rank])  # the same val batches at every evaluation
+            with run.autocast():
+                losses.append(model(x, y, m)[1].item())
+        model.train()
+        loss = torch.tensor(np.mean(losses), device=run.device)
+        if run.ddp:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss.item()
+
+    model.train()
+    last, t_start, t_last, tokens, flops = {}, time.time(), time.time(), 0, 0.0
+    for it in range(start_iter, cfg["max_iters"]):
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=run.device)
+        for micro in range(accum):
+            x, y, m = batch("train", [0, it, run.rank * accum + micro])  # a pure function of the step: exact resume
+            if run.ddp:
+                model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per iteration
+            with run.autocast():
+                _, loss = model(x, y, m)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+            tokens += x.numel()
+            flops += raw_model.flops_per_token(x.shape[1]) * x.numel()
+        if run.ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
+        loss_val = loss_sum.item() / accum
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
+            optimizer.zero_grad(set_to_none=True)
+            msg = (f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} at iteration {it}: stopping. "
+                   + (f"The last good checkpoint is {ckpt_path}." if os.path.exists(ckpt_path) else "No checkpoint was written yet."))
+            if run.master:
+                print(msg)
+            raise NonFiniteLoss(msg)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = it + 1
+        if run.master and (done % cfg["log_interval"] == 0 or done == cfg["max_iters"]):
+            now = time.time()
+            dt = now - t_last
+            n_iters = done - (last.get("iter") or start_iter)
+            tok_s, mfu = tokens * run.world_size / dt, flops / dt / peak  # every rank does the same work
+            eta = (now - t_start) / (done - start_iter) * (cfg["max_iters"] - done)
+            print(f"iter {done}/{cfg['max_iters']} | loss {loss_val:.4f} | lr {lr:.2e} | {1000 * dt / n_iters:.0f} ms/iter "
+                  f"| {tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | eta {_fmt_time(eta)}")
+            last = {"iter": done, "loss": loss_val, "lr": lr, "ms_per_iter": 1000 * dt / n_iters,
+                    "tok_per_s": tok_s, "mfu": mfu, "grad_norm": grad_norm.item()}
+            _append(metrics_path, last)
+            t_last, tokens, flops = now, 0, 0.0
+        if done % cfg["eval_interval"] == 0 or done == cfg["max_iters"]:
+            record = {"iter": done, "val_loss": val_loss()}
+            if run.master:
+                if evaluate is not None:
+                    record.update(evaluate(raw_model, done))
+                print("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                _append(metrics_path, record)
+                save_checkpoint(ckpt_path, {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model_args": asdict(raw_model.config), "iter_num": done, "val_loss": record["val_loss"],
+                    "config": cfg, "refs": refs or {},
+                    "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if run.device_type == "cuda" else None},
+                })
+            last = {**last, **record}
+            if run.ddp:
+                dist.barrier()  # no rank runs ahead of the checkpoint
+    return last
+
+
+def _append(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path, start_iter):
+    """On resume, drop what the interrupted run logged after its last checkpoint."""
+    if not os.path.exists(path):
+        return
+    keep = [line for line in open(path) if json.loads(line).get("iter", 0) <= start_iter] if start_iter else []
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def _fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
