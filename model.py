@@ -1,0 +1,254 @@
+"""
+The unified transformer (DESIGN §4): one decoder-only GPT over one shared vocabulary.
+
+    [text BPE ids][special ids][image code ids]      image code c has id tok.image_offset + c
+
+Nothing in this file knows which ids are text and which are pixels. The model reads an RGB image
+as N code ids, writes a depth map as N code ids, and reasons about both in text, all with the same
+next-token loss; that is what "unified" means in BAGEL and COOPER (which add a separate image
+decoder path; here the VQ decoder of vqgan.py turns codes back into pixels). The grammar of images
+and tool calls is enforced at sampling time, in sampler.py.
+
+A modern small GPT, in nanoGPT's reading order: GPTConfig, then the pieces (RoPE, attention with
+three interchangeable backends, MLP, Block), the KV cache, and GPT itself with its loss, per-token
+log-probs (for RL), optimizer and FLOP count.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model sees: prompt + images + reply
+    vocab_size: int = 1551  # tok.vocab_size: text + special + image codes
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    attn_impl: str = "auto"  # "sdpa" | "triton" (kernels.py) | "math" | "auto": triton on CUDA, sdpa otherwise
+    qk_norm: bool = True  # RMSNorm on queries and keys: bounds attention logits, steadier at high LR
+    rope_base: float = 10000.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
+# only on the distance between tokens. It also lets the sampler give every row its own positions.
+
+def rope_tables(block_size, head_dim, base):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, D); cos, sin broadcastable to (B, 1, T, D/2). Rotates the pairs (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention. Three backends compute the same function; the tests hold them to it.
+
+def attend(q, k, v, impl, mask=None):
+    """softmax(q k^T / sqrt(D)) v on (B, H, T, D). Causal when mask is None; otherwise mask
+    (B, 1, Tq, Tk), True where a query may see a key (the KV-cache path, where keys are the cache).
+    There is no dropout on attention probabilities, so all backends agree exactly in training too."""
+    if impl == "auto":
+        impl = "triton" if q.is_cuda else "sdpa"
+    if impl == "math":  # the reference: the T x T score matrix, written out
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        if mask is None:
+            mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+        return att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+    if impl == "triton" and mask is None:
+        import kernels  # imported here so the model runs on machines without triton
+        return kernels.flash_attention(q, k, v, causal=True)
+    if impl not in ("sdpa", "triton"):
+        raise ValueError(f"unknown attn_impl {impl!r}: use sdpa, triton, math or auto")
+    # sdpa, and triton's cache path: decoding is one query per row against a ragged cache, which
+    # the flash kernel has no mask for and which is memory-bound anyway.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.layer_idx = layer_idx  # which slice of the KV cache is ours
+        self.attn_impl = config.attn_impl
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        mask = None
+        if cache is not None:
+            kv_cache, pos, mask = cache
+            k, v = kv_cache.update(self.layer_idx, k, v, pos, mask.size(-1))
+        y = attend(q, k, v, self.attn_impl, mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """ReLU² (Primer; nanochat): as good as SwiGLU at this scale with two matrices instead of
+    three and one cheap elementwise op, which matters on a CPU where elementwise work is not free."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.drop(self.attn(self.ln_1(x), cos, sin, cache))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Keys and values of every layer for B rows, preallocated to max_len positions, and each
+    row's length (how many of its positions are filled). A forward pass with the cache writes its
+    T new tokens at positions lengths[b] … lengths[b]+T-1 of row b and lets each query see the
+    positions up to its own. So rows of different lengths share a batch without left padding, and
+    every row's RoPE positions are its own. The caller advances `lengths` after each forward: only
+    it knows which rows' tokens were real (sampler.py). Buffers are allocated on the first write,
+    in the dtype the model computes in (bf16 under autocast)."""
+
+    def __init__(self, config, batch_size, max_len):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.max_len = max_len
+        self.k = self.v = None
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+
+    def update(self, layer, k, v, pos, n_keys):
+        """Write k, v (B, H, T, D) of `layer` at positions pos (B, T); return the first n_keys."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros_like(self.k)
+        index = pos[:, None, :, None].expand_as(k)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys]
+
+    def select_rows(self, rows):
+        """Rebuild the batch from rows of this one (a row may be repeated): prefill a prompt once,
+        continue it in several rows."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.lengths = self.lengths[rows.to(self.lengths.device)]
+        self.shape = (self.shape[0], len(rows)) + self.shape[2:]
+
+
+# ---------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.RMSNorm(config.n_embd)
+        # Untied head. An input embedding says what a token is; a head row says when to produce it.
+        # For image codes the two differ (a code's neighbours in the codebook are not the codes
+        # that follow it), and at this vocab size untying costs only V x C parameters (nanochat
+        # unties too).
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # rebuilt from the config on load
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of each residual projection by 1/sqrt(number of residual adds)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters; non_embedding leaves out the token table (a lookup, no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None):
+        """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions
+        where loss_mask is 1 (all positions if no mask), or None without targets. With kv_cache,
+        idx continues each row of the cache (see KVCache)."""
+        B, T = idx.shape
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+            cos, sin, cache = self.rope_cos[:T], self.rope_sin[:T], None
+        else:
+            pos = kv_cache.lengths.to(idx.device)[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            n_keys = int(pos.max()) + 1
+            if n_keys > min(self.config.block_size, kv_cache.max_len):
+                raise ValueError(f"sequence of length {n_keys} is longer than block_size "
+                                 f"{self.config.block_size} or the KV cache's {kv_cache.max_len}")
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+            # key j is visible to the query at position p iff j <= p: causal, per row
+            mask = torch.arange(n_keys, device=idx.device) <= pos[:, :, None]
+            cache = (kv_cache, pos, mask.unsqueeze(1))
+        x = self.drop(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
+        nll = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), reduction="none").view(B, T)
+        if loss_mask is None:
+            return logits, nll.mean()
+        loss_mask = loss_mask.to(nll.dtype)
+        return logits, (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+    def token_logprobs(self, idx, targets):
+        """log p(targets[b, t] | idx[b, :t+1]) as (B, T), with gradients: what a policy-gradient
+        loss needs. Same numbers the sampler returns for the tokens it sampled."""
+        logits, _ = self(idx)
+        B, T = targets.shape
+        return -F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), reduction="none").view(B, T)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW. Weight decay only on matrices (linears, embeddings); norm gains stay undecayed."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per token at sequence length seq_len. 6 per weight
+        for the matmuls (2 forward, 4 backward); attention adds QK^T and AV, 2·2·C FLOPs per
+        (query, key) pair per layer, over seq_len/2 keys on average since it is causal, times 3
+        for the backward: 6·L·C·T. (PaLM's MFU formula counts 12·L·C·T, ignoring causality.)"""
+        c = self.config
+        return 6 * self.get_num_params() + 6 * c.n_layer * c.n_embd * seq_len
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, seq_len=None):
+        """Model FLOPs utilisation: achieved FLOP/s / peak_flops, for fwdbwd_per_iter sequences of
+        seq_len (default block_size) tokens trained in dt seconds."""
+        T = seq_len or self.config.block_size
+        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
