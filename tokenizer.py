@@ -179,6 +179,73 @@ class Tokenizer:
         ids, _ = self.render_conversation(conversation, images)
         return ids + [self.assistant]
 
+    def parse_reply(self, ids):
+        """The inverse of rendering an assistant reply: ids (what followed <|assistant|>) -> (parts,
+        error). parts use the conversation format ({"think"}, {"tool"}, {"image": codes},
+        {"forced"}, {"answer"}, {"text"}); error is None for a well-formed interleaved reply:
+        zero or more turns of <think>…</think> plus a tool call with its map, then a final
+        <think>…</think><answer>…</answer>, then <|eos|> and nothing else. The same parser serves
+        trace building, the format reward and evaluation."""
+        ids = [int(i) for i in ids]
+        parts, i, error = [], 0, None
+        closers = {self.think: ("think", self.end_think), self.answer: ("answer", self.end_answer)}
+        closers.update({o: ("tool", self.tool_close[t]) for t, o in self.tool_open.items()})
+        tool_of = {o: t for t, o in self.tool_open.items()}
+        while i < len(ids) and ids[i] != self.eos:
+            t = ids[i]
+            if t in closers:
+                kind, close = closers[t]
+                j = ids.index(close, i + 1) if close in ids[i + 1:] else len(ids)
+                inner = ids[i + 1:j]
+                if j == len(ids) or any(x >= self.n_text for x in inner):
+                    return parts, f"unclosed or malformed {kind}"
+                parts.append({kind: tool_of[t] if kind == "tool" else self.enc.decode(inner)})
+                i = j + 1
+            elif t == self.image_start:
+                j = i + 1
+                while j < len(ids) and ids[j] >= self.image_offset:
+                    j += 1
+                if j == len(ids) or ids[j] != self.image_end:
+                    return parts, "unterminated image"
+                parts.append({"image": np.array(ids[i + 1:j]) - self.image_offset})
+                i = j + 1
+                r = self.reflection_ids
+                if parts[-2:-1] and "tool" in parts[-2] and ids[i:i + len(r)] == r:
+                    parts.append({"forced": REFLECTION_PROMPT})
+                    i += len(r)
+            elif t < self.n_text:
+                j = i
+                while j < len(ids) and ids[j] < self.n_text:
+                    j += 1
+                parts.append({"text": self.enc.decode(ids[i:j])})
+                i = j
+            else:
+                return parts, f"unexpected token {self.decode([t])}"
+        if i >= len(ids):
+            error = "no <|eos|>"
+        elif i != len(ids) - 1:
+            error = "tokens after <|eos|>"
+        return parts, error or self._interleaved_error(parts)
+
+    @staticmethod
+    def _interleaved_error(parts):
+        """None if parts = (think, tool, image, forced)* think answer, with at most MAX_TURNS turns."""
+        kinds = [next(iter(p)) for p in parts]
+        turns = 0
+        while kinds[:4] == ["think", "tool", "image", "forced"]:
+            kinds, turns = kinds[4:], turns + 1
+        if kinds != ["think", "answer"]:
+            return "expected <think>…</think> then a tool call with its map, or <think>…</think><answer>…</answer>"
+        if turns + 1 > MAX_TURNS:
+            return f"{turns + 1} turns (at most {MAX_TURNS})"
+        return None
+
+    @staticmethod
+    def answer_of(parts):
+        """The text of the last <answer> part, or None."""
+        answers = [p["answer"] for p in parts if "answer" in p]
+        return answers[-1].strip() if answers else None
+
     # --- files --------------------------------------------------------------------------------
     def save(self, path):
         tmp = path + ".tmp"

@@ -117,3 +117,39 @@ def test_render_rejects_unknown_parts(tok):
         tok.render_conversation([{"role": "user", "content": [{"video": "x"}]}])
     with pytest.raises(ValueError, match="unknown role"):
         tok.render_conversation([{"role": "system", "content": []}])
+
+
+def interleaved(tok, n_tools=1, n=5):
+    content = []
+    for k in range(n_tools):
+        content += [{"think": f"Step {k}."}, {"tool": ["depth", "seg"][k % 2]}, {"image": "m"}, {"forced": REFLECTION_PROMPT}]
+    content += [{"think": "So it is 2 m."}, {"answer": "2.0 m"}]
+    conv = [{"role": "user", "content": [{"image": "m"}, {"text": "q?"}]}, {"role": "assistant", "content": content}]
+    ids, _ = tok.render_conversation(conv, {"m": np.arange(n)})
+    a = ids.index(tok.assistant)
+    return ids[a + 1:], content
+
+
+@pytest.mark.parametrize("n_tools", [0, 1, 2])
+def test_parse_reply_inverts_rendering(tok, n_tools):
+    reply, content = interleaved(tok, n_tools)
+    parts, error = tok.parse_reply(reply)
+    assert error is None
+    assert [next(iter(p)) for p in parts] == [next(iter(c)) for c in content]
+    assert all((p["image"] == np.arange(5)).all() for p in parts if "image" in p)
+    assert tok.answer_of(parts) == "2.0 m"
+
+
+def test_parse_reply_rejects_malformed(tok):
+    reply, _ = interleaved(tok, 1)
+    assert tok.parse_reply(reply[:-1])[1] == "no <|eos|>"
+    assert tok.parse_reply(reply + tok.encode("x"))[1] == "tokens after <|eos|>"
+    assert tok.parse_reply(reply[:-1] + tok.encode(" more") + [tok.eos])[1].startswith("expected")
+    three, _ = interleaved(tok, 3)
+    assert tok.parse_reply(three)[1] == "4 turns (at most 3)"
+    no_think = [tok.answer] + tok.encode("3") + [tok.end_answer, tok.eos]
+    parts, err = tok.parse_reply(no_think)
+    assert err.startswith("expected") and tok.answer_of(parts) == "3"  # a direct answer parses, but is not interleaved
+    assert tok.parse_reply([tok.think] + tok.encode("hm") + [tok.eos])[1] == "unclosed or malformed think"
+    i = reply.index(tok.image_start)
+    assert tok.parse_reply(reply[:i + 3] + [tok.eos])[1] == "unterminated image"

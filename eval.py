@@ -1,0 +1,113 @@
+"""
+Evaluation: how answers and generated maps are scored (DESIGN §6). Every stage's final figures,
+the RL accuracy reward and the report use these functions, so a number means the same everywhere.
+
+Answers (the benchmarks' rules, rule-based, no judge model):
+  - numbers (distance, size): the value is parsed with its unit and converted to the question's
+    unit; a missing unit means the question's; a unit that is not a length scores 0. Scored by
+    MRA, the mean over θ ∈ {.50, .55, …, .95} of [|pred − true| / true < 1 − θ] (VSI-Bench), and
+    δ<2, whether pred is within a factor 2 of true (Q-Spatial);
+  - choices, yes/no and counts: exact match after lower-casing and trimming punctuation.
+Maps (depth decoded to metres, segmentation to instance ids, against the renderer's truth):
+  - depth AbsRel and δ1 (< 1.25) over object pixels; per-object AbsRel of the median depth inside
+    each object's true mask (what a reasoning trace reads off a map);
+  - segmentation object mIoU: IoU of each true object's mask with the pixels predicted as that id,
+    averaged over (image, object); ids absent from the truth are not scored.
+"""
+import collections
+import re
+
+import numpy as np
+
+THETAS = np.arange(0.50, 0.951, 0.05)
+UNITS = {"m": 1.0, "meter": 1.0, "meters": 1.0, "metre": 1.0, "metres": 1.0,
+         "cm": 0.01, "centimeter": 0.01, "centimeters": 0.01, "centimetre": 0.01, "centimetres": 0.01,
+         "mm": 0.001, "millimeters": 0.001, "km": 1000.0}
+NUMBER = re.compile(r"(-?\d+(?:\.\d*)?|-?\.\d+)\s*([a-zA-Z]+)?")
+
+
+# --- answers -------------------------------------------------------------------------------------
+def parse_number(text, unit):
+    """'2.3 m', '230cm', '2.3' -> the value in `unit` ('m' or 'cm'), or None if there is no number
+    or its unit is not a length."""
+    if text is None:
+        return None
+    m = NUMBER.search(text)
+    if not m:
+        return None
+    value, u = float(m.group(1)), (m.group(2) or unit).lower()
+    if u not in UNITS:
+        return None
+    return value * UNITS[u] / UNITS[unit]
+
+
+def mra(pred, true):
+    """Mean relative accuracy over the thresholds θ = .50 … .95."""
+    if pred is None:
+        return 0.0
+    rel = abs(pred - true) / abs(true)
+    return float(np.mean(rel < 1 - THETAS))
+
+
+def within_factor_2(pred, true):
+    return float(pred is not None and pred > 0 and max(pred / true, true / pred) < 2)
+
+
+def normalise(text):
+    return re.sub(r"[\s.!,;:]+$", "", text.strip().lower()) if text is not None else None
+
+
+def score_answer(q, text):
+    """Accuracy of answer text for question q (a dataset record): MRA for numbers, 0/1 otherwise."""
+    if q["answer_type"] == "number":
+        return mra(parse_number(text, q["unit"]), q["value"])
+    return float(normalise(text) == normalise(q["answer"]))
+
+
+def chance_scorer(train_questions):
+    """q -> what answering without looking scores: the train majority answer of q's template for
+    yes/no and counts, the train median for numbers, uniform guessing among choices."""
+    groups = collections.defaultdict(list)
+    for t in train_questions:
+        groups[(t["kind"], _template(t))].append(t)
+    guess = {}
+    for key, qs in groups.items():
+        if qs[0]["answer_type"] == "number":
+            guess[key] = float(np.median([t["value"] for t in qs]))
+        else:
+            answers = [normalise(t["answer"]) for t in qs]
+            guess[key] = max(sorted(set(answers)), key=answers.count)
+
+    def score(q):
+        if q["answer_type"] == "choice":
+            return 1.0 / len(q["choices"])
+        g = guess.get((q["kind"], _template(q)))
+        if g is None:
+            return 0.0
+        return mra(g, q["value"]) if q["answer_type"] == "number" else float(g == normalise(q["answer"]))
+    return score
+
+
+def _template(q):
+    """A question's wording with object names removed ("How tall is the …, in centimeters?")."""
+    return re.sub(r"the (\w+) (cube|sphere|cylinder)|\b(cube|sphere|cylinder)s?\b|\b\w+ objects\b", "_", q["question"])
+
+
+# --- maps ----------------------------------------------------------------------------------------
+def depth_metrics(pred, true, seg):
+    """pred, true: metres (N, H, W); seg: true instance ids (N, H, W). Object pixels only."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    obj = seg >= 2
+    rel = np.abs(pred[obj] - true[obj]) / true[obj]
+    ratio = np.maximum(pred[obj] / true[obj], true[obj] / pred[obj])
+    per_object = [abs(np.median(pred[i][m]) / np.median(true[i][m]) - 1)
+                  for i in range(len(seg)) for k in np.unique(seg[i]) if k >= 2 for m in [seg[i] == k]]
+    return {"depth_absrel": float(rel.mean()), "depth_delta1": float((ratio < 1.25).mean()),
+            "object_depth_absrel": float(np.mean(per_object))}
+
+
+def seg_miou(pred, true):
+    """Object mIoU over (image, true object) pairs; background ids 0 and 1 are not objects."""
+    ious = [((p == k) & m).sum() / ((p == k) | m).sum()
+            for p, t in zip(pred, true) for k in np.unique(t) if k >= 2 for m in [t == k]]
+    return float(np.mean(ious)) if ious else float("nan")

@@ -1,0 +1,72 @@
+"""eval.py: answer scoring and map metrics on hand-computed cases."""
+import math
+
+import numpy as np
+import pytest
+
+import eval as ev
+
+
+@pytest.mark.parametrize("text,unit,want", [
+    ("2.3 m", "m", 2.3), ("230cm", "m", 2.3), ("2.3", "m", 2.3), ("The answer is 45 cm.", "cm", 45.0),
+    ("0.45 meters", "cm", 45.0), (".5 m", "m", 0.5), ("3 kg", "m", None), ("about two", "m", None),
+    (None, "m", None), ("1,5 m", "m", 1.0),
+])
+def test_parse_number(text, unit, want):
+    got = ev.parse_number(text, unit)
+    assert (got is None and want is None) or got == pytest.approx(want)
+
+
+def test_mra_by_hand():
+    assert ev.mra(2.0, 2.0) == 1.0
+    # 10% off: below 1-θ for θ ≤ .85 (.50,.55,…,.85 = 8 of 10 thresholds)
+    assert ev.mra(2.2, 2.0) == pytest.approx(0.8)
+    # 30% off: passes θ = .50, .55, .60, .65 (1-θ > .3) -> 4/10
+    assert ev.mra(1.4, 2.0) == pytest.approx(0.4)
+    assert ev.mra(5.0, 2.0) == 0.0 and ev.mra(None, 2.0) == 0.0
+    assert ev.within_factor_2(3.9, 2.0) == 1.0 and ev.within_factor_2(4.0, 2.0) == 0.0
+    assert ev.within_factor_2(1.01, 2.0) == 1.0 and ev.within_factor_2(None, 2.0) == 0.0
+
+
+def test_score_answer():
+    num = {"answer_type": "number", "value": 2.0, "unit": "m", "answer": "2.0 m"}
+    assert ev.score_answer(num, "200 cm") == 1.0 and ev.score_answer(num, "2 kg") == 0.0
+    ch = {"answer_type": "choice", "answer": "red cube"}
+    assert ev.score_answer(ch, " Red cube. ") == 1.0 and ev.score_answer(ch, "red sphere") == 0.0
+    assert ev.score_answer({"answer_type": "integer", "answer": "3"}, "3") == 1.0
+    assert ev.score_answer({"answer_type": "yesno", "answer": "yes"}, None) == 0.0
+
+
+def test_chance_scorer():
+    train = [{"kind": "relation_left", "question": "Is the red cube to the left of the blue sphere?", "answer": a,
+              "answer_type": "yesno"} for a in ["yes", "yes", "no"]]
+    train += [{"kind": "size", "question": f"How tall is the {c} cube, in centimeters?", "answer": "", "value": v,
+               "answer_type": "number", "unit": "cm"} for c, v in [("red", 40), ("blue", 50), ("green", 90)]]
+    score = ev.chance_scorer(train)
+    assert score({"kind": "relation_left", "question": "Is the green cylinder to the left of the red sphere?",
+                  "answer": "yes", "answer_type": "yesno"}) == 1.0
+    assert score({"kind": "size", "question": "How tall is the white sphere, in centimeters?", "value": 50,
+                  "answer_type": "number", "unit": "cm", "answer": ""}) == 1.0  # median 50
+    assert score({"kind": "x", "answer_type": "choice", "choices": ["a", "b", "c", "d"], "question": ""}) == 0.25
+
+
+def test_depth_metrics_by_hand():
+    true = np.full((1, 2, 4), 2.0)
+    seg = np.array([[[2, 2, 3, 0], [2, 2, 3, 1]]])
+    pred = true.copy()
+    pred[0, 0, 0] = 3.0  # one pixel of object 2 is 50% off
+    pred[0, :, 2] = 2.2  # object 3 is 10% off everywhere
+    pred[0, :, 3] = 99.0  # background is not scored
+    m = ev.depth_metrics(pred, true, seg)
+    assert m["depth_absrel"] == pytest.approx((0.5 + 0.1 * 2) / 6)
+    assert m["depth_delta1"] == pytest.approx(5 / 6)
+    # object 2: median of (3, 2, 2, 2) = 2 -> 0; object 3: 0.1
+    assert m["object_depth_absrel"] == pytest.approx(0.05)
+
+
+def test_seg_miou_by_hand_with_absent_classes():
+    true = np.array([[[2, 2, 3, 3], [0, 1, 1, 1]]])
+    pred = np.array([[[2, 3, 3, 3], [0, 1, 1, 4]]])  # id 4 absent from the truth: not scored
+    # object 2: inter 1, union 2 -> .5; object 3: inter 2, union 3 -> 2/3
+    assert ev.seg_miou(pred, true) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert math.isnan(ev.seg_miou(np.zeros((1, 2, 2)), np.ones((1, 2, 2))))
