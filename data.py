@@ -458,13 +458,13 @@ def load_split(data_dir, split):
                 out[m].append(z[m])
     out = {m: np.concatenate(a) for m, a in out.items()}
     out["scenes"] = [json.loads(line) for line in open(os.path.join(d, "scenes.jsonl"))]
-    out["questions"] = [json.loads(line) for line in open(os.path.join(d, "questions.jsonl"))]
+    out["questions"] = load_questions(data_dir, split)
     return out
 
 
 def text_corpus(data_dir, split="train"):
     """The dataset's own text, for training the BPE tokenizer."""
-    qs = [json.loads(line) for line in open(os.path.join(data_dir, split, "questions.jsonl"))]
+    qs = load_questions(data_dir, split)
     return [q["question"] for q in qs] + [q["answer"] for q in qs]
 
 
@@ -494,6 +494,33 @@ def prepare(data_dir="data/tiny", **preset):
 
 TINY_PRESET = {"n_train": 4000, "n_val": 200, "n_test": 400, "image_size": 64, "seed": 0}
 
+
+
+def load_questions(data_dir, split):
+    return [json.loads(line) for line in open(os.path.join(data_dir, split, "questions.jsonl"))]
+
+
+# --- conversations: what the model reads and writes (rendered to tokens by tokenizer.py) ---------
+# Images are named by modality; the scene's codes fill them in at render time.
+def map_request(tool):
+    """Stage 1's generation task: RGB plus the tool's instruction -> the map as a direct reply."""
+    return [{"role": "user", "content": [{"image": "rgb"}, {"tool": tool}]},
+            {"role": "assistant", "content": [{"image": tool}]}]
+
+
+def vqa_conversation(q, answer=True):
+    """RGB, question -> a direct answer (the Base arm's and stage 1's plain VQA)."""
+    conv = [{"role": "user", "content": [{"image": "rgb"}, {"text": q["question"]}]}]
+    return conv + [{"role": "assistant", "content": [{"answer": q["answer"]}]}] if answer else conv
+
+
+def perception_chain(q, answer=True):
+    """The PE arm, judged the paper's way: generate depth, then segmentation, then answer with both
+    maps in context. Stage 1 trains on it with the true maps."""
+    conv = map_request("depth") + [{"role": "user", "content": [{"tool": "seg"}]},
+                                   {"role": "assistant", "content": [{"image": "seg"}]},
+                                   {"role": "user", "content": [{"text": q["question"]}]}]
+    return conv + [{"role": "assistant", "content": [{"answer": q["answer"]}]}] if answer else conv
 
 # --- real data: a JSONL manifest ----------------------------------------------------------------
 def _fit(img, size, resample):

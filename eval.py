@@ -18,6 +18,10 @@ import collections
 import re
 
 import numpy as np
+import torch
+
+import data
+import sampler
 
 THETAS = np.arange(0.50, 0.951, 0.05)
 UNITS = {"m": 1.0, "meter": 1.0, "meters": 1.0, "metre": 1.0, "metres": 1.0,
@@ -111,3 +115,107 @@ def seg_miou(pred, true):
     ious = [((p == k) & m).sum() / ((p == k) | m).sum()
             for p, t in zip(pred, true) for k in np.unique(t) if k >= 2 for m in [t == k]]
     return float(np.mean(ious)) if ious else float("nan")
+
+
+# --- running a model on the benchmarks (through the one sampler) -------------------------------
+def _chunks(items, n):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+@torch.no_grad()
+def generate_map_codes(model, tok, convs, images, n_image_tokens, batch_size=64, **sampling):
+    """For each (conversation ending in a user turn that asks for a map, images) pair, the N codes
+    of the map the model draws. The prompt ends with <|image|>: the instruction asked for a map, so
+    the reply starts as one and the sampler's image mode yields exactly N codes."""
+    out = []
+    for chunk in _chunks(list(zip(convs, images)), batch_size):
+        prompts = [tok.render_prompt(c, im) + [tok.image_start] for c, im in chunk]
+        gen = sampler.generate(model, tok, prompts, n_image_tokens + 1, n_image_tokens, tools=False, **sampling)
+        out += [np.array(gen.row(b)[:n_image_tokens]) - tok.image_offset for b in range(len(chunk))]
+    return out
+
+
+def scene_codes(codes, i):
+    return dict(zip(data.MODALITIES, codes[i]))
+
+
+def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampling):
+    """Depth and segmentation maps generated from each scene's RGB codes on the stage-1
+    instructions, decoded by the VQ and scored against the truth. Also returns the decoded maps."""
+    ids = list(scene_ids)
+    maps = {}
+    for tool in ("depth", "seg"):
+        gen = generate_map_codes(model, tok, [data.map_request(tool)[:1]] * len(ids),
+                                 [scene_codes(codes, i) for i in ids], n_image_tokens, **sampling)
+        maps[tool] = vq.decode(np.stack(gen)).numpy()
+    metrics = depth_metrics(data.rgb_to_depth(maps["depth"], vq.depth_encoding), split["depth"][ids], split["seg"][ids])
+    metrics["seg_miou"] = seg_miou(data.rgb_to_seg(maps["seg"]), split["seg"][ids])
+    return metrics, maps
+
+
+@torch.no_grad()
+def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_size=64, max_answer_tokens=24, **sampling):
+    """Reply to each question; returns the reply ids of each. Modes:
+    direct  RGB + question -> answer (Base, stage 1)
+    chain   the PE arm the paper's way: the model generates depth, then segmentation, then answers
+            with its own maps in context"""
+    replies = []
+    for chunk in _chunks(questions, batch_size):
+        images = [scene_codes(codes, q["scene"]) for q in chunk]
+        if mode == "chain":
+            convs = [data.perception_chain(q, answer=False) for q in chunk]
+            images = [{"rgb": im["rgb"]} for im in images]  # the true maps are never shown
+            for tool, upto in (("depth", 1), ("seg", 3)):
+                drawn = generate_map_codes(model, tok, [c[:upto] for c in convs], images, n_image_tokens,
+                                           batch_size=batch_size, **sampling)
+                images = [dict(im, **{tool: d}) for im, d in zip(images, drawn)]
+        elif mode == "direct":
+            convs = [data.vqa_conversation(q, answer=False) for q in chunk]
+        else:
+            raise ValueError(f"unknown answer mode {mode!r}")
+        prompts = [tok.render_prompt(c, im) for c, im in zip(convs, images)]
+        gen = sampler.generate(model, tok, prompts, max_answer_tokens, n_image_tokens, tools=False, **sampling)
+        replies += [gen.row(b) for b in range(len(chunk))]
+    return replies
+
+
+def vqa_accuracy(tok, questions, replies, chance=None):
+    """Per-category mean score of the replies' answers (and of the chance baseline), plus the mean
+    over categories."""
+    per = collections.defaultdict(list)
+    base = collections.defaultdict(list)
+    for q, r in zip(questions, replies):
+        parts, _ = tok.parse_reply(r)
+        per[q["category"]].append(score_answer(q, tok.answer_of(parts)))
+        if chance:
+            base[q["category"]].append(chance(q))
+    out = {f"acc_{c}": float(np.mean(v)) for c, v in sorted(per.items())}
+    out["vqa_acc"] = float(np.mean([np.mean(v) for v in per.values()]))
+    if chance:
+        out["chance_acc"] = float(np.mean([np.mean(v) for v in base.values()]))
+    return out
+
+
+def balanced_sample(questions, n, seed=0):
+    """Up to n questions, the same number from each category, in a fixed order."""
+    rng = np.random.default_rng(seed)
+    cats = sorted({q["category"] for q in questions})
+    per = max(1, n // len(cats))
+    out = []
+    for c in cats:
+        qs = [q for q in questions if q["category"] == c]
+        out += [qs[i] for i in sorted(rng.permutation(len(qs))[:per])]
+    return out
+
+
+def map_grid(path, split, maps, scene_ids, vq_encoding, scale=3):
+    """PNG: one row per scene: RGB | generated depth | true depth | generated seg | true seg."""
+    from PIL import Image
+    rows = []
+    for k, i in enumerate(scene_ids):
+        cells = [split["rgb"][i], maps["depth"][k], data.depth_to_rgb(split["depth"][i], vq_encoding),
+                 maps["seg"][k], data.seg_to_rgb(split["seg"][i])]
+        rows.append(np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells], axis=1))
+    grid = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(grid).save(path)

@@ -143,7 +143,7 @@ def load_model(path, device="cpu", attn_impl=None):
 
 
 def init_model(cfg, run, vocab_size):
-    """(model, optimizer, start_iter) from init_from: scratch, resume (out_dir/ckpt.pt), or the
+    """(model, optimizer, start) from init_from: scratch, resume (out_dir/ckpt.pt), or the
     path of a previous stage's checkpoint (weights only; a fresh optimizer and schedule)."""
     ckpt, init = None, cfg["init_from"]
     if init == "resume":
@@ -164,14 +164,14 @@ def init_model(cfg, run, vocab_size):
         model.load_state_dict(ckpt["model"])
     model.to(run.device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), run.device_type)
-    start = 0
+    start = {"iter": 0, "tokens": 0}  # where the loop starts: iteration and tokens trained so far
     if init == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
-        start = ckpt["iter_num"]
+        start = {"iter": ckpt["iter_num"], "tokens": ckpt["tokens_seen"]}
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if run.device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-        print(f"resuming from {cfg['out_dir']}/ckpt.pt at iteration {start}")
+        print(f"resuming from {cfg['out_dir']}/ckpt.pt at iteration {start['iter']}")
     elif ckpt is not None:
         print(f"initialised from {init} (iteration {ckpt['iter_num']} of that run)")
     return model, optimizer, start
@@ -182,10 +182,10 @@ class NonFiniteLoss(RuntimeError):
 
 
 # --- the loop ------------------------------------------------------------------------------------
-def train(cfg, run, model, optimizer, start_iter, get_batch, evaluate=None, refs=None):
-    """Train from start_iter to cfg["max_iters"]. evaluate(model, iter_num) -> dict of metrics runs on
+def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None):
+    """Train from start (init_model's) to cfg["max_iters"]. evaluate(model, iter_num) -> dict of metrics runs on
     the master at each eval interval; refs (tokenizer, VQ, data paths, stage) go into the checkpoint.
-    Returns the last logged metrics. Raises NonFiniteLoss (after saying so) on a NaN/inf loss."""
+    Returns the last logged metrics, with "tokens": all tokens trained on, over all ranks. Raises NonFiniteLoss (after saying so) on a NaN/inf loss."""
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
@@ -197,6 +197,7 @@ def train(cfg, run, model, optimizer, start_iter, get_batch, evaluate=None, refs
     out_dir, ckpt_path = cfg["out_dir"], os.path.join(cfg["out_dir"], "ckpt.pt")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     peak = peak_flops(run, cfg["peak_tflops"])
+    start_iter, tokens_seen = start["iter"], start["tokens"]
     if run.master:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -239,6 +240,7 @@ def train(cfg, run, model, optimizer, start_iter, get_batch, evaluate=None, refs
             (loss / accum).backward()
             loss_sum += loss.detach()
             tokens += x.numel()
+            tokens_seen += x.numel() * run.world_size
             flops += raw_model.flops_per_token(x.shape[1]) * x.numel()
         if run.ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
@@ -275,11 +277,12 @@ def train(cfg, run, model, optimizer, start_iter, get_batch, evaluate=None, refs
                 _append(metrics_path, record)
                 save_checkpoint(ckpt_path, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "model_args": asdict(raw_model.config), "iter_num": done, "val_loss": record["val_loss"],
+                    "model_args": asdict(raw_model.config), "iter_num": done, "tokens_seen": tokens_seen,
+                    "val_loss": record["val_loss"],
                     "config": cfg, "refs": refs or {},
                     "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if run.device_type == "cuda" else None},
                 })
-            last = {**last, **record}
+            last = {**last, **record, "tokens": tokens_seen}
             if run.ddp:
                 dist.barrier()  # no rank runs ahead of the checkpoint
     return last

@@ -66,7 +66,7 @@ def test_kill_and_resume_is_exact(tmp_path, monkeypatch):
     wa = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     wb = torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
-    assert wb["iter_num"] == 8 and wb["config"]["max_iters"] == 8
+    assert wb["iter_num"] == 8 and wb["config"]["max_iters"] == 8 and wb["tokens_seen"] == wa["tokens_seen"] == 8 * 2 * 4 * 24
 
 
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -102,7 +102,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     with pytest.raises(trainer.NonFiniteLoss, match="non-finite loss at iteration 4"):
         trainer.train(cfg, run, model, opt, start, real)
     good = trainer.load_checkpoint(str(tmp_path / "nan" / "ckpt.pt"))
-    assert good["iter_num"] == 3 and all(torch.isfinite(v).all() for v in good["model"].values())
+    assert good["iter_num"] == 3 and good["tokens_seen"] == 3 * 4 * loop_driver.T and all(torch.isfinite(v).all() for v in good["model"].values())
     assert "last good checkpoint" in capsys.readouterr().out
 
 

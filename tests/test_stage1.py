@@ -1,0 +1,81 @@
+"""train_stage1.py: the mixture, loss masks, bad config, and a tiny end-to-end run."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import tokenizer
+import train_stage1 as s1
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 16  # image codes per map in these tests
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    data.build_dataset(d, 20, 4, 4, data.SceneConfig(image_size=32), seed=0)
+    tok = tokenizer.build_tokenizer(d, 300, codebook_size=32)
+    codes = np.random.default_rng(0).integers(0, 32, (20, 3, N))
+    return tok, codes, data.load_questions(d, "train")
+
+
+def spans(tok, row):
+    starts = (row == tok.image_start).nonzero().flatten().tolist()
+    return [row[s + 1:s + 1 + N] - tok.image_offset for s in starts]
+
+
+def test_base_mixture_is_plain_vqa_only(setup):
+    tok, codes, qs = setup
+    x, y, m = s1.stage1_batch(tok, codes, qs, np.random.default_rng(0), 32, 512, {"vqa": 1.0, "depth": 0, "seg": 0, "chain": 0})
+    for b in range(len(x)):
+        row = torch.cat([x[b, :1], y[b]])
+        sp = spans(tok, row)
+        assert len(sp) == 1  # the RGB image only
+        scenes = [q["scene"] for q in qs if tok.encode(q["question"]) == _question_ids(tok, row)]
+        assert any((sp[0].numpy() == codes[s, 0]).all() for s in scenes)  # the question's own scene
+        supervised = y[b][m[b] == 1].tolist()
+        assert supervised[0] == tok.answer and supervised[-1] == tok.eos  # only "<answer>…</answer><|eos|>"
+        assert not any(t >= tok.image_offset for t in supervised)
+
+
+def _question_ids(tok, row):
+    row = row.tolist()
+    end = row.index(tok.image_end)
+    return row[end + 1:row.index(tok.assistant)]
+
+
+def test_stage1_mixture_masks(setup):
+    tok, codes, qs = setup
+    x, y, m = s1.stage1_batch(tok, codes, qs, np.random.default_rng(1), 64, 512, {"vqa": 1, "depth": 1, "seg": 1, "chain": 1})
+    kinds = set()
+    for b in range(len(x)):
+        row = torch.cat([x[b, :1], y[b]])
+        sup = torch.cat([torch.zeros(1, dtype=torch.long), m[b]])
+        n_img = len(spans(tok, row))
+        kinds.add(n_img)
+        first_asst = row.tolist().index(tok.assistant)
+        assert sup[:first_asst + 1].sum() == 0  # nothing before the first reply is supervised
+        for s in (row == tok.image_start).nonzero().flatten().tolist()[1:]:  # generated maps: codes supervised
+            assert sup[s + 1:s + 1 + N].all() and sup[s + 1 + N] == 0  # <|/image|> is forced
+        assert (row[sup.bool()] != tok.pad).all()  # padding is never a target
+    assert kinds == {1, 2, 3}  # vqa; depth or seg generation; the chain
+
+
+def test_too_long_example_fails_clearly(setup):
+    tok, codes, qs = setup
+    with pytest.raises(ValueError, match="does not fit block_size 20"):
+        s1.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 20, {"vqa": 1.0})
+
+
+@pytest.mark.parametrize("arg,msg", [("--max_iter=5", "unknown config key 'max_iter'"),
+                                     ("--max_iters=abc", "expected int, got str")])
+def test_bad_config_fails_before_any_work(tmp_path, arg, msg):
+    r = subprocess.run([sys.executable, "train_stage1.py", f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/o", arg],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and msg in r.stderr
+    assert not os.path.exists(tmp_path / "d") and not os.path.exists(tmp_path / "o")
