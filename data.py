@@ -16,9 +16,11 @@ Real data enters through `load_manifest`: a JSONL of image/depth/seg files and q
     python data.py                       # write the tiny preset's train/val/test splits to data/tiny
     python data.py --n_train=20000 --image_size=128 --out_dir=data/small
 """
+import collections
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -422,27 +424,31 @@ SHARD_SIZE = 1000
 
 
 def write_split(out_dir, split, n_scenes, cfg, seed):
-    """Render n_scenes into out_dir/split: shard_XXX.npz (rgb, depth, seg), scenes.jsonl, questions.jsonl.
-    Scene i of a split has seed (seed, split index, i), so splits never share a scene seed."""
+    """Render n_scenes into out_dir/split. Scene i of a split has seed (seed, split index, i), so
+    splits never share a scene seed."""
+    scenes, questions, arrays, t0 = [], [], {m: [] for m in MODALITIES}, time.time()
+    for i in range(n_scenes):
+        s = render_scene([seed, SPLITS.index(split), i], cfg)
+        for m in MODALITIES:
+            arrays[m].append(s[m])
+        for q in make_questions(s["graph"], np.random.default_rng([seed, SPLITS.index(split), i, 1])):
+            questions.append({"scene": i, **q})
+        scenes.append(s["graph"])
+        if (i + 1) % SHARD_SIZE == 0 or i + 1 == n_scenes:
+            print(f"  {split}: {i + 1}/{n_scenes} scenes, {len(questions)} questions, {time.time() - t0:.1f}s")
+    save_split(out_dir, split, {m: np.stack(a) for m, a in arrays.items()}, scenes, questions)
+    return scenes, questions
+
+
+def save_split(out_dir, split, arrays, scenes, questions):
+    """out_dir/split: shard_XXX.npz (rgb, depth, seg; SHARD_SIZE scenes each), scenes.jsonl, questions.jsonl."""
     d = os.path.join(out_dir, split)
     os.makedirs(d, exist_ok=True)
-    scenes, questions, t0 = [], [], time.time()
-    for start in range(0, n_scenes, SHARD_SIZE):
-        arrays = {m: [] for m in MODALITIES}
-        for i in range(start, min(start + SHARD_SIZE, n_scenes)):
-            s = render_scene([seed, SPLITS.index(split), i], cfg)
-            for m in MODALITIES:
-                arrays[m].append(s[m])
-            for q in make_questions(s["graph"], np.random.default_rng([seed, SPLITS.index(split), i, 1])):
-                questions.append({"scene": i, **q})
-            scenes.append(s["graph"])
-        np.savez_compressed(os.path.join(d, f"shard_{start // SHARD_SIZE:03d}.npz"),
-                            **{m: np.stack(a) for m, a in arrays.items()})
-        print(f"  {split}: {len(scenes)}/{n_scenes} scenes, {len(questions)} questions, {time.time() - t0:.1f}s")
+    for k, start in enumerate(range(0, len(scenes), SHARD_SIZE)):
+        np.savez_compressed(os.path.join(d, f"shard_{k:03d}.npz"), **{m: arrays[m][start:start + SHARD_SIZE] for m in MODALITIES})
     for fname, rows in (("scenes.jsonl", scenes), ("questions.jsonl", questions)):
         with open(os.path.join(d, fname), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    return scenes, questions
 
 
 def load_split(data_dir, split):
@@ -468,14 +474,20 @@ def text_corpus(data_dir, split="train"):
     return [q["question"] for q in qs] + [q["answer"] for q in qs]
 
 
-def build_dataset(out_dir, n_train, n_val, n_test, cfg, seed=0):
+def build_dataset(out_dir, n_train, n_val, n_test, cfg, seed=0, manifest=""):
+    """All three splits: rendered, or with `manifest` (a path with {split}) imported from real data."""
     t0 = time.time()
     counts, summary = {}, {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        scenes, questions = write_split(out_dir, split, n, cfg, seed)
+        if manifest:
+            split_data = load_manifest(manifest.format(split=split), cfg.image_size)
+            scenes, questions = split_data["scenes"], split_data["questions"]
+            save_split(out_dir, split, split_data, scenes, questions)
+        else:
+            scenes, questions = write_split(out_dir, split, n, cfg, seed)
         counts[split] = {"scenes": len(scenes), "questions": len(questions)}
-        summary[split] = {c: sum(q["category"] == c for q in questions) for c in CATEGORIES}
-    meta = {"config": asdict(cfg), "seed": seed, "counts": counts, "categories": summary,
+        summary[split] = collections.Counter(q["category"] for q in questions)
+    meta = {"config": asdict(cfg), "seed": seed, "manifest": manifest, "counts": counts, "categories": summary,
             "depth_encoding": DEPTH_ENCODING, "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:  # written last: its presence means "complete"
         json.dump(meta, f, indent=1)
@@ -579,13 +591,31 @@ def load_manifest(path, image_size=64):
             scenes.append({"image": row["image"], "has_depth": row.get("depth") is not None,
                            "has_seg": row.get("seg") is not None, "image_size": image_size})
         q = {k: v for k, v in row.items() if k not in ("image", "depth", "seg")}
-        q.setdefault("tool", "none")
-        questions.append({"scene": index[key], **q})
+        questions.append({"scene": index[key], **_typed(q)})
     if not scenes:
         raise ValueError(f"manifest {path} has no entries")
     out = {m: np.stack(a) for m, a in images.items()}
     out["scenes"], out["questions"] = scenes, questions
     return out
+
+
+def _typed(q):
+    """Fill in what scoring needs when a manifest leaves it out: the answer type (and, for
+    numbers, value and unit) read off the answer, a kind, and the tool flag "none"."""
+    q = dict(q)
+    q.setdefault("kind", q["category"])
+    q.setdefault("tool", "none")
+    a = str(q["answer"]).strip()
+    num = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*(m|cm)", a)
+    if "answer_type" not in q:
+        q["answer_type"] = ("number" if num else "yesno" if a.lower() in ("yes", "no")
+                            else "integer" if a.isdigit() else "choice")
+    if q["answer_type"] == "number" and num:
+        q.setdefault("value", float(num.group(1)))
+        q.setdefault("unit", num.group(2))
+    if q["answer_type"] == "choice":
+        q.setdefault("choices", [a])
+    return q
 
 
 def _load_files(root, row, where, size):
@@ -639,6 +669,7 @@ if __name__ == "__main__":
     image_size = TINY_PRESET["image_size"]
     seed = TINY_PRESET["seed"]
     force = False  # rebuild even if out_dir already holds this dataset
+    manifest = ""  # real data instead: JSONL manifests, a path with {split}, e.g. "real/{split}.jsonl"
     from configurator import configure
     configure(globals(), section="data")
     # -----------------------------------------------------------------------------
@@ -646,16 +677,16 @@ if __name__ == "__main__":
     meta_path = os.path.join(out_dir, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
     wanted = {"train": n_train, "val": n_val, "test": n_test}
-    if (not force and meta and meta["config"] == asdict(cfg) and meta["seed"] == seed
-            and {s: c["scenes"] for s, c in meta["counts"].items()} == wanted):
+    if (not force and meta and meta["config"] == asdict(cfg) and meta["seed"] == seed and meta["manifest"] == manifest
+            and (manifest or {s: c["scenes"] for s, c in meta["counts"].items()} == wanted)):
         print(f"{out_dir} already holds this dataset: skipping (--force=True rebuilds it)")
     else:
-        print(f"writing {n_train}/{n_val}/{n_test} scenes at {image_size}x{image_size} to {out_dir}")
-        meta = build_dataset(out_dir, n_train, n_val, n_test, cfg, seed)
+        print(f"writing {manifest or f'{n_train}/{n_val}/{n_test} scenes'} at {image_size}x{image_size} to {out_dir}")
+        meta = build_dataset(out_dir, n_train, n_val, n_test, cfg, seed, manifest)
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out_dir) for f in fs)
     print(f"{'category':<18}" + "".join(f"{s:>8}" for s in SPLITS))
-    for c in CATEGORIES:
-        print(f"{c:<18}" + "".join(f"{meta['categories'][s][c]:>8}" for s in SPLITS))
+    for c in sorted({c for s in SPLITS for c in meta["categories"][s]}):
+        print(f"{c:<18}" + "".join(f"{meta['categories'][s].get(c, 0):>8}" for s in SPLITS))
     print(f"done in {meta['seconds']}s, {size / 1e6:.1f} MB on disk")
     print("final: " + json.dumps({**{f"{s}_{k}": v for s in SPLITS for k, v in meta["counts"][s].items()},
                                   "seconds": meta["seconds"], "mbytes": round(size / 1e6, 1)}))

@@ -343,3 +343,22 @@ def test_manifest_errors_name_the_line_and_file(tmp_path):
         data.load_manifest(write_manifest(tmp_path, [{"image": "ok.png", "question": "q", "category": "general"}]))
     with pytest.raises(FileNotFoundError, match=r"manifest.jsonl:1: depth file .*nope.npy not found"):
         data.load_manifest(write_manifest(tmp_path, [{"image": "ok.png", "depth": "nope.npy", **q}]))
+
+
+def test_manifests_import_as_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3)).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    rows = [{"image": "0.png", "question": "How far is the chair, in meters?", "answer": "2.5 m", "category": "distance"},
+            {"image": "1.png", "question": "Is the cup left of the plate?", "answer": "yes", "category": "relation"},
+            {"image": "2.png", "question": "How many cups?", "answer": "3", "category": "counting"}]
+    for split in data.SPLITS:
+        write_manifest(tmp_path, rows)
+        os.replace(tmp_path / "manifest.jsonl", tmp_path / f"{split}.jsonl")
+    out = str(tmp_path / "real")
+    meta = data.build_dataset(out, 0, 0, 0, data.SceneConfig(image_size=32), manifest=str(tmp_path / "{split}.jsonl"))
+    assert meta["counts"]["val"] == {"scenes": 3, "questions": 3}
+    s = data.load_split(out, "train")
+    assert s["rgb"].shape == (3, 32, 32, 3) and np.isnan(s["depth"]).all()
+    assert [q["answer_type"] for q in s["questions"]] == ["number", "yesno", "integer"]
+    assert s["questions"][0]["value"] == 2.5 and s["questions"][0]["unit"] == "m"
