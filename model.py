@@ -4,10 +4,11 @@ The unified transformer (DESIGN §4): one decoder-only GPT over one shared vocab
     [text BPE ids][special ids][image code ids]      image code c has id tok.image_offset + c
 
 Nothing in this file knows which ids are text and which are pixels. The model reads an RGB image
-as N code ids, writes a depth map as N code ids, and reasons about both in text, all with the same
-next-token loss; that is what "unified" means in BAGEL and COOPER (which add a separate image
-decoder path; here the VQ decoder of vqgan.py turns codes back into pixels). The grammar of images
-and tool calls is enforced at sampling time, in sampler.py.
+as N code ids, writes a depth map as N code ids, and reasons about both in text, all with one
+softmax and one next-token loss. (BAGEL, COOPER's base, generates images with a rectified-flow
+head over VAE latents; with VQ codes the ordinary LM head does it, as in LlamaGen, and vqgan.py's
+decoder turns codes back into pixels.) The grammar of images and tool calls is enforced at
+sampling time, in sampler.py.
 
 A modern small GPT, in nanoGPT's reading order: GPTConfig, then the pieces (RoPE, attention with
 three interchangeable backends, MLP, Block), the KV cache, and GPT itself with its loss, per-token

@@ -144,8 +144,10 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     comes from `generator` if given, else a fresh torch.Generator seeded with `seed`, else torch's
     global generator. Returns a Generation. Its logprobs are the model's own log-probabilities at
     temperature 1 before any mask, i.e. exactly what model.token_logprobs gives for the same
-    tokens, so RL can use them as the old policy's. A row cut off by max_new_tokens or block_size
-    may end mid-image or mid-reply.
+    tokens, so RL can use them as the old policy's. A row's tokens include its final <|eos|>
+    (sampled, so RL learns to stop). A row cut off by max_new_tokens or block_size may end
+    mid-image or mid-reply. The model's mode is left alone: call model.eval() first if it has
+    dropout.
     """
     assert n_image_tokens >= 1 and max_new_tokens >= 1
     device = next(model.parameters()).device
