@@ -48,7 +48,7 @@ def rope_tables(block_size, head_dim, base):
 def apply_rope(x, cos, sin):
     """x (B, H, T, D); cos, sin broadcastable to (B, 1, T, D/2). Rotates the pairs (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +91,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        # the rotation (fp32 tables) and, under autocast, the norms may promote q and k to fp32;
+        # attention kernels and the KV cache want all three in v's dtype
+        q, k = q.to(v.dtype), k.to(v.dtype)
         mask = None
         if cache is not None:
             kv_cache, pos, mask = cache
