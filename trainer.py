@@ -14,6 +14,11 @@ hands it to `train`, which does what nanoGPT's train.py does, once, for everyone
     weights, optimizer, iteration and torch RNG continues the run bit for bit;
   - a NaN/inf loss or gradient stops the run with a message and leaves the last good checkpoint.
 
+RL (rl.py) brings its own objective through the same loop: `loss_fn(model, batch) -> (loss, stats)`
+replaces the next-token loss, `get_batch` may return extra items after the three tensors (rollout
+advantages, old log-probs, reward statistics), the stats (floats) join the log line and
+metrics.jsonl, and `steps_per_batch` takes several optimizer steps on each iteration's batches.
+
 Stage scripts pull the loop's config keys into their globals with `globals().update(LOOP_DEFAULTS)`,
 so `--help` lists them and `--max_iters=…` overrides them like any other key.
 """
@@ -182,9 +187,19 @@ class NonFiniteLoss(RuntimeError):
 
 
 # --- the loop ------------------------------------------------------------------------------------
-def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None):
+def lm_loss(model, batch):
+    """The default objective: masked next-token cross entropy, no extra statistics."""
+    x, y, m = batch
+    return model(x, y, m)[1], {}
+
+
+def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None, loss_fn=lm_loss, steps_per_batch=1):
     """Train from start (init_model's) to cfg["max_iters"]. evaluate(model, iter_num) -> dict of metrics runs on
     the master at each eval interval; refs (tokenizer, VQ, data paths, stage) go into the checkpoint.
+    loss_fn(model, batch) -> (loss, {name: float}) gets each batch get_batch returns (its tensors on
+    the device; batch[0] is the (B, T) input ids); the stats are averaged over micro-batches, steps
+    and ranks and logged. steps_per_batch > 1 fetches an iteration's batches once and takes that
+    many optimizer steps on them (PPO-style epochs). eval_iters=0 skips the val loss.
     Returns the last logged metrics, with "tokens": all tokens trained on, over all ranks. Raises NonFiniteLoss (after saying so) on a NaN/inf loss."""
     raw_model = model
     if cfg["compile"]:
@@ -207,17 +222,16 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
               f"iterations {start_iter}→{cfg['max_iters']}, {cfg['grad_accum']}×{cfg['batch_size']} sequences an iteration")
 
     def batch(split, seed_parts):
-        x, y, m = get_batch(split, np.random.default_rng([cfg["seed"], *seed_parts]))
-        return x.to(run.device), y.to(run.device), m.to(run.device)
+        return _to_device(get_batch(split, np.random.default_rng([cfg["seed"], *seed_parts])), run.device)
 
     @torch.no_grad()
     def val_loss():
         model.eval()
         losses = []
         for k in range(cfg["eval_iters"]):
-            x, y, m = batch("val", [1, k, run.rank])  # the same val batches at every evaluation
+            b = batch("val", [1, k, run.rank])  # the same val batches at every evaluation
             with run.autocast():
-                losses.append(model(x, y, m)[1].item())
+                losses.append(loss_fn(model, b)[0].item())
         model.train()
         loss = torch.tensor(np.mean(losses), device=run.device)
         if run.ddp:
@@ -230,31 +244,39 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=run.device)
-        for micro in range(accum):
-            x, y, m = batch("train", [0, it, run.rank * accum + micro])  # a pure function of the step: exact resume
+        # a pure function of the step: exact resume
+        batches = [batch("train", [0, it, run.rank * accum + micro]) for micro in range(accum)]
+        loss_vals, stats_sum = [], {}
+        for _ in range(steps_per_batch):
+            loss_sum = torch.zeros((), device=run.device)
+            for micro, b in enumerate(batches):
+                x = b[0]
+                if run.ddp:
+                    model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per optimizer step
+                with run.autocast():
+                    loss, stats = loss_fn(model, b)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+                tokens += x.numel()
+                tokens_seen += x.numel() * run.world_size
+                flops += raw_model.flops_per_token(x.shape[1]) * x.numel()
             if run.ddp:
-                model.require_backward_grad_sync = micro == accum - 1  # all-reduce once per iteration
-            with run.autocast():
-                _, loss = model(x, y, m)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-            tokens += x.numel()
-            tokens_seen += x.numel() * run.world_size
-            flops += raw_model.flops_per_token(x.shape[1]) * x.numel()
-        if run.ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
-        loss_val = loss_sum.item() / accum
-        if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
+            loss_vals.append(loss_sum.item() / accum)
+            if not (math.isfinite(loss_vals[-1]) and math.isfinite(grad_norm.item())):
+                optimizer.zero_grad(set_to_none=True)
+                msg = (f"non-finite {'loss' if not math.isfinite(loss_vals[-1]) else 'gradient'} at iteration {it}: stopping. "
+                       + (f"The last good checkpoint is {ckpt_path}." if os.path.exists(ckpt_path) else "No checkpoint was written yet."))
+                if run.master:
+                    print(msg)
+                raise NonFiniteLoss(msg)
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            msg = (f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient'} at iteration {it}: stopping. "
-                   + (f"The last good checkpoint is {ckpt_path}." if os.path.exists(ckpt_path) else "No checkpoint was written yet."))
-            if run.master:
-                print(msg)
-            raise NonFiniteLoss(msg)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_val = sum(loss_vals) / steps_per_batch
+        stats = _mean_stats(stats_sum, accum * steps_per_batch, run)
         done = it + 1
         if run.master and (done % cfg["log_interval"] == 0 or done == cfg["max_iters"]):
             now = time.time()
@@ -263,13 +285,14 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
             tok_s, mfu = tokens * run.world_size / dt, flops / dt / peak  # every rank does the same work
             eta = (now - t_start) / (done - start_iter) * (cfg["max_iters"] - done)
             print(f"iter {done}/{cfg['max_iters']} | loss {loss_val:.4f} | lr {lr:.2e} | {1000 * dt / n_iters:.0f} ms/iter "
-                  f"| {tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | eta {_fmt_time(eta)}")
+                  f"| {tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | eta {_fmt_time(eta)}"
+                  + "".join(f" | {k} {v:.4g}" for k, v in stats.items()))
             last = {"iter": done, "loss": loss_val, "lr": lr, "ms_per_iter": 1000 * dt / n_iters,
-                    "tok_per_s": tok_s, "mfu": mfu, "grad_norm": grad_norm.item()}
+                    "tok_per_s": tok_s, "mfu": mfu, "grad_norm": grad_norm.item(), **stats}
             _append(metrics_path, last)
             t_last, tokens, flops = now, 0, 0.0
         if done % cfg["eval_interval"] == 0 or done == cfg["max_iters"]:
-            record = {"iter": done, "val_loss": val_loss()}
+            record = {"iter": done, **({"val_loss": val_loss()} if cfg["eval_iters"] > 0 else {})}
             if run.master:
                 if evaluate is not None:
                     record.update(evaluate(raw_model, done))
@@ -278,7 +301,7 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
                 save_checkpoint(ckpt_path, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "model_args": asdict(raw_model.config), "iter_num": done, "tokens_seen": tokens_seen,
-                    "val_loss": record["val_loss"],
+                    "val_loss": record.get("val_loss"),
                     "config": cfg, "refs": refs or {},
                     "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if run.device_type == "cuda" else None},
                 })
@@ -286,6 +309,28 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
             if run.ddp:
                 dist.barrier()  # no rank runs ahead of the checkpoint
     return last
+
+
+def _to_device(obj, device):
+    """A batch's tensors, wherever they sit in tuples, lists and dicts, moved to the device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _mean_stats(sums, n, run):
+    """Per-iteration statistics from loss_fn: the mean over micro-batches and steps, then over ranks."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    v = torch.tensor([sums[k] / n for k in keys], dtype=torch.float64, device=run.device)
+    if run.ddp:
+        dist.all_reduce(v, op=dist.ReduceOp.AVG)
+    return dict(zip(keys, v.tolist()))
 
 
 def _append(path, record):
