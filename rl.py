@@ -1,0 +1,334 @@
+"""
+Stage 2b (COOPER §3.2): reinforcement learning with GRPO and the CPR reward. The SFT model learns
+to use its own perception (drawing a depth or segmentation map into its context) where it pays.
+
+One iteration of the training loop (trainer.train, the same loop every stage uses):
+  1. rollouts: for each of a few train questions, G = group_size replies at temperature 1 through
+     the one sampler (sampler.generate) with the tool loop on, so maps the model draws re-enter
+     its context; each token comes back marked sampled or forced, with its log-prob;
+  2. rewards, the CPR reward, each part a small pure function:
+       accuracy     rule-based, eval.score_answer of the final <answer>: exact match for choices,
+                    yes/no and counts; numbers parsed with their unit and scored by MRA, the
+                    fraction of the relative-error thresholds 0.05, 0.10, …, 0.50 the answer is
+                    within (1 for < 5 % off, 0.5 for 25–30 % off, 0 beyond 50 %), so the reward is
+                    exactly the held-out metric;
+       format       1 if tokenizer.parse_reply accepts the reply (every turn but the last is
+                    <think>…</think> plus one complete tool call with its map, the last is
+                    <think>…</think><answer>…</answer>, then <|eos|> and nothing else), else 0;
+       exploration  per group: fewer than k rollouts used a tool and the question's tool flag is
+                    positive -> each tool user gets +bonus; more than k used one and the flag is
+                    negative -> each tool user gets -bonus (k = 3 of 8, bonus 0.2);
+     r = accuracy_weight·accuracy + format_weight·format + explore_weight·exploration;
+  3. GRPO: advantages (r − mean)/(std + ε) within each group (0 for a group whose rewards are all
+     equal); per-token ratio π/π_old clipped to 1 ± clip_eps (it only bites when ppo_epochs > 1
+     reuses a batch); an optional k3 KL to the frozen SFT model (kl_beta = 0, as in the paper);
+     the loss is averaged over all trained tokens of the batch (token-level normalisation). Only
+     sampled text tokens are trained: forced tokens (the reflection prompt, <|image|> after a tool
+     call, <|/image|>) never, and the map codes the model drew only with rl_image_tokens=True, an
+     extension the paper leaves open.
+
+The sampler's log-probs are the model's own at temperature 1 before the grammar's masks, exactly
+what a forward pass gives, so they serve as π_old. Rollouts are drawn with the rng the loop passes
+to get_batch (per rank under DDP), so resuming a run continues it exactly.
+
+    python rl.py                              # the COOPER arm from out/stage2/ckpt.pt
+    python rl.py --tools=none                 # the RE arm: text-only RL from out/stage2_text/ckpt.pt
+    python rl.py config/tiny_cpu.py --seed=2  # (the preset's `rl` dict sizes the tiny run)
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as ev
+import sampler
+import trainer
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+globals().update(trainer.LOOP_DEFAULTS)  # the shared loop's keys: out_dir, max_iters, learning_rate, …
+out_dir = ""  # "": out/rl, or out/rl_text with --tools=none
+init_from = ""  # "": the arm's SFT checkpoint (SFT_CHECKPOINTS); or resume, or a path
+data_dir = "data/tiny"
+vq_ckpt = "out/vqgan/ckpt.pt"
+tools = "all"  # all: interleaved rollouts that may draw depth/seg maps; none: text-only (the RE arm)
+# rollouts: an iteration is grad_accum micro-batches of prompts_per_batch questions × group_size replies
+prompts_per_batch = 2
+group_size = 8
+temperature = 1.0
+max_new_tokens = 768
+# the CPR reward
+accuracy_weight = 1.0
+format_weight = 1.0
+explore_weight = 1.0
+explore_k = 3  # fewer tool users than this in a group: bonus on positive questions; more: penalty on negative
+explore_bonus = 0.2
+# GRPO
+ppo_epochs = 1  # optimizer steps on each batch of rollouts
+clip_eps = 0.2
+kl_beta = 0.0  # > 0: k3 KL to the frozen initial model
+adv_eps = 1e-4
+rl_image_tokens = False  # also train the map codes the policy sampled
+# held-out evaluation: greedy replies to a fixed balanced sample of val questions
+eval_questions = 70
+learning_rate = 1e-4
+min_lr = 1e-5
+warmup_iters = 5
+max_iters = 100
+log_interval = 1
+eval_interval = 50
+eval_iters = 0  # no val loss: RL is judged by held-out accuracy
+# -----------------------------------------------------------------------------
+SFT_CHECKPOINTS = {"all": "out/stage2/ckpt.pt", "none": "out/stage2_text/ckpt.pt"}
+OUT_DIRS = {"all": "out/rl", "none": "out/rl_text"}
+
+
+# --- the CPR reward ------------------------------------------------------------------------------
+def accuracy_reward(tok, q, reply):
+    """Rule-based correctness of the reply's final answer in [0, 1]: eval.score_answer, so 0/1 for
+    choices, yes/no and counts and MRA for numbers (see the module docstring). A reply that breaks
+    the format still earns this if it states an answer: format is its own component."""
+    parts, _ = tok.parse_reply(reply)
+    return ev.score_answer(q, tok.answer_of(parts))
+
+
+def format_reward(tok, reply):
+    """1 if the reply is a well-formed interleaved reply (the parser stage 2's traces pass), else 0."""
+    return float(tok.parse_reply(reply)[1] is None)
+
+
+def used_tool(tok, reply):
+    """Whether the reply called depth estimation or segmentation."""
+    return any("tool" in p for p in tok.parse_reply(reply)[0])
+
+
+def tool_positive(q):
+    """The question's tool flag (data.TOOL_FOR): depth or seg = tools are expected to help."""
+    return q["tool"] != "none"
+
+
+def exploration_reward(used, positive, k=3, bonus=0.2):
+    """CPR's exploration-guided term for one group of rollouts of one question. used: whether each
+    rollout called a tool; positive: the question's flag. Pushes the tool-use rate toward k of G
+    only in the direction the flag says is right: a rare tool user on a question that needs a tool
+    is encouraged, a common tool user on a question that does not is discouraged."""
+    n = sum(used)
+    if n < k and positive:
+        return [bonus * u for u in used]
+    if n > k and not positive:
+        return [-bonus * u for u in used]
+    return [0.0] * len(used)
+
+
+def cpr_rewards(tok, questions, replies, group_size, weights=(1.0, 1.0, 1.0), k=3, bonus=0.2):
+    """Rewards of consecutive groups of group_size replies, replies[i] answering questions[i].
+    Returns {component: float tensor (len(replies),)} with accuracy, format, explore, tool (0/1)
+    and reward = the weighted sum."""
+    acc = [accuracy_reward(tok, q, r) for q, r in zip(questions, replies)]
+    fmt = [format_reward(tok, r) for r in replies]
+    used = [used_tool(tok, r) for r in replies]
+    explore = []
+    for g in range(0, len(replies), group_size):
+        explore += exploration_reward(used[g:g + group_size], tool_positive(questions[g]), k, bonus)
+    out = {name: torch.tensor(v, dtype=torch.float32) for name, v in
+           (("accuracy", acc), ("format", fmt), ("explore", explore), ("tool", used))}
+    w_acc, w_fmt, w_exp = weights
+    out["reward"] = w_acc * out["accuracy"] + w_fmt * out["format"] + w_exp * out["explore"]
+    return out
+
+
+# --- GRPO ----------------------------------------------------------------------------------------
+def group_advantages(rewards, group_size, eps=1e-4):
+    """(r − mean) / (std + eps) within each consecutive group of group_size (the unbiased std, as
+    in GRPO implementations); a group whose rewards are all equal carries no signal and gets 0."""
+    r = rewards.view(-1, group_size)
+    std = r.std(dim=1, keepdim=True)
+    adv = (r - r.mean(dim=1, keepdim=True)) / (std + eps)
+    return torch.where(std > 1e-6, adv, torch.zeros_like(adv)).flatten()
+
+
+def rollout_tensors(tok, prompts, gen, train_images):
+    """Prompts and their replies -> (idx, targets, loss_mask, old_logprobs), right-padded (B, T).
+    targets[b, t] is token t+1 of row b; loss_mask is 1 on the reply tokens the policy sampled
+    (image codes only if train_images); old_logprobs are the sampler's, aligned with targets."""
+    rows = [p + gen.row(b) for b, p in enumerate(prompts)]
+    T = max(len(r) for r in rows) - 1
+    B = len(rows)
+    x = torch.full((B, T + 1), tok.pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    old = torch.zeros((B, T))
+    for b, (p, r) in enumerate(zip(prompts, rows)):
+        x[b, :len(r)] = torch.tensor(r)
+        n = int(gen.lengths[b])
+        # reply token i is row token len(p) + i, i.e. target position len(p) - 1 + i
+        mask[b, len(p) - 1:len(p) - 1 + n] = gen.sampled_mask[b, :n]
+        old[b, len(p) - 1:len(p) - 1 + n] = gen.logprobs[b, :n]
+    idx, targets = x[:, :-1], x[:, 1:]
+    if not train_images:
+        mask = mask * (targets < tok.image_offset)
+    return idx, targets, mask, old * mask
+
+
+@torch.no_grad()
+def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_model=None):
+    """One micro-batch for the GRPO loss: cfg["prompts_per_batch"] questions drawn with rng, each
+    answered cfg["group_size"] times by the current policy, scored and turned into tensors.
+    Returns (idx, targets, loss_mask, extra) with extra = {advantages (B,), old_logprobs (B, T),
+    [ref_logprobs (B, T)], stats {name: float}}."""
+    G = cfg["group_size"]
+    picked = [questions[i] for i in rng.integers(len(questions), size=cfg["prompts_per_batch"])]
+    qs = [q for q in picked for _ in range(G)]
+    prompts = [tok.render_prompt(data.vqa_conversation(q, answer=False), ev.scene_codes(codes, q["scene"])) for q in qs]
+    was_training = model.training
+    model.eval()
+    gen = sampler.generate(model, tok, prompts, cfg["max_new_tokens"], n_image_tokens, temperature=cfg["temperature"],
+                           seed=int(rng.integers(2 ** 62)), tools=cfg["tools"] == "all")
+    model.train(was_training)
+    replies = [gen.row(b) for b in range(len(qs))]
+    r = cpr_rewards(tok, qs, replies, G, (cfg["accuracy_weight"], cfg["format_weight"], cfg["explore_weight"]),
+                    cfg["explore_k"], cfg["explore_bonus"])
+    idx, targets, mask, old = rollout_tensors(tok, prompts, gen, cfg["rl_image_tokens"])
+    extra = {"advantages": group_advantages(r["reward"], G, cfg["adv_eps"]), "old_logprobs": old}
+    if ref_model is not None:
+        extra["ref_logprobs"] = ref_model.token_logprobs(idx, targets) * mask
+    positive = torch.tensor([tool_positive(q) for q in qs])
+    flat = r["reward"].view(-1, G)
+    extra["stats"] = {
+        "reward": r["reward"].mean().item(), "r_accuracy": r["accuracy"].mean().item(),
+        "r_format": r["format"].mean().item(), "r_explore": r["explore"].mean().item(),
+        "tool_rate": r["tool"].mean().item(),
+        # tool use where the flag says it helps, and where it says it does not (nan-free: 0 if none)
+        "tool_rate_pos": r["tool"][positive].mean().item() if positive.any() else 0.0,
+        "tool_rate_neg": r["tool"][~positive].mean().item() if (~positive).any() else 0.0,
+        "length": gen.lengths.float().mean().item(),
+        "flat_groups": (flat.std(dim=1) <= 1e-6).float().mean().item(),  # groups with no learning signal
+    }
+    return idx, targets, mask, extra
+
+
+def grpo_loss(model, batch, clip_eps=0.2, kl_beta=0.0):
+    """The clipped GRPO objective over one batch of rollouts -> (loss, stats). Calls model(idx)
+    (not model.token_logprobs) so that under DDP the forward goes through the wrapper and the
+    gradients are synchronised."""
+    idx, targets, mask, extra = batch
+    logits, _ = model(idx)
+    logp_all = F.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)  # = model.token_logprobs(idx, targets)
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    ratio = torch.exp(logp - extra["old_logprobs"])
+    adv = extra["advantages"][:, None]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    stats = dict(extra.get("stats", {}))
+    if kl_beta > 0:
+        # k3 estimator of KL(π || π_ref): unbiased, always ≥ 0 (Schulman, "Approximating KL")
+        d = extra["ref_logprobs"] - logp
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + kl_beta * kl
+        stats["kl"] = ((kl * m).sum() / n).item()
+    loss = (per_token * m).sum() / n  # token-level: every trained token of the batch weighs the same
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        stats["entropy"] = ((entropy * m).sum() / n).item()
+        stats["clip_frac"] = ((((ratio - 1).abs() > clip_eps).float() * m).sum() / n).item()
+    return loss, stats
+
+
+# --- held-out evaluation -------------------------------------------------------------------------
+@torch.no_grad()
+def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
+    """Greedy replies to fixed val questions through eval.answer's interleaved mode (stage 2's
+    evaluation, so the numbers compare): accuracy per category and their mean (vqa_acc), format
+    validity and tool use (eval.tool_use), and the tool-use rate on positive and negative questions."""
+    replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", temperature=0.0)
+    out = {**ev.vqa_accuracy(tok, questions, replies), **ev.tool_use(tok, questions, replies)}
+    used = np.array([used_tool(tok, r) for r in replies], dtype=float)
+    pos = np.array([tool_positive(q) for q in questions])
+    out["tool_rate"] = float(used.mean())
+    out["tool_rate_pos"] = float(used[pos].mean()) if pos.any() else 0.0
+    out["tool_rate_neg"] = float(used[~pos].mean()) if (~pos).any() else 0.0
+    out["length"] = float(np.mean([len(r) for r in replies]))
+    return out
+
+
+def ensure_sft_checkpoint(path, tools, data_dir, vq_ckpt):
+    """The arm's SFT checkpoint; if missing, say so and build it with stage 2's tiny preset (which
+    builds stage 1 first if that is missing too)."""
+    if os.path.exists(path):
+        return
+    if int(os.environ.get("RANK", -1)) != -1:
+        raise SystemExit(f"SFT checkpoint {path} is missing: build it before launching with torchrun")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "train_stage2.py"), os.path.join(here, "config", "tiny_cpu.py"),
+           f"--tools={tools}", f"--data_dir={data_dir}", f"--vq_ckpt={vq_ckpt}", f"--out_dir={os.path.dirname(path) or '.'}"]
+    print(f"no SFT checkpoint at {path}: building it with stage 2's tiny preset:\n  {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+    if not os.path.exists(path):
+        raise SystemExit(f"stage 2 finished but wrote no {path}")
+
+
+if __name__ == "__main__":
+    config = configure(globals(), section="rl")  # config/*.py and --key=value; bad keys stop here
+    if tools not in SFT_CHECKPOINTS:
+        raise SystemExit(f"config error: tools={tools!r}: expected one of {sorted(SFT_CHECKPOINTS)}")
+    config["out_dir"] = out_dir = out_dir or OUT_DIRS[tools]
+    config["init_from"] = init_from = init_from or SFT_CHECKPOINTS[tools]
+    config["batch_size"] = prompts_per_batch * group_size  # rollouts per micro-batch (what the loop logs)
+    t_start = time.time()
+    print(f"RL, {'COOPER' if tools == 'all' else 'RE'} arm (tools={tools}): {init_from} -> {out_dir}")
+    if init_from not in ("scratch", "resume"):
+        ensure_sft_checkpoint(init_from, tools, data_dir, vq_ckpt)
+    run = trainer.setup_run(device)
+    torch.manual_seed(seed)
+    from train_stage1 import load_stage_data
+    tok, vq, codes, questions, refs = load_stage_data(data_dir, vq_ckpt)
+    n_image = codes["train"].shape[-1]
+    model, optimizer, start = trainer.init_model(config, run, tok.vocab_size)
+    # the reference for the KL term is the model RL started from, also after a resume
+    reference = trainer.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["refs"]["reference"] \
+        if init_from == "resume" else init_from
+    ref_model = trainer.load_model(reference, run.device)[0] if kl_beta > 0 else None
+    eval_qs = ev.balanced_sample(questions["val"], eval_questions)
+
+    def get_batch(split, rng):
+        return rollout_batch(model, tok, questions[split], codes[split], n_image, rng, config, ref_model)
+
+    def loss_fn(model, batch):
+        return grpo_loss(model, batch, clip_eps, kl_beta)
+
+    def evaluate(model, it):
+        model.eval()
+        scores = heldout_metrics(model, tok, eval_qs, codes["val"], n_image, tools)
+        model.train()
+        return {k if k.startswith(("acc_", "use_", "pattern_")) else f"heldout_{k}": v for k, v in scores.items()}
+
+    start_path = os.path.join(out_dir, "eval_start.json")
+    if run.master and start["iter"] == 0:  # the starting point of the curves (the loop evaluates after steps)
+        record = {"iter": 0, **evaluate(model, 0)}
+        print("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(start_path, "w") as f:
+            json.dump(record, f)
+    last = trainer.train(config, run, model, optimizer, start, get_batch, evaluate if run.master else None,
+                         refs=dict(refs, stage="rl" if tools == "all" else "rl_text", reference=reference),
+                         loss_fn=loss_fn, steps_per_batch=ppo_epochs)
+    if run.ddp:
+        torch.distributed.destroy_process_group()
+    if run.master:
+        records = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+        rewards = [r["reward"] for r in records if "reward" in r]
+        n = max(1, len(rewards) // 5)  # rewards of single iterations are noisy: average a fifth of the run
+        start_record = json.load(open(start_path))
+        final = {"reward_start": round(float(np.mean(rewards[:n])), 4), "reward_end": round(float(np.mean(rewards[-n:])), 4),
+                 "acc_start": round(start_record["heldout_vqa_acc"], 4), "acc_end": round(last["heldout_vqa_acc"], 4),
+                 "tool_rate_start": round(start_record["heldout_tool_rate"], 4), "tool_rate_end": round(last["heldout_tool_rate"], 4),
+                 "format_start": round(start_record["heldout_format_valid"], 4), "format_end": round(last["heldout_format_valid"], 4)}
+        final.update({k: round(v, 4) for k, v in last.items() if k.startswith("acc_")})
+        final["minutes"] = round((time.time() - t_start) / 60, 2)
+        print("final: " + json.dumps(final))
