@@ -13,6 +13,7 @@ Maps (depth decoded to metres, segmentation to instance ids, against the rendere
     each object's true mask (what a reasoning trace reads off a map);
   - segmentation object mIoU: IoU of each true object's mask with the pixels predicted as that id,
     averaged over (image, object); ids absent from the truth are not scored.
+Tool use (interleaved replies): format validity and which tool each category calls (`tool_use`).
 """
 import collections
 import re
@@ -22,6 +23,7 @@ import torch
 
 import data
 import sampler
+from tokenizer import MAX_TURNS
 
 THETAS = np.arange(0.50, 0.951, 0.05)
 UNITS = {"m": 1.0, "meter": 1.0, "meters": 1.0, "metre": 1.0, "metres": 1.0,
@@ -155,11 +157,16 @@ def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampl
 
 
 @torch.no_grad()
-def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_size=64, max_answer_tokens=24, **sampling):
+def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_size=64, max_answer_tokens=None,
+           tools=True, **sampling):
     """Reply to each question; returns the reply ids of each. Modes:
-    direct  RGB + question -> answer (Base, stage 1)
-    chain   the PE arm the paper's way: the model generates depth, then segmentation, then answers
-            with its own maps in context"""
+    direct       RGB + question -> answer (Base, stage 1)
+    chain        the PE arm the paper's way: the model generates depth, then segmentation, then answers
+                 with its own maps in context
+    interleaved  RGB + question -> the model's own reasoning, tool calls and maps (stage 2, RL); the
+                 budget is max_answer_tokens of text plus room for MAX_TURNS-1 maps. tools=False
+                 masks the tool calls (the text-only RE arm)
+    max_answer_tokens (of text) defaults to 24, or 256 in interleaved mode, where it covers the thinking."""
     replies = []
     for chunk in _chunks(questions, batch_size):
         images = [scene_codes(codes, q["scene"]) for q in chunk]
@@ -170,12 +177,16 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
                 drawn = generate_map_codes(model, tok, [c[:upto] for c in convs], images, n_image_tokens,
                                            batch_size=batch_size, **sampling)
                 images = [dict(im, **{tool: d}) for im, d in zip(images, drawn)]
-        elif mode == "direct":
+        elif mode in ("direct", "interleaved"):
             convs = [data.vqa_conversation(q, answer=False) for q in chunk]
         else:
             raise ValueError(f"unknown answer mode {mode!r}")
         prompts = [tok.render_prompt(c, im) for c, im in zip(convs, images)]
-        gen = sampler.generate(model, tok, prompts, max_answer_tokens, n_image_tokens, tools=False, **sampling)
+        budget, use_tools = max_answer_tokens or (256 if mode == "interleaved" else 24), False
+        if mode == "interleaved":  # each map: <|image|>, N codes, <|/image|>, the reflection prompt
+            budget += (MAX_TURNS - 1) * (n_image_tokens + 2 + len(tok.reflection_ids)) if tools else 0
+            use_tools = tools
+        gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, tools=use_tools, **sampling)
         replies += [gen.row(b) for b in range(len(chunk))]
     return replies
 
@@ -194,6 +205,29 @@ def vqa_accuracy(tok, questions, replies, chance=None):
     out["vqa_acc"] = float(np.mean([np.mean(v) for v in per.values()]))
     if chance:
         out["chance_acc"] = float(np.mean([np.mean(v) for v in base.values()]))
+    return out
+
+
+def tool_use(tok, questions, replies):
+    """What interleaved replies did with their tools: format_valid (the fraction that parse as a
+    well-formed reply, tokenizer.parse_reply, the RL format reward's parser), tool_pattern (the
+    fraction whose calls are exactly the question's flag: only depth, only segmentation, or no tool
+    for "none"; data.TOOL_FOR), and per category use_{depth,seg,none}_{category} (the fraction of
+    replies calling depth / segmentation at least once / no tool) and pattern_{category}."""
+    valid, follows = [], collections.defaultdict(list)
+    use = collections.defaultdict(lambda: collections.defaultdict(list))
+    for q, r in zip(questions, replies):
+        parts, error = tok.parse_reply(r)
+        called = {p["tool"] for p in parts if "tool" in p}
+        valid.append(error is None)
+        follows[q["category"]].append(called == {q["tool"]} - {"none"})
+        for t in ("depth", "seg"):
+            use[q["category"]][t].append(t in called)
+        use[q["category"]]["none"].append(not called)
+    out = {"format_valid": float(np.mean(valid)), "tool_pattern": float(np.mean([x for v in follows.values() for x in v]))}
+    for c in sorted(use):
+        out[f"pattern_{c}"] = float(np.mean(follows[c]))
+        out.update({f"use_{t}_{c}": float(np.mean(v)) for t, v in use[c].items()})
     return out
 
 
