@@ -1,0 +1,202 @@
+"""train_stage2.py and the trace builder: loss masks, parse-back, balance, map consistency, tool
+statistics, and a tiny trained model run through the sampler's tool loop."""
+import collections
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as ev
+import tokenizer
+import trainer
+import train_stage2 as s2
+from tokenizer import MAX_TURNS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 16  # image codes per map in these tests
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    data.build_dataset(d, 40, 4, 4, data.SceneConfig(image_size=32), seed=0)
+    tok = tokenizer.build_tokenizer(d, 300, codebook_size=32)
+    split = data.load_split(d, "train")
+    codes = np.random.default_rng(0).integers(0, 32, (len(split["scenes"]), 3, N))
+    return tok, codes, split
+
+
+def reply_of(tok, ids):
+    return ids[ids.index(tok.assistant) + 1:]
+
+
+def first(traces, kind):
+    return next(t for t in traces if t["kind"] == kind)
+
+
+@pytest.mark.parametrize("image_loss", [True, False])
+def test_trace_masks_forced_zero_generated_one(setup, image_loss):
+    tok, codes, split = setup
+    t = first(data.build_traces(split), "distance")
+    ids, mask = tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]), image_loss=image_loss)
+    a = ids.index(tok.assistant)
+    assert sum(mask[:a + 1]) == 0  # RGB, question, <|assistant|>: the user's
+    reply, m = ids[a + 1:], mask[a + 1:]
+    s = reply.index(tok.image_start)
+    assert reply[s - 1] == tok.tool_close["depth"] and reply[s + N + 1] == tok.image_end
+    r = len(tok.reflection_ids)
+    assert reply[s + N + 2:s + N + 2 + r] == tok.reflection_ids
+    want = [1] * len(reply)  # the model's own plan, tool call, reading, answer and <|eos|>
+    want[s] = want[s + N + 1] = 0  # <|image|> and <|/image|> are forced by the sampler
+    want[s + 1:s + N + 1] = [int(image_loss)] * N  # the map it draws: configurable
+    want[s + N + 2:s + N + 2 + r] = [0] * r  # the reflection prompt: forced
+    assert m == want
+    g = first(data.build_traces(split), "general")  # text only: the whole reply is the model's
+    ids, mask = tok.render_conversation(g["conversation"], ev.scene_codes(codes, g["scene"]))
+    assert mask[ids.index(tok.assistant) + 1:] == [1] * len(reply_of(tok, ids)) and tok.image_start not in reply_of(tok, ids)
+
+
+@pytest.mark.parametrize("tools", ["all", "none"])
+def test_every_trace_parses_back(setup, tools):
+    tok, codes, split = setup
+    traces = data.build_traces(split, tools)
+    assert len(traces) == len(split["questions"]) > 100
+    for t, q in zip(traces, split["questions"]):
+        ids, _ = tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]))
+        parts, error = tok.parse_reply(reply_of(tok, ids))
+        assert error is None, (error, t["conversation"])
+        want = t["conversation"][-1]["content"]
+        assert [next(iter(p)) for p in parts] == [next(iter(p)) for p in want]
+        for p, w in zip(parts, want):
+            if "image" in p:
+                assert (p["image"] == codes[t["scene"], data.MODALITIES.index(w["image"])]).all()
+            else:
+                assert p == w
+        assert tok.answer_of(parts) == q["answer"]
+
+
+def test_balance_statistics(setup):
+    tok, codes, split = setup
+    traces = data.build_traces(split)
+    assert all(t["tool"] == data.TOOL_FOR[t["kind"]] for t in traces)  # the flag decides the tool
+    assert all(t["tool"] == "none" for t in data.build_traces(split, "none"))
+    counts = collections.Counter(t["category"] for t in traces)
+    balanced = data.balance_traces(traces, seed=1)
+    stats = data.trace_stats(balanced)
+    assert set(stats["category"].values()) == {min(counts.values())} and len(stats["category"]) == len(data.CATEGORIES)
+    assert stats["traces"] == len(balanced) == len(data.CATEGORIES) * min(counts.values())
+    assert len({id(t) for t in balanced}) == len(balanced)  # no trace twice
+    front, left = stats["kind"]["relation_front"], stats["kind"]["relation_left"]
+    have = collections.Counter(t["kind"] for t in traces)
+    assert abs(front - left) <= 1 or min(front, left) == min(have["relation_front"], have["relation_left"])
+    tools = collections.Counter(data.TOOL_FOR[k] for k, n in stats["kind"].items() for _ in range(n))
+    assert stats["tool"] == dict(sorted(tools.items())) and stats["tool"]["none"] == stats["category"]["general"]
+    assert max(stats["turns"]) <= MAX_TURNS and stats["turns"][1] == stats["tool"]["none"]
+    assert data.trace_stats(data.balance_traces(traces, per_category=3))["category"] == {c: 3 for c in data.CATEGORIES}
+
+
+def test_readings_quote_the_true_maps(setup):
+    tok, codes, split = setup
+    names = [{data.name(o): o["id"] for o in s["objects"]} for s in split["scenes"]]
+    checked = collections.Counter()
+    agree = collections.defaultdict(list)
+    for t, q in zip(data.build_traces(split), split["questions"]):
+        reading = t["conversation"][-1]["content"][-2]["think"]
+        depth, seg = split["depth"][t["scene"]], split["seg"][t["scene"]]
+        if t["tool"] == "depth":
+            quoted = {n: float(v) for n, v in re.findall(r"the (\w+ \w+) is at (\d+\.\d) m", reading)}
+            for n, v in quoted.items():  # the median true depth inside the object's true mask
+                assert v == pytest.approx(np.median(depth[seg == names[t["scene"]][n]]), abs=0.051)
+                checked["depth"] += 1
+            if q["kind"] in ("depth_order", "relation_front"):
+                a, b = [data.name(o) for i in q["objects"] for o in split["scenes"][t["scene"]]["objects"] if o["id"] == i]
+                nearer = a if quoted[a] < quoted[b] else b
+                if q["kind"] == "depth_order":
+                    agree["order"].append((nearer == q["answer"]) == ("closer" in q["question"]))
+                else:
+                    agree["front"].append((nearer == a) == (q["answer"] == "yes"))
+        elif q["kind"] == "counting":
+            n_seg, n = map(int, re.search(r"shows (\d+) segments; .* among them: (\d+)", reading).groups())
+            assert n_seg == len([k for k in np.unique(seg) if k >= 2]) and n == int(q["answer"])
+            checked["count"] += 1
+        elif q["kind"] == "relation_left":
+            cols = [int(c) for c in re.findall(r"segment at column (\d+)", reading)]
+            agree["left"].append((cols[0] < cols[1]) == (q["answer"] == "yes"))
+    assert checked["depth"] > 100 and checked["count"] > 10
+    for k, v in agree.items():  # map readings support the true answer (occlusion can shift a mask)
+        assert len(v) >= 5 and np.mean(v) >= 0.85, (k, np.mean(v))
+    for t in data.build_traces(split, "none"):  # the RE arm never quotes a map
+        text = t["conversation"][-1]["content"][0]["think"]
+        assert "map" not in text and not re.search(r"\d m\b", text)
+
+
+def test_tool_use_statistics_by_hand(setup):
+    tok, codes, split = setup
+    traces = data.build_traces(split)
+    qs = split["questions"]
+    reply = {}
+    for t, q in zip(traces, qs):
+        reply.setdefault(q["kind"], (q, reply_of(tok, tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]))[0])))
+    (qd, rd), (qc, rc), (qg, rg) = reply["distance"], reply["counting"], reply["general"]
+    questions = [qd, qc, qg, qg, qd]
+    replies = [rd, rc, rg, rc, rd[:-1]]  # right; right; right; segmentation for colour; no <|eos|>
+    s = ev.tool_use(tok, questions, replies)
+    assert s["format_valid"] == pytest.approx(4 / 5)
+    assert s["tool_pattern"] == pytest.approx(4 / 5)  # the cut-off reply still called the right tool
+    assert s["use_seg_general"] == 0.5 and s["use_none_general"] == 0.5 and s["pattern_general"] == 0.5
+    assert s["use_depth_distance"] == 1.0 and s["use_none_distance"] == 0.0 and s["pattern_counting"] == 1.0
+
+
+def test_tiny_model_follows_the_tool_loop(setup, tmp_path):
+    """A tiny model fit to a few traces, answering through ev.answer (the sampler's tool loop):
+    every greedy reply is well formed and calls the tool its question's flag names."""
+    tok, codes, split = setup
+    balanced = data.balance_traces(data.build_traces(split), per_category=1)
+    qs = [split["questions"][i] for t in balanced for i, q in enumerate(split["questions"])
+          if q["scene"] == t["scene"] and q["kind"] == t["kind"]][:len(balanced)]
+    assert sorted(q["kind"] for q in qs) == sorted(t["kind"] for t in balanced)
+    cfg = dict(trainer.LOOP_DEFAULTS, out_dir=str(tmp_path), n_layer=2, n_head=2, n_embd=64, block_size=512,
+               batch_size=8, max_iters=120, warmup_iters=10, learning_rate=3e-3, min_lr=3e-4, log_interval=1000,
+               eval_interval=1000, eval_iters=1, attn_impl="sdpa", peak_tflops=1.0)
+    torch.manual_seed(0)
+    run = trainer.setup_run("cpu")
+    model, opt, start = trainer.init_model(cfg, run, tok.vocab_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from two, and loses a lot on a busy machine
+    try:
+        last = trainer.train(cfg, run, model, opt, start,
+                             lambda split_, rng: s2.stage2_batch(tok, codes, balanced, rng, 8, 512))
+        model.eval()
+        replies = ev.answer(model, tok, qs, codes, N, mode="interleaved", temperature=0.0)
+        no_tools = ev.answer(model, tok, qs, codes, N, mode="interleaved", tools=False, temperature=0.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert last["loss"] < 0.5
+    stats = ev.tool_use(tok, qs, replies)
+    assert stats["format_valid"] == 1.0 and stats["tool_pattern"] == 1.0, [tok.decode(r) for r in replies]
+    for q, r in zip(qs, replies):  # a tool's map is exactly N codes, then the forced reflection prompt
+        parts, _ = tok.parse_reply(r)
+        for k, p in enumerate(parts):
+            if "image" in p:
+                assert len(p["image"]) == N and parts[k + 1] == {"forced": tokenizer.REFLECTION_PROMPT}
+    assert not any(t in r for r in no_tools for t in tok.tool_open.values())  # the RE arm's loop masks calls
+
+
+def test_arm_defaults():
+    assert s2.arm_paths("none", "out/stage1/ckpt.pt", "out/stage2") == ("out/base/ckpt.pt", "out/stage2_text")
+    assert s2.arm_paths("none", "my/ckpt.pt", "out/x") == ("my/ckpt.pt", "out/x")
+    assert s2.arm_paths("all", "out/stage1/ckpt.pt", "out/stage2") == ("out/stage1/ckpt.pt", "out/stage2")
+
+
+@pytest.mark.parametrize("arg,msg", [("--tools=some", "tools must be one of all, none"),
+                                     ("--image_loss=1", "expected bool, got int")])
+def test_bad_config_fails_before_any_work(tmp_path, arg, msg):
+    r = subprocess.run([sys.executable, "train_stage2.py", f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/o",
+                        f"--init_from={tmp_path}/i/ckpt.pt", arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and msg in r.stderr
+    assert not any(os.path.exists(tmp_path / p) for p in ("d", "o", "i"))

@@ -1,0 +1,175 @@
+"""
+Stage 2a (COOPER §3.2): adaptive interleaved reasoning, taught by supervised fine-tuning.
+
+After stage 1 the model answers directly and draws depth or segmentation maps on request. Here it
+learns *when* a map helps and what to do with it. Each training example is a trace built from the
+scene graph (data.build_traces): the model plans in <think>, calls the tool the question needs
+(depth for distance, size, depth order; segmentation for counting and left/right; none for colour
+and shape), draws the map into its own context, reads values off it in a second <think> and
+answers:
+
+    RGB, question -> <think>plan</think><depth-estimation>…</depth-estimation><|image|> map <|/image|>
+                     REFLECTION_PROMPT <think>the red cube is at 4.2 m; …</think><answer>…</answer>
+
+The set is balanced over categories (data.balance_traces says how tool / no tool comes out). Loss
+falls on the assistant's own text and, with image_loss=True, on the codes of the maps it draws;
+the tokens the sampler forces (<|image|> after a tool call, <|/image|>, the reflection prompt)
+carry none. Training is the one loop in trainer.py; batches are stage 1's make_batch.
+
+Two arms of DESIGN §6:
+  tools=all    COOPER: starts from stage 1 (out/stage1/ckpt.pt), writes out/stage2
+  tools=none   RE: text-only chain of thought on the same questions, quoting only what the RGB
+               image shows; starts from the Base arm (out/base/ckpt.pt), writes out/stage2_text
+With --tools=none, init_from and out_dir follow the arm unless they are set. A missing init
+checkpoint is first built with stage 1's tiny preset (subprocess), which says so.
+
+At the end the model answers balanced val questions greedily through the real sampler (tool loop
+on for COOPER, off for RE): format validity (tokenizer.parse_reply, the RL format reward's
+parser), tool use per category, and accuracy per category beside the init model's direct answers.
+
+    python train_stage2.py                    # COOPER arm, tiny preset defaults
+    python train_stage2.py --tools=none       # RE arm
+    python train_stage2.py config/tiny_cpu.py --image_loss=False
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import eval as ev
+import trainer
+import train_stage1 as s1
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+globals().update(trainer.LOOP_DEFAULTS)  # the shared loop's keys: out_dir, max_iters, learning_rate, …
+out_dir = "out/stage2"
+init_from = "out/stage1/ckpt.pt"  # fine-tuning starts from a previous stage's weights
+data_dir = "data/tiny"
+vq_ckpt = "out/vqgan/ckpt.pt"
+tools = "all"  # all: the COOPER arm (interleaved tool calls); none: the RE arm (text-only reasoning)
+image_loss = True  # supervise the codes of the maps the assistant draws (text is always supervised)
+eval_questions = 280  # val questions (balanced over categories) answered greedily at each evaluation
+max_iters = 300
+eval_interval = 300
+learning_rate = 5e-4  # fine-tuning: below stage 1's
+min_lr = 5e-5
+warmup_iters = 20
+# -----------------------------------------------------------------------------
+# arm -> (init checkpoint, out_dir, stage-1 flags that build the init): the defaults of each arm
+ARMS = {"all": ("out/stage1/ckpt.pt", "out/stage2", []),
+        "none": ("out/base/ckpt.pt", "out/stage2_text", ["--aux=False"])}
+
+
+def arm_paths(tools, init_from, out_dir):
+    """(init_from, out_dir) for the arm: values left at the COOPER arm's defaults follow `tools`."""
+    if tools not in ARMS:
+        raise SystemExit(f"config error: tools must be one of {', '.join(ARMS)}, got {tools!r}")
+    default_init, default_out, _ = ARMS["all"]
+    arm_init, arm_out, _ = ARMS[tools]
+    return (arm_init if init_from == default_init else init_from), (arm_out if out_dir == default_out else out_dir)
+
+
+def ensure_init(path, tools, data_dir, vq_ckpt):
+    """Build a missing init checkpoint with stage 1's tiny preset (the Base arm for tools=none)."""
+    if os.path.exists(path) or path in ("scratch", "resume"):
+        return
+    if int(os.environ.get("RANK", -1)) != -1:
+        raise SystemExit(f"init checkpoint {path} is missing: build it before launching with torchrun")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "train_stage1.py"), os.path.join(here, "config", "tiny_cpu.py"),
+           f"--data_dir={data_dir}", f"--vq_ckpt={vq_ckpt}", f"--out_dir={os.path.dirname(path) or '.'}"] + ARMS[tools][2]
+    print(f"no init checkpoint at {path}: building it with stage 1's tiny preset:\n  {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+    if not os.path.exists(path):
+        raise SystemExit(f"stage 1 finished but wrote no {path}")
+
+
+def load_traces(data_dir, split, tools, seed=0):
+    """The balanced trace set of a split (data.build_traces, data.balance_traces) and its statistics."""
+    traces = data.balance_traces(data.build_traces(data.load_split(data_dir, split), tools), seed)
+    return traces, data.trace_stats(traces)
+
+
+def stage2_batch(tok, codes, traces, rng, batch_size, block_size, image_loss=True):
+    """A batch of traces, rendered with their scene's codes (the true maps stand in for the ones
+    the model will draw)."""
+    rows = [tok.render_conversation(traces[i]["conversation"], ev.scene_codes(codes, traces[i]["scene"]), image_loss=image_loss)
+            for i in rng.integers(len(traces), size=batch_size)]
+    return s1.make_batch(tok, rows, block_size)
+
+
+def print_table(scores, init_scores, categories, init_name):
+    print(f"{'category':<18}{init_name + ' direct':>14}{'stage 2':>9}{'depth':>7}{'seg':>6}{'none':>6}{'pattern':>9}")
+    for c in categories:
+        use = [scores.get(f"use_{t}_{c}", float("nan")) for t in ("depth", "seg", "none")]
+        print(f"{c:<18}{init_scores[f'acc_{c}']:>14.3f}{scores[f'acc_{c}']:>9.3f}"
+              + "".join(f"{u:>{w}.2f}" for u, w in zip(use, (7, 6, 6))) + f"{scores.get(f'pattern_{c}', float('nan')):>9.2f}")
+    print(f"{'mean':<18}{init_scores['vqa_acc']:>14.3f}{scores['vqa_acc']:>9.3f}")
+
+
+if __name__ == "__main__":
+    config = configure(globals(), section="stage2")  # config/*.py and --key=value; bad keys stop here
+    t_start = time.time()
+    init_from, out_dir = arm_paths(tools, init_from, out_dir)
+    config.update(init_from=init_from, out_dir=out_dir)
+    print(f"stage 2, {'COOPER' if tools == 'all' else 'RE'} arm (tools={tools}): {init_from} -> {out_dir}")
+    ensure_init(init_from, tools, data_dir, vq_ckpt)
+    run = trainer.setup_run(device)
+    torch.manual_seed(seed)
+    tok, vq, codes, questions, refs = s1.load_stage_data(data_dir, vq_ckpt)
+    n_image = codes["train"].shape[-1]
+    traces = {}
+    for split in ("train", "val"):
+        traces[split], stats = load_traces(data_dir, split, tools, seed)
+        if run.master:
+            print(f"{split} traces: " + json.dumps(stats))
+    model, optimizer, start = trainer.init_model(config, run, tok.vocab_size)
+    block = model.config.block_size  # the checkpoint's, not this script's default
+    if run.master:
+        lengths = [len(tok.render_conversation(t["conversation"], ev.scene_codes(codes["train"], t["scene"]))[0])
+                   for t in traces["train"][:2000]]
+        print(f"trace length: mean {np.mean(lengths):.0f}, max {max(lengths)} tokens (block_size {block})")
+
+    def get_batch(split, rng):
+        return stage2_batch(tok, codes[split], traces[split], rng, batch_size, block, image_loss)
+
+    eval_qs = ev.balanced_sample(questions["val"], eval_questions)
+    categories = sorted({q["category"] for q in eval_qs})
+    init_scores = {}
+    if run.master:  # the init model's direct answers on the same questions: what stage 2 must beat
+        model.eval()
+        init_scores = ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, temperature=0.0))
+        model.train()
+        print(f"init ({init_from}) direct answers: acc {init_scores['vqa_acc']:.3f}")
+
+    def evaluate(model, it):
+        model.eval()
+        replies = ev.answer(model, tok, eval_qs, codes["val"], n_image, mode="interleaved", tools=tools == "all",
+                            temperature=0.0)
+        scores = {**ev.vqa_accuracy(tok, eval_qs, replies), **ev.tool_use(tok, eval_qs, replies)}
+        with open(os.path.join(out_dir, f"replies_{it:05d}.txt"), "w") as f:  # to read what it does
+            for q, r in list(zip(eval_qs, replies))[::len(eval_qs) // 28 or 1]:
+                f.write(f"[{q['category']}] {q['question']} (answer {q['answer']})\n  {tok.decode(r)}\n")
+        model.train()
+        return scores
+
+    last = trainer.train(config, run, model, optimizer, start, get_batch, evaluate if run.master else None,
+                         refs=dict(refs, stage="stage2" if tools == "all" else "stage2_text"))
+    if run.ddp:
+        torch.distributed.destroy_process_group()
+    if run.master:
+        print_table(last, init_scores, categories, "base" if tools == "none" else "stage 1")
+        final = {k: round(last[k], 4) for k in ("format_valid", "tool_pattern", "val_loss")}
+        final["acc"] = round(last["vqa_acc"], 4)
+        final["init_acc"] = round(init_scores["vqa_acc"], 4)
+        final.update({f"acc_{c}": round(last[f"acc_{c}"], 4) for c in categories})
+        final.update({f"init_acc_{c}": round(init_scores[f"acc_{c}"], 4) for c in categories})
+        final.update(tools=tools, traces=len(traces["train"]), tokens=last["tokens"],
+                     minutes=round((time.time() - t_start) / 60, 2))
+        print("final: " + json.dumps(final))
