@@ -112,7 +112,7 @@ if __name__ == "__main__":
     val = data.load_split(data_dir, "val")
     chance = ev.chance_scorer(questions["train"])
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
-    grid_ids = list(range(6))
+    grid_ids = list(range(min(6, eval_scenes)))
 
     def evaluate(model, it):
         model.eval()
@@ -120,7 +120,7 @@ if __name__ == "__main__":
         if aux:
             maps_metrics, maps = ev.map_quality(model, tok, vq, val, codes["val"], range(eval_scenes), n_image, temperature=0.0)
             scores.update(maps_metrics)
-            ev.map_grid(os.path.join(out_dir, f"maps_{it:05d}.png"), val, {k: v[:6] for k, v in maps.items()},
+            ev.map_grid(os.path.join(out_dir, f"maps_{it:05d}.png"), val, {k: v[:len(grid_ids)] for k, v in maps.items()},
                         grid_ids, vq.depth_encoding)
         model.train()
         return scores

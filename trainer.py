@@ -292,6 +292,7 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
             _append(metrics_path, last)
             t_last, tokens, flops = now, 0, 0.0
         if done % cfg["eval_interval"] == 0 or done == cfg["max_iters"]:
+            t_eval = time.time()
             record = {"iter": done, **({"val_loss": val_loss()} if cfg["eval_iters"] > 0 else {})}
             if run.master:
                 if evaluate is not None:
@@ -308,6 +309,7 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
             last = {**last, **record, "tokens": tokens_seen}
             if run.ddp:
                 dist.barrier()  # no rank runs ahead of the checkpoint
+            t_last += time.time() - t_eval  # ms/iter and tok/s measure training, not evaluation
     return last
 
 
