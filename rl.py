@@ -75,8 +75,10 @@ clip_eps = 0.2
 kl_beta = 0.0  # > 0: k3 KL to the frozen initial model
 adv_eps = 1e-4
 rl_image_tokens = False  # also train the map codes the policy sampled
-# held-out evaluation: greedy replies to a fixed balanced sample of val questions
+# held-out evaluation: greedy replies to a fixed balanced sample of val questions, and the mean
+# reward of group_size sampled replies to each of a fixed few of them (same seed every time)
 eval_questions = 70
+eval_reward_questions = 7
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 5
@@ -176,39 +178,46 @@ def rollout_tensors(tok, prompts, gen, train_images):
 
 
 @torch.no_grad()
-def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_model=None):
-    """One micro-batch for the GRPO loss: cfg["prompts_per_batch"] questions drawn with rng, each
-    answered cfg["group_size"] times by the current policy, scored and turned into tensors.
-    Returns (idx, targets, loss_mask, extra) with extra = {advantages (B,), old_logprobs (B, T),
-    [ref_logprobs (B, T)], stats {name: float}}."""
+def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed):
+    """group_size replies to each question of `picked` by the current policy, scored.
+    Returns (questions, prompts, Generation, rewards (cpr_rewards), stats {name: float}), one row a reply."""
     G = cfg["group_size"]
-    picked = [questions[i] for i in rng.integers(len(questions), size=cfg["prompts_per_batch"])]
     qs = [q for q in picked for _ in range(G)]
     prompts = [tok.render_prompt(data.vqa_conversation(q, answer=False), ev.scene_codes(codes, q["scene"])) for q in qs]
     was_training = model.training
     model.eval()
     gen = sampler.generate(model, tok, prompts, cfg["max_new_tokens"], n_image_tokens, temperature=cfg["temperature"],
-                           seed=int(rng.integers(2 ** 62)), tools=cfg["tools"] == "all")
+                           seed=seed, tools=cfg["tools"] == "all")
     model.train(was_training)
-    replies = [gen.row(b) for b in range(len(qs))]
-    r = cpr_rewards(tok, qs, replies, G, (cfg["accuracy_weight"], cfg["format_weight"], cfg["explore_weight"]),
-                    cfg["explore_k"], cfg["explore_bonus"])
-    idx, targets, mask, old = rollout_tensors(tok, prompts, gen, cfg["rl_image_tokens"])
-    extra = {"advantages": group_advantages(r["reward"], G, cfg["adv_eps"]), "old_logprobs": old}
-    if ref_model is not None:
-        extra["ref_logprobs"] = ref_model.token_logprobs(idx, targets) * mask
+    r = cpr_rewards(tok, qs, [gen.row(b) for b in range(len(qs))], G,
+                    (cfg["accuracy_weight"], cfg["format_weight"], cfg["explore_weight"]), cfg["explore_k"], cfg["explore_bonus"])
     positive = torch.tensor([tool_positive(q) for q in qs])
-    flat = r["reward"].view(-1, G)
-    extra["stats"] = {
+    stats = {
         "reward": r["reward"].mean().item(), "r_accuracy": r["accuracy"].mean().item(),
         "r_format": r["format"].mean().item(), "r_explore": r["explore"].mean().item(),
         "tool_rate": r["tool"].mean().item(),
-        # tool use where the flag says it helps, and where it says it does not (nan-free: 0 if none)
+        # tool use where the flag says it helps, and where it says it does not (0 if there are none)
         "tool_rate_pos": r["tool"][positive].mean().item() if positive.any() else 0.0,
         "tool_rate_neg": r["tool"][~positive].mean().item() if (~positive).any() else 0.0,
         "length": gen.lengths.float().mean().item(),
-        "flat_groups": (flat.std(dim=1) <= 1e-6).float().mean().item(),  # groups with no learning signal
+        "flat_groups": (r["reward"].view(-1, G).std(dim=1) <= 1e-6).float().mean().item(),  # groups with no signal
     }
+    return qs, prompts, gen, r, stats
+
+
+@torch.no_grad()
+def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_model=None):
+    """One micro-batch for the GRPO loss: cfg["prompts_per_batch"] questions drawn with rng, each
+    answered cfg["group_size"] times by the current policy, scored and turned into tensors.
+    Returns (idx, targets, loss_mask, extra) with extra = {advantages (B,), old_logprobs (B, T),
+    [ref_logprobs (B, T)], stats {name: float}}."""
+    picked = [questions[i] for i in rng.integers(len(questions), size=cfg["prompts_per_batch"])]
+    qs, prompts, gen, r, stats = rollouts(model, tok, picked, codes, n_image_tokens, cfg, int(rng.integers(2 ** 62)))
+    idx, targets, mask, old = rollout_tensors(tok, prompts, gen, cfg["rl_image_tokens"])
+    extra = {"advantages": group_advantages(r["reward"], cfg["group_size"], cfg["adv_eps"]), "old_logprobs": old,
+             "stats": stats}
+    if ref_model is not None:
+        extra["ref_logprobs"] = ref_model.token_logprobs(idx, targets) * mask
     return idx, targets, mask, extra
 
 
@@ -247,7 +256,8 @@ def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
     evaluation, so the numbers compare): accuracy per category and their mean (vqa_acc), format
     validity and tool use (eval.tool_use), and the tool-use rate on positive and negative questions."""
     replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", temperature=0.0)
-    out = {**ev.vqa_accuracy(tok, questions, replies), **ev.tool_use(tok, questions, replies)}
+    use = ev.tool_use(tok, questions, replies)  # (its per-category breakdown is eval.py's report)
+    out = {**ev.vqa_accuracy(tok, questions, replies), "format_valid": use["format_valid"], "tool_pattern": use["tool_pattern"]}
     used = np.array([used_tool(tok, r) for r in replies], dtype=float)
     pos = np.array([tool_positive(q) for q in questions])
     out["tool_rate"] = float(used.mean())
@@ -281,7 +291,8 @@ if __name__ == "__main__":
     config["init_from"] = init_from = init_from or SFT_CHECKPOINTS[tools]
     config["batch_size"] = prompts_per_batch * group_size  # rollouts per micro-batch (what the loop logs)
     t_start = time.time()
-    print(f"RL, {'COOPER' if tools == 'all' else 'RE'} arm (tools={tools}): {init_from} -> {out_dir}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"RL, {'COOPER' if tools == 'all' else 'RE'} arm (tools={tools}): {init_from} -> {out_dir}")
     if init_from not in ("scratch", "resume"):
         ensure_sft_checkpoint(init_from, tools, data_dir, vq_ckpt)
     run = trainer.setup_run(device)
@@ -295,6 +306,7 @@ if __name__ == "__main__":
         if init_from == "resume" else init_from
     ref_model = trainer.load_model(reference, run.device)[0] if kl_beta > 0 else None
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
+    reward_qs = ev.balanced_sample(questions["val"], eval_reward_questions, seed=1)
 
     def get_batch(split, rng):
         return rollout_batch(model, tok, questions[split], codes[split], n_image, rng, config, ref_model)
@@ -305,8 +317,10 @@ if __name__ == "__main__":
     def evaluate(model, it):
         model.eval()
         scores = heldout_metrics(model, tok, eval_qs, codes["val"], n_image, tools)
+        if reward_qs:
+            scores["reward"] = rollouts(model, tok, reward_qs, codes["val"], n_image, config, seed)[4]["reward"]
         model.train()
-        return {k if k.startswith(("acc_", "use_", "pattern_")) else f"heldout_{k}": v for k, v in scores.items()}
+        return {k if k.startswith("acc_") else f"heldout_{k}": v for k, v in scores.items()}
 
     start_path = os.path.join(out_dir, "eval_start.json")
     if run.master and start["iter"] == 0:  # the starting point of the curves (the loop evaluates after steps)
@@ -324,11 +338,13 @@ if __name__ == "__main__":
         records = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
         rewards = [r["reward"] for r in records if "reward" in r]
         n = max(1, len(rewards) // 5)  # rewards of single iterations are noisy: average a fifth of the run
-        start_record = json.load(open(start_path))
+        start_record = json.load(open(start_path)) if os.path.exists(start_path) else {}  # written at iteration 0
         final = {"reward_start": round(float(np.mean(rewards[:n])), 4), "reward_end": round(float(np.mean(rewards[-n:])), 4),
-                 "acc_start": round(start_record["heldout_vqa_acc"], 4), "acc_end": round(last["heldout_vqa_acc"], 4),
-                 "tool_rate_start": round(start_record["heldout_tool_rate"], 4), "tool_rate_end": round(last["heldout_tool_rate"], 4),
-                 "format_start": round(start_record["heldout_format_valid"], 4), "format_end": round(last["heldout_format_valid"], 4)}
+                 "heldout_reward_start": start_record.get("heldout_reward"), "heldout_reward_end": last.get("heldout_reward"),
+                 "acc_start": start_record.get("heldout_vqa_acc"), "acc_end": last["heldout_vqa_acc"],
+                 "tool_rate_start": start_record.get("heldout_tool_rate"), "tool_rate_end": last["heldout_tool_rate"],
+                 "format_start": start_record.get("heldout_format_valid"), "format_end": last["heldout_format_valid"]}
+        final = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}
         final.update({k: round(v, 4) for k, v in last.items() if k.startswith("acc_")})
         final["minutes"] = round((time.time() - t_start) / 60, 2)
         print("final: " + json.dumps(final))
