@@ -27,7 +27,198 @@ def bench_data():
     return {"scenes_per_s": round(n / dt, 1), "data_resolution": data.SceneConfig().image_size}
 
 
-SECTIONS = {"data": bench_data}
+def bench_kernels():
+    """TFLOP/s of kernels.flash_attention against SDPA's flash backend, bf16, forward and
+    forward+backward (backward counted as 2.5x forward, as the Triton tutorial does), causal and
+    not, T = 512..8192 at 16k tokens per batch and H*D = 2048. The roofline these should be read
+    against is in kernels.py's docstring. Needs CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        print("kernels: needs CUDA (Triton kernels on a GPU); skipped")
+        return {"kernels_cuda": False}
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+    import kernels
+
+    def sdpa(q, k, v, causal):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    impls = {"": kernels.flash_attention, "sdpa_": sdpa}
+    figures = {"kernels_cuda": True, "kernels_device": torch.cuda.get_device_name()}
+    print("TFLOP/s, bf16, ours vs SDPA flash")
+    print(f"{'T':>5} {'D':>4} {'causal':>6}  {'fwd':>7} {'sdpa':>7}  {'fwd+bwd':>7} {'sdpa':>7}")
+    for D in (64, 128):
+        for causal in (True, False):
+            for T in (512, 1024, 2048, 4096, 8192):
+                B, H = 16384 // T, 2048 // D
+                q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+                               for _ in range(4))
+                q, k, v = (x.requires_grad_() for x in (q, k, v))
+                flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+                tag = f"T{T}_D{D}_{'causal' if causal else 'noncausal'}"
+                row = []
+                for mode, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
+                    for prefix, attn in impls.items():
+                        if mode == "fwd":
+                            step = lambda: attn(q, k, v, causal)
+                        else:
+                            step = lambda: torch.autograd.grad(attn(q, k, v, causal), (q, k, v), do)
+                        tflops = mult * flops / (do_bench(step) * 1e-3) / 1e12
+                        figures[f"kernels_{prefix}{mode}_tflops_{tag}"] = round(tflops, 1)
+                        row.append(tflops)
+                print(f"{T:>5} {D:>4} {str(causal):>6}  {row[0]:>7.1f} {row[1]:>7.1f}  "
+                      f"{row[2]:>7.1f} {row[3]:>7.1f}")
+    return figures
+
+
+def bench_vqgan():
+    """Images per second through the tiny preset's tokenizer, encode (image -> codes) and decode
+    (codes -> image) separately, batch 64, at the threads bench.py runs with (one core by default).
+    Speed does not depend on the weights, so a fresh model is timed."""
+    import numpy as np
+    import torch
+    import vqgan
+    model = vqgan.VQModel(vqgan.VQConfig()).eval()
+    images = np.random.default_rng(0).integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
+    codes = model.encode(images)
+    figures = {}
+    for name, fn in (("encode", lambda: model.encode(images)), ("decode", lambda: model.decode(codes))):
+        fn()  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 3.0:
+            fn()
+            n += len(images)
+        figures[f"vqgan_{name}_img_per_s"] = round(n / (time.perf_counter() - t0), 1)
+    figures["vqgan_codes_per_image"] = int(codes[0].numel())
+    return figures
+
+
+def _median_times(fns, rounds):
+    """Median wall time of each fn, timed in alternation (a, b, a, b, ...) so that a change in
+    the other core's load on a shared machine hits both sides of a ratio alike."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
+def _bench_gpt_config():
+    """The model these sections time: tiny-preset sized, defined here so the numbers do not move
+    when a preset is retuned. 4 layers, 256 wide, 4 heads of 64, block 600 (one 64-code image of
+    a 64x64 scene at f=8, a generated map, and text), vocab 1024 text + 15 special + 512 codes."""
+    from model import GPTConfig
+    return GPTConfig(block_size=600, vocab_size=1024 + 15 + 512, n_layer=4, n_head=4, n_embd=256)
+
+
+def bench_model():
+    """Training speed, fp32 on CPU: full steps (forward, backward, AdamW) on a batch of 8 x 600
+    tokens; achieved FLOP/s (model.flops_per_token, attention included) divided by the FLOP/s of
+    a torch.mm of the model's own MLP shape, (8*600, 256) @ (256, 1024), timed in the same process
+    at the same thread count. Token content does not change speed, so random ids stand in."""
+    import torch
+    from model import GPT
+    torch.manual_seed(0)
+    config = _bench_gpt_config()
+    B, T, C = 8, config.block_size, config.n_embd
+    model = GPT(config).train()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, config.vocab_size, (B, T + 1))
+
+    def step():
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    a, w = torch.randn(B * T, C), torch.randn(C, 4 * C)
+    # warm-up; then repeat the matmul for about as long as a step takes, so that both sides of the
+    # ratio share the machine's load alike (a short matmul can slip between a neighbour's slices)
+    dt_step, dt_mm = _median_times([step, lambda: a @ w], 2)
+    reps = max(1, round(dt_step / dt_mm))
+    dt, dt_mm = _median_times([step, lambda: [a @ w for _ in range(reps)]], 7)
+    train_flops, mm_flops = model.flops_per_token(T) * B * T / dt, reps * 2 * B * T * C * 4 * C / dt_mm
+    return {"train_tok_per_s": round(B * T / dt), "train_gflop_per_s": round(train_flops / 1e9, 1),
+            "matmul_gflop_per_s": round(mm_flops / 1e9, 1),
+            "train_matmul_frac": round(train_flops / mm_flops, 3),
+            "model_params": model.get_num_params(), "model_threads": torch.get_num_threads()}
+
+
+def bench_sampler():
+    """Generation speed with sampler.generate, greedy, fp32 on CPU, on the model of bench_model:
+    (1) one 500-token prompt continued by 100 tokens (to 600), with the KV cache vs recomputing
+    the full sequence every step (a plain argmax loop, no grammar: the most favourable case for
+    recompute); (2) 8 prompts of 80..150 tokens, 128 new tokens each, in one batch vs one at a
+    time. Prompts are an image span plus random text; the model is untrained, so its replies
+    wander through the grammar (images, tool calls) as a real rollout can. What bounds batching on
+    a CPU: a decode step is memory-bound; batching shares the weight reads (14 MB) across rows,
+    but every row still reads its own fp32 KV cache (~1.6 MB per row at 200 tokens) each step."""
+    import itertools
+    import torch
+    import tokenizer
+    from model import GPT
+    from sampler import generate
+    torch.manual_seed(0)
+    config = _bench_gpt_config()
+    # a stand-in for the trained tokenizer with the preset's 1024 text ids: bytes + letter pairs
+    ranks = {bytes([i]): i for i in range(256)}
+    for a, b in itertools.product(range(97, 123), range(97, 127)):
+        if len(ranks) < 1024:
+            ranks[bytes([a, b])] = len(ranks)
+    tok = tokenizer.Tokenizer(ranks, codebook_size=512)
+    assert tok.vocab_size == config.vocab_size
+    model = GPT(config).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def prompt(n):
+        image = (tok.image_offset + torch.randint(0, 512, (64,), generator=g)).tolist()
+        text = torch.randint(0, tok.n_text, (n - 69,), generator=g).tolist()
+        return [tok.bos, tok.user, tok.image_start] + image + [tok.image_end] + text + [tok.assistant]
+
+    kw = dict(n_image_tokens=64, temperature=0)
+    long_prompt = prompt(500)
+    out = None
+
+    def cached():
+        nonlocal out
+        out = generate(model, tok, [long_prompt], 100, **kw)
+
+    cached()
+    n_new = int(out.lengths[0])
+
+    @torch.no_grad()
+    def recompute():
+        idx = torch.tensor([long_prompt])
+        for _ in range(n_new):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+
+    dt_recompute, dt_cache = _median_times([recompute, cached], 1)
+    prompts = [prompt(n) for n in range(80, 151, 10)]
+    batch_out = None
+
+    def batched():
+        nonlocal batch_out
+        batch_out = generate(model, tok, prompts, 128, **kw)
+
+    dt_batched, dt_sequential = _median_times(
+        [batched, lambda: [generate(model, tok, [p], 128, **kw) for p in prompts]], 3)
+    n_batch = int(batch_out.lengths.sum())
+    return {"sample_kv_tok_per_s": round(n_new / dt_cache, 1),
+            "sample_recompute_tok_per_s": round(n_new / dt_recompute, 1),
+            "kv_cache_speedup": round(dt_recompute / dt_cache, 1),
+            "sample_batched_tok_per_s": round(n_batch / dt_batched, 1),
+            "sample_sequential_tok_per_s": round(n_batch / dt_sequential, 1),
+            "batched_speedup": round(dt_sequential / dt_batched, 2),
+            "sampler_threads": torch.get_num_threads()}
+
+
+SECTIONS = {"data": bench_data, "vqgan": bench_vqgan, "kernels": bench_kernels,
+            "model": bench_model, "sampler": bench_sampler}
 
 
 def main(argv):
