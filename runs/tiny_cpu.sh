@@ -34,4 +34,5 @@ step stage2 python train_stage2.py $PRESET                         # COOPER arm:
 step stage2_text python train_stage2.py $PRESET --tools=none       # RE arm: text-only CoT SFT
 step rl python rl.py $PRESET                                       # COOPER: GRPO with the CPR reward
 step rl_text python rl.py $PRESET --tools=none                     # RE: text-only GRPO
+step eval python eval.py $PRESET                                   # Table 1 analog -> report/report.md
 echo "pipeline done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s"

@@ -70,3 +70,36 @@ def test_seg_miou_by_hand_with_absent_classes():
     # object 2: inter 1, union 2 -> .5; object 3: inter 2, union 3 -> 2/3
     assert ev.seg_miou(pred, true) == pytest.approx((0.5 + 2 / 3) / 2)
     assert math.isnan(ev.seg_miou(np.zeros((1, 2, 2)), np.ones((1, 2, 2))))
+
+
+def fake_scores(acc_by_cat, n=20):
+    return [{"category": c, "score": float(i < a * n), "delta2": None} for c, a in acc_by_cat.items() for i in range(n)]
+
+
+def test_summarise_and_claims():
+    cats = ev.SPATIAL + ("general",)
+    base = ev.summarise([fake_scores({c: 0.3 for c in cats})])
+    better = ev.summarise([fake_scores({c: 0.8 for c in cats})])
+    assert base["spatial_avg"][0] == pytest.approx(0.3) and base["acc_general"][0] == pytest.approx(0.3)
+    se = np.sqrt(0.3 * 0.7 * 20 / 19 / 20)  # binomial SE with ddof=1
+    assert base["acc_distance"][1] == pytest.approx(se)
+    assert base["spatial_avg"][1] == pytest.approx(np.sqrt(6 * se ** 2) / 6)
+    seeds = ev.summarise([fake_scores({c: 0.3 for c in cats}), fake_scores({c: 0.5 for c in cats})])
+    assert seeds["spatial_avg"] == (pytest.approx(0.4), pytest.approx(0.1))  # mean and SE over two seeds
+    text = ev.claims({"Base": base, "PE": better, "COOPER": base, "RE": better})
+    assert any("PE beats Base on spatial_avg" in c and "+50.0" in c and "held" in c for c in text)
+    assert any("COOPER beats RE" in c and "reversed" in c for c in text)
+    assert any("keeps general ability" in c and "held" in c for c in text)
+
+
+def test_report_curves_render_from_fake_metrics(tmp_path):
+    from PIL import Image
+    for stage, key in (("stage1", "loss"), ("rl", "reward")):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text(
+            "".join(f'{{"iter": {i}, "{key}": {1.0 / (i + 1)}}}\n' for i in range(10)) + '{"iter": 10, "val_loss": 1}\n')
+    out = tmp_path / "report"
+    out.mkdir()
+    assert ev.curves(str(tmp_path), str(out)) == ["loss.png", "reward.png"]
+    img = np.asarray(Image.open(out / "loss.png"))
+    assert img.shape == (200, 360, 3) and (img != 255).any(axis=-1).mean() > 0.01  # something was drawn
