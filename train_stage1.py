@@ -76,10 +76,13 @@ def make_batch(tok, rows, block_size):
 
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights):
-    """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain."""
+    """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
+    batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
+    them within a batch would spend half the compute on padding. Over iterations the mixture holds."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
+    kind = rng.choice(kinds, p=np.array(w) / sum(w))
     rows = []
-    for kind in rng.choice(kinds, size=batch_size, p=np.array(w) / sum(w)):
+    for _ in range(batch_size):
         if kind in ("vqa", "chain"):
             q = questions[rng.integers(len(questions))]
             scene = q["scene"]

@@ -3,7 +3,7 @@
 # data -> tokenizer -> VQ -> stage 1 (and the Base arm) -> stage 2 SFT (COOPER and RE arms) -> RL.
 # A step whose out/<name>/final.json exists is skipped, so a rerun continues where it stopped;
 # `rm -r out data` starts over. Each step's last line is `final: {json}`, kept as final.json.
-# EXTRA=1 also trains the token-matched Base arm (same total tokens as stage 1).
+# EXTRA=1 also trains the token-matched Base arm (same total tokens as stage 1); UNTIL=<step> stops after that step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=config/tiny_cpu.py
@@ -19,6 +19,7 @@ step() {  # step NAME COMMAND...: run unless out/NAME/final.json exists, keep th
   grep '^final: ' "out/$name/log.txt" | tail -1 | sed 's/^final: //' > "out/$name/final.json.tmp"
   mv "out/$name/final.json.tmp" "out/$name/final.json"
   echo "== $name took $((SECONDS - t)) s"
+  if [ "${UNTIL:-}" = "$name" ]; then echo "stopping after $name (UNTIL=$name)"; exit 0; fi
 }
 
 step data python data.py $PRESET                                   # ~16 s: 4000/200/400 scenes

@@ -51,7 +51,15 @@ def _question_ids(tok, row):
 
 def test_stage1_mixture_masks(setup):
     tok, codes, qs = setup
-    x, y, m = s1.stage1_batch(tok, codes, qs, np.random.default_rng(1), 64, 512, {"vqa": 1, "depth": 1, "seg": 1, "chain": 1})
+    kinds = set()
+    for seed in range(12):
+        x, y, m = s1.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 512, {"vqa": 1, "depth": 1, "seg": 1, "chain": 1})
+        assert len({len(spans(tok, torch.cat([x[b, :1], y[b]]))) for b in range(len(x))}) == 1  # one kind per batch
+        kinds |= _check_masks(tok, x, y, m)
+    assert kinds == {1, 2, 3}  # vqa; depth or seg generation; the chain
+
+
+def _check_masks(tok, x, y, m):
     kinds = set()
     for b in range(len(x)):
         row = torch.cat([x[b, :1], y[b]])
@@ -63,7 +71,7 @@ def test_stage1_mixture_masks(setup):
         for s in (row == tok.image_start).nonzero().flatten().tolist()[1:]:  # generated maps: codes supervised
             assert sup[s + 1:s + 1 + N].all() and sup[s + 1 + N] == 0  # <|/image|> is forced
         assert (row[sup.bool()] != tok.pad).all()  # padding is never a target
-    assert kinds == {1, 2, 3}  # vqa; depth or seg generation; the chain
+    return kinds
 
 
 def test_too_long_example_fails_clearly(setup):
