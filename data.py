@@ -830,7 +830,7 @@ if __name__ == "__main__":
     meta_path = os.path.join(out_dir, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
     wanted = {"train": n_train, "val": n_val, "test": n_test}
-    if (not force and meta and meta["config"] == asdict(cfg) and meta["seed"] == seed and meta["manifest"] == manifest
+    if (not force and meta and meta["config"] == asdict(cfg) and meta["seed"] == seed and meta.get("manifest", "") == manifest
             and (manifest or {s: c["scenes"] for s, c in meta["counts"].items()} == wanted)):
         print(f"{out_dir} already holds this dataset: skipping (--force=True rebuilds it)")
     else:
