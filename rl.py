@@ -79,7 +79,7 @@ rl_image_tokens = False  # also train the map codes the policy sampled
 # held-out evaluation: greedy replies to a fixed balanced sample of val questions, and the mean
 # reward of group_size sampled replies to each of a fixed few of them (same seed every time)
 eval_questions = 70
-eval_reward_questions = 7
+eval_reward_questions = 14
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 5
@@ -357,9 +357,12 @@ if __name__ == "__main__":
         rewards = [r["reward"] for r in records if "reward" in r]
         n = max(1, len(rewards) // 5)  # rewards of single iterations are noisy: average a fifth of the run
         start_record = json.load(open(start_path)) if os.path.exists(start_path) else {}  # written at iteration 0
-        final = {"reward_start": round(float(np.mean(rewards[:n])), 4), "reward_end": round(float(np.mean(rewards[-n:])), 4),
-                 "heldout_reward_start": start_record.get("heldout_reward"), "heldout_reward_end": last.get("heldout_reward"),
+        # reward_*: the mean CPR reward of group_size sampled replies to the same val questions with
+        # the same seed, before and after; train_reward_*: the rollouts' reward over the first and
+        # last fifth of the run (other questions every iteration, so noisier)
+        final = {"reward_start": start_record.get("heldout_reward"), "reward_end": last.get("heldout_reward"),
                  "acc_start": start_record.get("heldout_vqa_acc"), "acc_end": last["heldout_vqa_acc"],
+                 "train_reward_start": float(np.mean(rewards[:n])), "train_reward_end": float(np.mean(rewards[-n:])),
                  "tool_rate_start": start_record.get("heldout_tool_rate"), "tool_rate_end": last["heldout_tool_rate"],
                  "format_start": start_record.get("heldout_format_valid"), "format_end": last["heldout_format_valid"]}
         final = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}
