@@ -7,8 +7,8 @@ tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~1 s
 vqgan = dict(data_dir=_data_dir, out_dir="out/vqgan")  # vqgan.py's defaults are the tiny preset
 # stage 1 (and the Base arm with --aux=False): 4 layers × 256 wide (3.5M parameters), 16×16 codes an
 # image, so sequences run from ~290 tokens (VQA) to ~830 (RGB, depth, seg, question, answer)
-stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=250, warmup_iters=25,
-              eval_interval=250, eval_scenes=32, eval_questions=140)
+stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=200, warmup_iters=20,
+              eval_interval=200, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~600 tokens: RGB, map, text);
 # ends with a greedy pass over 280 val questions through the tool loop. Cost: measured below.
