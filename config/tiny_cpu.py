@@ -10,6 +10,6 @@ vqgan = dict(data_dir=_data_dir, out_dir="out/vqgan")  # vqgan.py's defaults are
 stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=200, warmup_iters=20,
               eval_interval=200, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
-# stage 2a SFT on interleaved traces from out/stage1 (a trace is ~600 tokens: RGB, map, text);
-# ends with a greedy pass over 280 val questions through the tool loop. Cost: measured below.
-stage2 = dict(data_dir=_data_dir, max_iters=300, eval_interval=300, batch_size=16, eval_questions=280)
+# stage 2a SFT on interleaved traces from out/stage1 (a trace is ~560 tokens: RGB, map, text), then
+# a greedy pass over 210 val questions through the tool loop: ~1 s/iter + ~1 min of eval (estimate)
+stage2 = dict(data_dir=_data_dir, max_iters=100, eval_interval=100, batch_size=8, eval_questions=210)
