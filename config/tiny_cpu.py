@@ -13,3 +13,8 @@ eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~560 tokens: RGB, map, text), then
 # a greedy pass over 210 val questions through the tool loop: ~1 s/iter + ~1 min of eval (estimate)
 stage2 = dict(data_dir=_data_dir, max_iters=100, eval_interval=100, batch_size=8, eval_questions=210)
+# RL (GRPO + CPR) from out/stage2: an iteration = 2 questions × 8 rollouts (generation ~3 s) and one
+# optimizer step on ~16×640 tokens (~5-10 s); plus held-out evaluation at the start and the end
+# (42 greedy replies, 7 questions × 8 sampled). Provisional until measured.
+rl = dict(data_dir=_data_dir, max_iters=12, eval_interval=12, prompts_per_batch=2, group_size=8, max_new_tokens=512,
+          learning_rate=1e-4, min_lr=1e-4, warmup_iters=2, eval_questions=42, eval_reward_questions=7)
