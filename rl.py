@@ -231,8 +231,15 @@ def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_mo
     picked = [questions[i] for i in rng.integers(len(questions), size=cfg["prompts_per_batch"])]
     qs, prompts, gen, r, stats = rollouts(model, tok, picked, codes, n_image_tokens, cfg, int(rng.integers(2 ** 62)))
     idx, targets, mask, old = rollout_tensors(tok, prompts, gen, cfg["rl_image_tokens"])
-    extra = {"advantages": group_advantages(r["reward"], cfg["group_size"], cfg["adv_eps"]), "old_logprobs": old,
-             "stats": stats}
+    adv = group_advantages(r["reward"], cfg["group_size"], cfg["adv_eps"])
+    # a group whose rollouts all scored the same has advantage 0 everywhere: no gradient, so it is
+    # left out of the batch (DAPO's dynamic sampling, without resampling) and costs no compute
+    keep = adv != 0
+    trained = torch.nonzero(mask[keep].sum(0))
+    T = int(trained[-1]) + 1 if len(trained) else 1  # causal: positions after the last trained one change nothing
+    idx, targets, mask, old = idx[keep, :T], targets[keep, :T], mask[keep, :T], old[keep, :T]
+    stats["trained_rows"] = float(keep.sum())
+    extra = {"advantages": adv[keep], "old_logprobs": old, "stats": stats}
     if ref_model is not None:
         extra["ref_logprobs"] = ref_model.token_logprobs(idx, targets) * mask
     return idx, targets, mask, extra

@@ -1,8 +1,8 @@
 """rl.py: each CPR reward component on crafted replies, the exploration term's branches, group
 advantages, the GRPO loss (direction of one step, clipping, KL, no gradient on forced tokens), the
 alignment of rollout tensors with the sampler, and GRPO running on the shared training loop."""
+import itertools
 import json
-import os
 
 import numpy as np
 import pytest
@@ -327,7 +327,11 @@ def rollout_setup(tok):
     return codes, cfg
 
 
-def test_rollout_batch_is_a_pure_function_of_the_rng(tok):
+def test_rollout_batch_is_a_pure_function_of_the_rng(tok, monkeypatch):
+    """Same rng, same batch; groups share a prompt; a group whose rewards are all equal carries no
+    gradient and is left out. (A random model earns nothing real: the format reward is replaced by
+    one that alternates 0, 1, 0, 1, … so every group has something to learn.)"""
+    monkeypatch.setattr(rl, "format_reward", lambda tok, reply, calls=itertools.count(): float(next(calls) % 2))
     model = tiny_model(tok).eval()
     codes, cfg = rollout_setup(tok)
     qs = [DIST, COLOR, COUNT, ORDER]
@@ -337,13 +341,25 @@ def test_rollout_batch_is_a_pure_function_of_the_rng(tok):
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and torch.equal(a[3]["old_logprobs"], b[3]["old_logprobs"])
     assert not (a[0].shape == c[0].shape and torch.equal(a[0], c[0]))
     idx, targets, mask, extra = a
-    assert idx.shape[0] == 8 and extra["advantages"].shape == (8,)
+    assert idx.shape[0] == 8 and extra["advantages"].shape == (8,) and extra["stats"]["trained_rows"] == 8
     assert (idx[:4, :3] == idx[0, :3]).all()  # a group shares its prompt
+    assert mask[:, -1].any()  # trimmed to the last trained position
     assert set(extra["stats"]) >= {"reward", "r_accuracy", "r_format", "r_explore", "tool_rate", "length"}
     assert not model.training  # rollout_batch restores the mode it found
     model.train()
     rl.rollout_batch(model, tok, qs, codes, N, np.random.default_rng(5), cfg)
     assert model.training
+    # rewards 1 1 0 0 | 1 1 1 1: the second group is flat and dropped, the first keeps its 4 rows
+    monkeypatch.setattr(rl, "format_reward", lambda tok, reply, calls=itertools.count(): float(next(calls) in (0, 1, 4, 5, 6, 7)))
+    idx, targets, mask, extra = rl.rollout_batch(model, tok, qs, codes, N, np.random.default_rng(5), cfg)
+    assert idx.shape[0] == 4 and extra["stats"]["trained_rows"] == 4 and extra["stats"]["flat_groups"] == 0.5
+    assert (extra["advantages"] != 0).all()
+    monkeypatch.setattr(rl, "format_reward", lambda tok, reply: 1.0)  # every group flat: nothing to train
+    idx, targets, mask, extra = rl.rollout_batch(model, tok, qs, codes, N, np.random.default_rng(5), cfg)
+    assert idx.shape[0] == 0 and extra["advantages"].shape == (0,)
+    loss, _ = rl.grpo_loss(model, (idx, targets, mask, extra))
+    loss.backward()  # an empty batch is a zero loss, not an error
+    assert loss.item() == 0.0
 
 
 class BigramPolicy(nn.Module):
