@@ -219,8 +219,8 @@ def tool_use(tok, questions, replies):
     valid, follows = [], collections.defaultdict(list)
     use = collections.defaultdict(lambda: collections.defaultdict(list))
     for q, r in zip(questions, replies):
-        parts, error = tok.parse_reply(r)
-        called = {p["tool"] for p in parts if "tool" in p}
+        error = tok.parse_reply(r)[1]
+        called = {t for t, o in tok.tool_open.items() if o in r}  # malformed replies' calls count too
         valid.append(error is None)
         follows[q["category"]].append(called == {q["tool"]} - {"none"})
         for t in ("depth", "seg"):

@@ -150,6 +150,9 @@ def test_tool_use_statistics_by_hand(setup):
     assert s["tool_pattern"] == pytest.approx(4 / 5)  # the cut-off reply still called the right tool
     assert s["use_seg_general"] == 0.5 and s["use_none_general"] == 0.5 and s["pattern_general"] == 0.5
     assert s["use_depth_distance"] == 1.0 and s["use_none_distance"] == 0.0 and s["pattern_counting"] == 1.0
+    broken = rd[:rd.index(tok.tool_close["depth"])] + [tok.end_think, tok.eos]  # a call closed by the wrong tag
+    s = ev.tool_use(tok, [qd], [broken])
+    assert s["format_valid"] == 0.0 and s["use_depth_distance"] == 1.0 and s["tool_pattern"] == 1.0
 
 
 def test_tiny_model_follows_the_tool_loop(setup, tmp_path):
