@@ -48,8 +48,8 @@ def vocab_masks(tok, vocab_size):
     image[tok.image_offset:tok.vocab_size] = True
     in_tool = []
     for name in IN_TOOL:
-        m = text.clone()
-        m[opens + closes + [tok.image_start]] = False  # inside a call: its instruction, then its own close tag
+        m = torch.zeros(vocab_size, dtype=torch.bool)  # inside a call: plain-text instruction, then its own close tag
+        m[:tok.n_text] = True
         m[tok.tool_close[name]] = True
         in_tool.append(m)
     return torch.stack([free, no_tools, image] + in_tool)

@@ -403,3 +403,13 @@ def test_seeds_temperature_and_max_tokens(tok):
     for n in (1, 4, 25):
         out = run(max_new_tokens=n, seed=0)
         assert out.lengths.tolist() == [n, n] and out.tokens.shape == (2, n)
+
+
+def test_inside_a_tool_call_only_text_and_its_own_close_tag():
+    import sampler
+    from tokenizer import Tokenizer, train_bpe
+    tok = Tokenizer(train_bpe(["estimate the depth map"], 270), 8)
+    masks = sampler.vocab_masks(tok, tok.vocab_size)
+    for name, mode in sampler.IN_TOOL.items():
+        allowed = masks[mode].nonzero().flatten().tolist()
+        assert allowed == list(range(tok.n_text)) + [tok.tool_close[name]]
