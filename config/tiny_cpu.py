@@ -10,9 +10,11 @@ vqgan = dict(data_dir=_data_dir, out_dir="out/vqgan")  # vqgan.py's defaults are
 stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=200, warmup_iters=20,
               eval_interval=200, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
-# stage 2a SFT on interleaved traces from out/stage1 (a trace is ~560 tokens: RGB, map, text), then
-# a greedy pass over 210 val questions through the tool loop: ~1 s/iter + ~1 min of eval (estimate)
-stage2 = dict(data_dir=_data_dir, max_iters=100, eval_interval=100, batch_size=8, eval_questions=210)
+# stage 2a SFT on interleaved traces from out/stage1 (a trace is ~570 tokens: RGB, map, text):
+# 200 iterations × 8 traces at ~0.9 s, then greedy replies to 210 val questions through the tool
+# loop: ~4 min (the RE arm, text only: ~2 min). Text-only loss: with the map codes in it (256 a
+# trace against ~60 text tokens), 100 iterations left no reply well formed.
+stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210, image_loss=False)
 # RL (GRPO + CPR) from out/stage2 (--tools=none: from out/stage2_text): an iteration = 4 questions ×
 # 8 rollouts and one optimizer step on the groups whose rewards differ; the held-out evaluation runs
 # at the start and the end (70 greedy replies; 7 val questions × 8 sampled for the reward). Adam at
