@@ -3,7 +3,14 @@ The unified transformer (DESIGN §4): one decoder-only GPT over one shared vocab
 
     [text BPE ids][special ids][image code ids]      image code c has id tok.image_offset + c
 
-Nothing in this file knows which ids are text and which are pixels. The model reads an RGB image
+The model knows one fact of that layout: ids from image_offset up are image codes, and an image is
+a run of n_image_tokens of them in raster order. Each code gets a learned embedding of its place in
+the grid, added to its token embedding. RoPE alone tells a token only how far back another token
+is, so a map code could find "where in the picture am I drawing" only by counting back to the
+<|image|> tag; a 200-step model never managed it (its depth maps lacked even the ground's
+gradient). With the grid embedding, code (r, c) of a depth map and code (r, c) of the RGB image
+share a vector, and attending from one to the other is easy. Which ids are text, specials or tool
+tags the model does not know. It reads an RGB image
 as N code ids, writes a depth map as N code ids, and reasons about both in text, all with one
 softmax and one next-token loss. (BAGEL, COOPER's base, generates images with a rectified-flow
 head over VAE latents; with VQ codes the ordinary LM head does it, as in LlamaGen, and vqgan.py's
@@ -33,6 +40,8 @@ class GPTConfig:
     attn_impl: str = "auto"  # "sdpa" | "triton" (kernels.py) | "math" | "auto": triton on CUDA, sdpa otherwise
     qk_norm: bool = True  # RMSNorm on queries and keys: bounds attention logits, steadier at high LR
     rope_base: float = 10000.0
+    image_offset: int = 0  # tok.image_offset: ids >= this are image codes
+    n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,6 +58,16 @@ def apply_rope(x, cos, sin):
     """x (B, H, T, D); cos, sin broadcastable to (B, 1, T, D/2). Rotates the pairs (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def image_grid_index(idx, image_offset, n_image_tokens):
+    """(B, T) place of each image code in its image (0 … n-1, raster order), -1 for other ids.
+    An image's codes are one unbroken run between <|image|> and <|/image|>, so the place is the
+    length of the run so far."""
+    is_code = idx >= image_offset
+    count = is_code.long().cumsum(dim=1)
+    run_start = torch.where(is_code, 0, count).cummax(dim=1).values  # codes before the current run
+    return torch.where(is_code, (count - run_start - 1) % n_image_tokens, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +163,14 @@ class KVCache:
         self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.max_len = max_len
         self.k = self.v = None
+        self.ids = None  # (B, max_len) the tokens themselves: a code's place in its image needs them
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
+
+    def write_ids(self, idx, pos):
+        """Store idx (B, T) at positions pos (B, T)."""
+        if self.ids is None:
+            self.ids = torch.zeros(self.shape[1], self.max_len, dtype=torch.long, device=idx.device)
+        self.ids.scatter_(1, pos, idx)
 
     def update(self, layer, k, v, pos, n_keys):
         """Write k, v (B, H, T, D) of `layer` at positions pos (B, T); return the first n_keys."""
@@ -161,6 +187,8 @@ class KVCache:
         continue it in several rows."""
         if self.k is not None:
             self.k, self.v = self.k[:, rows], self.v[:, rows]
+        if self.ids is not None:
+            self.ids = self.ids[rows.to(self.ids.device)]
         self.lengths = self.lengths[rows.to(self.lengths.device)]
         self.shape = (self.shape[0], len(rows)) + self.shape[2:]
 
@@ -180,6 +208,8 @@ class GPT(nn.Module):
         # that follow it), and at this vocab size untying costs only V x C parameters (nanochat
         # unties too).
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.n_image_tokens:
+            self.wpe_image = nn.Embedding(config.n_image_tokens, config.n_embd)  # a code's place in the grid
         cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # rebuilt from the config on load
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -194,9 +224,11 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Parameters; non_embedding leaves out the token table (a lookup, no FLOPs)."""
+        """Parameters; non_embedding leaves out the embedding tables (lookups, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions
@@ -217,7 +249,10 @@ class GPT(nn.Module):
             # key j is visible to the query at position p iff j <= p: causal, per row
             mask = torch.arange(n_keys, device=idx.device) <= pos[:, :, None]
             cache = (kv_cache, pos, mask.unsqueeze(1))
-        x = self.drop(self.wte(idx))
+        x = self.wte(idx)
+        if self.config.n_image_tokens:
+            x = x + self.grid_embedding(idx, None if kv_cache is None else pos, kv_cache)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         logits = self.lm_head(self.ln_f(x))
@@ -228,6 +263,17 @@ class GPT(nn.Module):
             return logits, nll.mean()
         loss_mask = loss_mask.to(nll.dtype)
         return logits, (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+    def grid_embedding(self, idx, pos, kv_cache):
+        """Grid-place embeddings of idx's image codes, zero for other tokens. With a KV cache a
+        run of codes may have begun in an earlier call, so the place is read off the cached ids."""
+        offset, n = self.config.image_offset, self.config.n_image_tokens
+        if kv_cache is None:
+            place = image_grid_index(idx, offset, n)
+        else:
+            kv_cache.write_ids(idx, pos)
+            place = image_grid_index(kv_cache.ids[:, :int(pos.max()) + 1], offset, n).gather(1, pos)
+        return self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(self.wpe_image.weight.dtype)
 
     def token_logprobs(self, idx, targets):
         """log p(targets[b, t] | idx[b, :t+1]) as (B, T), with gradients: what a policy-gradient

@@ -325,7 +325,7 @@ if __name__ == "__main__":
     from train_stage1 import load_stage_data
     tok, vq, codes, questions, refs = load_stage_data(data_dir, vq_ckpt)
     n_image = codes["train"].shape[-1]
-    model, optimizer, start = trainer.init_model(config, run, tok.vocab_size)
+    model, optimizer, start = trainer.init_model(config, run, tok, n_image)
     # the reference for the KL term is the model RL started from, also after a resume
     reference = trainer.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["refs"]["reference"] \
         if init_from == "resume" else init_from

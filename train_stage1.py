@@ -111,7 +111,7 @@ if __name__ == "__main__":
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]
         config["max_iters"] = max_iters = max(1, round(token_budget / (np.mean(probe) * grad_accum)))
         print(f"token budget {token_budget:,}: {max_iters} iterations")
-    model, optimizer, start = trainer.init_model(config, run, tok.vocab_size)
+    model, optimizer, start = trainer.init_model(config, run, tok, n_image)
     val = data.load_split(data_dir, "val")
     chance = ev.chance_scorer(questions["train"])
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)

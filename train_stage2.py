@@ -136,7 +136,7 @@ if __name__ == "__main__":
         traces[split], stats = load_traces(data_dir, split, tools, seed)
         if run.master:
             print(f"{split} traces: " + json.dumps(stats))
-    model, optimizer, start = trainer.init_model(config, run, tok.vocab_size)
+    model, optimizer, start = trainer.init_model(config, run, tok, n_image)
     block = model.config.block_size  # the checkpoint's, not this script's default
     if run.master:
         lengths = [len(tok.render_conversation(t["conversation"], ev.scene_codes(codes["train"], t["scene"]))[0])

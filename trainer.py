@@ -147,9 +147,10 @@ def load_model(path, device="cpu", attn_impl=None):
     return model.to(device).eval(), ckpt
 
 
-def init_model(cfg, run, vocab_size):
+def init_model(cfg, run, tok, n_image_tokens):
     """(model, optimizer, start) from init_from: scratch, resume (out_dir/ckpt.pt), or the
-    path of a previous stage's checkpoint (weights only; a fresh optimizer and schedule)."""
+    path of a previous stage's checkpoint (weights only; a fresh optimizer and schedule). The
+    tokenizer and the codes per image fix the vocabulary and the image layout."""
     ckpt, init = None, cfg["init_from"]
     if init == "resume":
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), run.device)
@@ -159,10 +160,13 @@ def init_model(cfg, run, vocab_size):
         model_args = ckpt["model_args"]
     else:
         model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
-                          dropout=cfg["dropout"], vocab_size=vocab_size, attn_impl=cfg["attn_impl"])
-    if model_args["vocab_size"] != vocab_size:
-        raise ValueError(f"checkpoint vocab {model_args['vocab_size']} != tokenizer's {vocab_size}: "
-                         "was it trained with another tokenizer or VQ codebook?")
+                          dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"],
+                          image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
+    layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
+    for key, value in layout.items():
+        if model_args.get(key) != value:
+            raise ValueError(f"checkpoint {key} {model_args.get(key)} != this data's {value}: "
+                             "was it trained with another tokenizer or VQ codebook?")
     model_args = dict(model_args, attn_impl=cfg["attn_impl"])
     model = GPT(GPTConfig(**model_args))
     if ckpt is not None:

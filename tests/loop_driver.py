@@ -3,6 +3,7 @@
     torchrun --standalone --nproc_per_node=2 tests/loop_driver.py ..."""
 import os
 import sys
+import types
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import trainer  # noqa: E402
 
 VOCAB, T = 64, 24
+TOK = types.SimpleNamespace(vocab_size=VOCAB, image_offset=VOCAB)  # text only: no image codes
 # sequences that repeat a random 4-token motif: learnable, so the loss moves
 _rng = np.random.default_rng(0)
 CORPUS = torch.tensor(np.tile(_rng.integers(0, VOCAB, (256, 4)), (1, T // 4 + 1))[:, :T + 1])
@@ -34,7 +36,7 @@ def main(out_dir, max_iters, grad_accum, init_from="scratch"):
     torch.manual_seed(0)
     cfg = config(out_dir, int(max_iters), int(grad_accum), init_from)
     run = trainer.setup_run("cpu")
-    model, opt, start = trainer.init_model(cfg, run, VOCAB)
+    model, opt, start = trainer.init_model(cfg, run, TOK, 0)
     trainer.train(cfg, run, model, opt, start, get_batch)
     if run.ddp:
         torch.distributed.destroy_process_group()

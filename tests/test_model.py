@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import tokenizer
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, image_grid_index
 from sampler import generate
 
 N_IMAGE = 4  # codes per image in these tests
@@ -35,7 +35,8 @@ def tok():
 
 def tiny_model(tok, seed=0, **kw):
     torch.manual_seed(seed)
-    args = dict(block_size=128, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)  # head dim 16
+    args = dict(block_size=128, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,  # head dim 16
+                image_offset=tok.image_offset, n_image_tokens=N_IMAGE)
     args.update(kw)
     return GPT(GPTConfig(**args)).eval()
 
@@ -59,6 +60,29 @@ def user_prompt(tok, text, seed=0):
 
 # ---------------------------------------------------------------------------------------------
 # the model
+
+def test_image_grid_index_counts_each_run_of_codes():
+    o = 10  # ids >= 10 are codes
+    idx = torch.tensor([[1, 10, 15, 11, 12, 2, 3, 19, 10, 4],
+                        [13, 14, 5, 11, 11, 11, 11, 11, 11, 6]])
+    expect = torch.tensor([[-1, 0, 1, 2, 3, -1, -1, 0, 1, -1],
+                           [0, 1, -1, 0, 1, 2, 3, 0, 1, -1]])  # a run longer than n wraps
+    assert torch.equal(image_grid_index(idx, o, 4), expect)
+
+
+def test_grid_embedding_reaches_only_image_codes(tok):
+    """Changing the grid table changes the logits from the first image code on, never before."""
+    model = tiny_model(tok)
+    ids, _ = mixed_sequence(tok, 0)
+    idx = torch.tensor([ids])
+    first = ids.index(next(t for t in ids if t >= tok.image_offset))
+    before, _ = model(idx)
+    with torch.no_grad():
+        model.wpe_image.weight.add_(1.0)
+    after, _ = model(idx)
+    torch.testing.assert_close(after[:, :first], before[:, :first], atol=0, rtol=0)
+    assert (after[:, first] - before[:, first]).abs().max() > 1e-3
+
 
 def test_kv_cache_prefill_and_decode_equal_full_forward(tok):
     model = tiny_model(tok)
@@ -126,7 +150,7 @@ def test_loss_is_mean_over_supervised_positions_and_logprobs_match(tok):
 
 
 def test_too_long_fails_clearly(tok):
-    model = tiny_model(tok, block_size=32)
+    model = tiny_model(tok, seed=1, block_size=32)  # seed 1: greedy does not stop at once
     with pytest.raises(ValueError, match=r"length 33.*block_size 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match=r"length 40.*block_size 32"):
@@ -195,7 +219,7 @@ def test_optimizer_groups_and_flops(tok):
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     c = model.config
-    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("wte"))
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe_image")))
     n_norm = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     assert model.get_num_params() == n_matmul + n_norm
     assert model.flops_per_token(0) == 6 * model.get_num_params()

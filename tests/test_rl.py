@@ -177,7 +177,8 @@ def test_group_advantages():
 
 def tiny_model(tok, seed=0, block_size=192):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, attn_impl="sdpa"))
+    return GPT(GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, attn_impl="sdpa",
+                         image_offset=tok.image_offset, n_image_tokens=N))
 
 
 def prompt(tok, q, seed=0):
@@ -422,7 +423,7 @@ def test_grpo_on_the_training_loop_logs_rewards_and_resumes_exactly(tok, tmp_pat
                         learning_rate=1e-2, log_interval=1, eval_interval=2, eval_iters=0, peak_tflops=1.0, attn_impl="sdpa")
         torch.manual_seed(0)
         run = trainer.setup_run("cpu")
-        model, opt, start = trainer.init_model(loop_cfg, run, tok.vocab_size)
+        model, opt, start = trainer.init_model(loop_cfg, run, tok, N)
         calls = []
 
         def get_batch(split, rng):

@@ -168,7 +168,7 @@ def test_tiny_model_follows_the_tool_loop(setup, tmp_path):
                eval_interval=1000, eval_iters=1, attn_impl="sdpa", peak_tflops=1.0)
     torch.manual_seed(0)
     run = trainer.setup_run("cpu")
-    model, opt, start = trainer.init_model(cfg, run, tok.vocab_size)
+    model, opt, start = trainer.init_model(cfg, run, tok, N)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small gains nothing from two, and loses a lot on a busy machine
     try:

@@ -89,7 +89,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     calls = {"n": 0}
     cfg = loop_driver.config(str(tmp_path / "nan"), 6, 1)
     run = trainer.setup_run("cpu")
-    model, opt, start = trainer.init_model(cfg, run, loop_driver.VOCAB)
+    model, opt, start = trainer.init_model(cfg, run, loop_driver.TOK, 0)
     orig_forward = model.forward
 
     def forward(idx, targets=None, loss_mask=None, **kw):
