@@ -23,6 +23,7 @@ import re
 import numpy as np
 import torch
 
+import conversations
 import data
 import sampler
 from tokenizer import MAX_TURNS
@@ -150,7 +151,7 @@ def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampl
     ids = list(scene_ids)
     maps = {}
     for tool in ("depth", "seg"):
-        gen = generate_map_codes(model, tok, [data.map_request(tool)[:1]] * len(ids),
+        gen = generate_map_codes(model, tok, [conversations.map_request(tool)[:1]] * len(ids),
                                  [scene_codes(codes, i) for i in ids], n_image_tokens, **sampling)
         maps[tool] = vq.decode(np.stack(gen)).numpy()
     metrics = depth_metrics(data.rgb_to_depth(maps["depth"], vq.depth_encoding), split["depth"][ids], split["seg"][ids])
@@ -173,14 +174,14 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
     for chunk in _chunks(questions, batch_size):
         images = [scene_codes(codes, q["scene"]) for q in chunk]
         if mode == "chain":
-            convs = [data.perception_chain(q, answer=False) for q in chunk]
+            convs = [conversations.perception_chain(q, answer=False) for q in chunk]
             images = [{"rgb": im["rgb"]} for im in images]  # the true maps are never shown
             for tool, upto in (("depth", 1), ("seg", 3)):
                 drawn = generate_map_codes(model, tok, [c[:upto] for c in convs], images, n_image_tokens,
                                            batch_size=batch_size, **sampling)
                 images = [dict(im, **{tool: d}) for im, d in zip(images, drawn)]
         elif mode in ("direct", "interleaved"):
-            convs = [data.vqa_conversation(q, answer=False) for q in chunk]
+            convs = [conversations.vqa_conversation(q, answer=False) for q in chunk]
         else:
             raise ValueError(f"unknown answer mode {mode!r}")
         prompts = [tok.render_prompt(c, im) for c, im in zip(convs, images)]

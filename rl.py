@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
+import conversations
 import eval as ev
 import sampler
 import trainer
@@ -198,7 +198,7 @@ def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed):
     Returns (questions, prompts, Generation, rewards (cpr_rewards), stats {name: float}), one row a reply."""
     G = cfg["group_size"]
     qs = [q for q in picked for _ in range(G)]
-    prompts = [tok.render_prompt(data.vqa_conversation(q, answer=False), ev.scene_codes(codes, q["scene"])) for q in qs]
+    prompts = [tok.render_prompt(conversations.vqa_conversation(q, answer=False), ev.scene_codes(codes, q["scene"])) for q in qs]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -271,9 +271,9 @@ class Tokenizer:
 
 def corpus_texts(data_dir):
     """Every string the models read or write: the dataset's text plus the fixed prompts."""
-    import data
+    import conversations  # it imports this module's prompts: imported here, there is no cycle
     texts = [DEPTH_INSTRUCTION, SEG_INSTRUCTION, REFLECTION_PROMPT]
-    texts += data.text_corpus(data_dir, "train")
+    texts += conversations.text_corpus(data_dir, "train")
     return texts
 
 

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+import conversations
 import data
 import eval as ev
 import tokenizer
@@ -86,10 +87,10 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights):
         if kind in ("vqa", "chain"):
             q = questions[rng.integers(len(questions))]
             scene = q["scene"]
-            conv = data.vqa_conversation(q) if kind == "vqa" else data.perception_chain(q)
+            conv = conversations.vqa_conversation(q) if kind == "vqa" else conversations.perception_chain(q)
         else:
             scene = int(rng.integers(len(codes)))
-            conv = data.map_request(kind)
+            conv = conversations.map_request(kind)
         rows.append(tok.render_conversation(conv, ev.scene_codes(codes, scene)))
     return make_batch(tok, rows, block_size)
 

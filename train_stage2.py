@@ -3,20 +3,20 @@ Stage 2a (COOPER §3.2): adaptive interleaved reasoning, taught by supervised fi
 
 After stage 1 the model answers directly and draws depth or segmentation maps on request. Here it
 learns *when* a map helps and what to do with it. Each training example is a trace built from the
-scene graph (data.build_traces): the model plans in <think>, calls the tool the question needs
-(depth for distance, size, depth order; segmentation for counting and left/right; none for colour
-and shape), draws the map into its own context, reads values off it in a second <think> and
+scene graph (conversations.build_traces): the model plans in <think>, calls the tool the question
+needs (depth for distance, size, depth order; segmentation for counting and left/right; none for
+colour and shape), draws the map into its own context, reads values off it in a second <think> and
 answers:
 
     RGB, question -> <think>plan</think><depth-estimation>…</depth-estimation><|image|> map <|/image|>
                      REFLECTION_PROMPT <think>the red cube is at 4.2 m; …</think><answer>…</answer>
 
-The set is balanced over categories (data.balance_traces says how tool / no tool comes out). Loss
-falls on the assistant's own text and, with image_loss=True, on the codes of the maps it draws;
-the tokens the sampler forces (<|image|> after a tool call, <|/image|>, the reflection prompt)
-carry none. Training is the one loop in trainer.py; batches are stage 1's make_batch. (The tiny
-preset trains on text only: a trace's 256 map codes outweigh its ~60 text tokens in the mean loss,
-and on a budget of 100-200 steps that left the replies malformed.)
+The set is balanced over categories (conversations.balance_traces says how tool / no tool comes
+out). Loss falls on the assistant's own text and, with image_loss=True, on the codes of the maps
+it draws; the tokens the sampler forces (<|image|> after a tool call, <|/image|>, the reflection
+prompt) carry none. Training is the one loop in trainer.py; batches are stage 1's make_batch. (The
+tiny preset trains on text only: a trace's 256 map codes outweigh its ~60 text tokens in the mean
+loss, and on a budget of 100-200 steps that left the replies malformed.)
 
 The traces hold the true maps, but at test time the model reads its own. The weaker its maps, the
 further that context is from training: with the tiny preset's stage 1 (maps near constant), the
@@ -46,6 +46,7 @@ import time
 import numpy as np
 import torch
 
+import conversations
 import data
 import eval as ev
 import trainer
@@ -98,9 +99,9 @@ def ensure_init(path, tools, data_dir, vq_ckpt):
 
 
 def load_traces(data_dir, split, tools, seed=0):
-    """The balanced trace set of a split (data.build_traces, data.balance_traces) and its statistics."""
-    traces = data.balance_traces(data.build_traces(data.load_split(data_dir, split), tools), seed)
-    return traces, data.trace_stats(traces)
+    """The balanced trace set of a split (conversations.build_traces, balance_traces) and its statistics."""
+    traces = conversations.balance_traces(conversations.build_traces(data.load_split(data_dir, split), tools), seed)
+    return traces, conversations.trace_stats(traces)
 
 
 def stage2_batch(tok, codes, traces, rng, batch_size, block_size, image_loss=True):

@@ -1,8 +1,6 @@
-"""train_stage2.py and the trace builder: loss masks, parse-back, balance, map consistency, tool
-statistics, and a tiny trained model run through the sampler's tool loop."""
-import collections
+"""train_stage2.py and its traces as tokens: loss masks, parse-back, tool statistics, and a tiny
+trained model run through the sampler's tool loop. The trace builder itself: test_conversations.py."""
 import os
-import re
 import subprocess
 import sys
 
@@ -10,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import conversations
 import data
 import eval as ev
 import tokenizer
 import trainer
 import train_stage2 as s2
-from tokenizer import MAX_TURNS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 16  # image codes per map in these tests
@@ -42,7 +40,7 @@ def first(traces, kind):
 @pytest.mark.parametrize("image_loss", [True, False])
 def test_trace_masks_forced_zero_generated_one(setup, image_loss):
     tok, codes, split = setup
-    t = first(data.build_traces(split), "distance")
+    t = first(conversations.build_traces(split), "distance")
     ids, mask = tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]), image_loss=image_loss)
     a = ids.index(tok.assistant)
     assert sum(mask[:a + 1]) == 0  # RGB, question, <|assistant|>: the user's
@@ -56,7 +54,7 @@ def test_trace_masks_forced_zero_generated_one(setup, image_loss):
     want[s + 1:s + N + 1] = [int(image_loss)] * N  # the map it draws: configurable
     want[s + N + 2:s + N + 2 + r] = [0] * r  # the reflection prompt: forced
     assert m == want
-    g = first(data.build_traces(split), "general")  # text only: the whole reply is the model's
+    g = first(conversations.build_traces(split), "general")  # text only: the whole reply is the model's
     ids, mask = tok.render_conversation(g["conversation"], ev.scene_codes(codes, g["scene"]))
     assert mask[ids.index(tok.assistant) + 1:] == [1] * len(reply_of(tok, ids)) and tok.image_start not in reply_of(tok, ids)
 
@@ -64,7 +62,7 @@ def test_trace_masks_forced_zero_generated_one(setup, image_loss):
 @pytest.mark.parametrize("tools", ["all", "none"])
 def test_every_trace_parses_back(setup, tools):
     tok, codes, split = setup
-    traces = data.build_traces(split, tools)
+    traces = conversations.build_traces(split, tools)
     assert len(traces) == len(split["questions"]) > 100
     for t, q in zip(traces, split["questions"]):
         ids, _ = tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]))
@@ -80,64 +78,9 @@ def test_every_trace_parses_back(setup, tools):
         assert tok.answer_of(parts) == q["answer"]
 
 
-def test_balance_statistics(setup):
-    tok, codes, split = setup
-    traces = data.build_traces(split)
-    assert all(t["tool"] == data.TOOL_FOR[t["kind"]] for t in traces)  # the flag decides the tool
-    assert all(t["tool"] == "none" for t in data.build_traces(split, "none"))
-    counts = collections.Counter(t["category"] for t in traces)
-    balanced = data.balance_traces(traces, seed=1)
-    stats = data.trace_stats(balanced)
-    assert set(stats["category"].values()) == {min(counts.values())} and len(stats["category"]) == len(data.CATEGORIES)
-    assert stats["traces"] == len(balanced) == len(data.CATEGORIES) * min(counts.values())
-    assert len({id(t) for t in balanced}) == len(balanced)  # no trace twice
-    front, left = stats["kind"]["relation_front"], stats["kind"]["relation_left"]
-    have = collections.Counter(t["kind"] for t in traces)
-    assert abs(front - left) <= 1 or min(front, left) == min(have["relation_front"], have["relation_left"])
-    tools = collections.Counter(data.TOOL_FOR[k] for k, n in stats["kind"].items() for _ in range(n))
-    assert stats["tool"] == dict(sorted(tools.items())) and stats["tool"]["none"] == stats["category"]["general"]
-    assert max(stats["turns"]) <= MAX_TURNS and stats["turns"][1] == stats["tool"]["none"]
-    assert data.trace_stats(data.balance_traces(traces, per_category=3))["category"] == {c: 3 for c in data.CATEGORIES}
-
-
-def test_readings_quote_the_true_maps(setup):
-    tok, codes, split = setup
-    names = [{data.name(o): o["id"] for o in s["objects"]} for s in split["scenes"]]
-    checked = collections.Counter()
-    agree = collections.defaultdict(list)
-    for t, q in zip(data.build_traces(split), split["questions"]):
-        reading = t["conversation"][-1]["content"][-2]["think"]
-        depth, seg = split["depth"][t["scene"]], split["seg"][t["scene"]]
-        if t["tool"] == "depth":
-            quoted = {n: float(v) for n, v in re.findall(r"the (\w+ \w+) is at (\d+\.\d) m", reading)}
-            for n, v in quoted.items():  # the median true depth inside the object's true mask
-                assert v == pytest.approx(np.median(depth[seg == names[t["scene"]][n]]), abs=0.051)
-                checked["depth"] += 1
-            if q["kind"] in ("depth_order", "relation_front"):
-                a, b = [data.name(o) for i in q["objects"] for o in split["scenes"][t["scene"]]["objects"] if o["id"] == i]
-                nearer = a if quoted[a] < quoted[b] else b
-                if q["kind"] == "depth_order":
-                    agree["order"].append((nearer == q["answer"]) == ("closer" in q["question"]))
-                else:
-                    agree["front"].append((nearer == a) == (q["answer"] == "yes"))
-        elif q["kind"] == "counting":
-            n_seg, n = map(int, re.search(r"shows (\d+) segments; .* among them: (\d+)", reading).groups())
-            assert n_seg == len([k for k in np.unique(seg) if k >= 2]) and n == int(q["answer"])
-            checked["count"] += 1
-        elif q["kind"] == "relation_left":
-            cols = [int(c) for c in re.findall(r"segment at column (\d+)", reading)]
-            agree["left"].append((cols[0] < cols[1]) == (q["answer"] == "yes"))
-    assert checked["depth"] > 100 and checked["count"] > 10
-    for k, v in agree.items():  # map readings support the true answer (occlusion can shift a mask)
-        assert len(v) >= 5 and np.mean(v) >= 0.85, (k, np.mean(v))
-    for t in data.build_traces(split, "none"):  # the RE arm never quotes a map
-        text = t["conversation"][-1]["content"][0]["think"]
-        assert "map" not in text and not re.search(r"\d m\b", text)
-
-
 def test_tool_use_statistics_by_hand(setup):
     tok, codes, split = setup
-    traces = data.build_traces(split)
+    traces = conversations.build_traces(split)
     qs = split["questions"]
     reply = {}
     for t, q in zip(traces, qs):
@@ -159,7 +102,7 @@ def test_tiny_model_follows_the_tool_loop(setup, tmp_path):
     """A tiny model fit to a few traces, answering through ev.answer (the sampler's tool loop):
     every greedy reply is well formed and calls the tool its question's flag names."""
     tok, codes, split = setup
-    balanced = data.balance_traces(data.build_traces(split), per_category=1)
+    balanced = conversations.balance_traces(conversations.build_traces(split), per_category=1)
     qs = [split["questions"][i] for t in balanced for i, q in enumerate(split["questions"])
           if q["scene"] == t["scene"] and q["kind"] == t["kind"]][:len(balanced)]
     assert sorted(q["kind"] for q in qs) == sorted(t["kind"] for t in balanced)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import conversations
 import data
 import tokenizer
 from tokenizer import REFLECTION_PROMPT, SPECIAL_TOKENS, Tokenizer
@@ -22,7 +23,7 @@ def tok(corpus):
 def test_round_trip_on_all_dataset_text(tok, corpus):
     texts = tokenizer.corpus_texts(corpus)
     for split in data.SPLITS:  # val/test text was not trained on: still exact
-        texts += data.text_corpus(corpus, split)
+        texts += conversations.text_corpus(corpus, split)
     texts += ["héllo wörld ✓ 3.25 m", "", "  two  spaces\n"]
     n_bytes = n_tok = 0
     for t in texts:
