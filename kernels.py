@@ -142,6 +142,21 @@ def _query_block_key_range(start_m, T_k, offset,
 
 
 @triton.jit
+def _masked_scores(q, k, offs_m, offs_n, T_k, offset, qk_scale, CAUSAL: tl.constexpr,
+                   MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores of a query block against a key block, in log2 units: s = (q.k / sqrt(D)) * log2(e),
+    so exp2(s) = exp(q.k / sqrt(D)). With MASKED, keys past T_k and (causal) keys after a query's
+    diagonal are -inf. Queries past T_q need no mask: their rows are never stored."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = offs_n[None, :] < T_k
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T_k, offset,
                     qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -150,13 +165,8 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, stride_kt, T_k, HEAD_DIM, BLOCK_D)
         v = _load_rows(V, offs_n, stride_vt, T_k, HEAD_DIM, BLOCK_D)
-        # scores in log2 units: s = (q.k / sqrt(D)) * log2(e), so exp2(s) = exp(q.k / sqrt(D))
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            visible = offs_n[None, :] < T_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
-            s = tl.where(visible, s, float("-inf"))
+        s = _masked_scores(q, k, offs_m, offs_n, T_k, offset, qk_scale, CAUSAL, MASKED,
+                           DOT_PRECISION)
         # The first block holds key 0, which every row sees, so m_new is finite from then on and
         # exp2(-inf - m_new) = 0 drops the masked scores.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -303,13 +313,8 @@ def _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, lo
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, offs_n, stride_kt, T_k, HEAD_DIM, BLOCK_D)
         v = _load_rows(V, offs_n, stride_vt, T_k, HEAD_DIM, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            # queries past T_q need no mask: their rows of dQ are never stored
-            visible = offs_n[None, :] < T_k
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
-            s = tl.where(visible, s, float("-inf"))
+        s = _masked_scores(q, k, offs_m, offs_n, T_k, offset, qk_scale, CAUSAL, MASKED,
+                           DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
