@@ -4,12 +4,13 @@ The unified transformer (DESIGN §4): one decoder-only GPT over one shared vocab
     [text BPE ids][special ids][image code ids]      image code c has id tok.image_offset + c
 
 The model knows one fact of that layout: ids from image_offset up are image codes, and an image is
-a run of n_image_tokens of them in raster order. Each code gets a learned embedding of its place in
-the grid, added to its token embedding. RoPE alone tells a token only how far back another token
-is, so a map code could find "where in the picture am I drawing" only by counting back to the
-<|image|> tag; a 200-step model never managed it (its depth maps lacked even the ground's
-gradient). With the grid embedding, code (r, c) of a depth map and code (r, c) of the RGB image
-share a vector, and attending from one to the other is easy. Which ids are text, specials or tool
+a run of n_image_tokens of them in raster order. Each code gets two learned embeddings added to its
+token embedding: its own place in the grid, and the place of the code that comes next (the one it
+is about to predict). RoPE alone tells a token only how far back another token is, so a map code
+could find "where in the picture am I drawing" only by counting back to the <|image|> tag; a
+200-step model never managed it (its depth maps lacked even the ground's gradient). With the two
+tables, the query of a depth code can carry "I draw place k+1" and the key of the RGB code at place
+k+1 carries "I am place k+1", and attention lines them up. Which ids are text, specials or tool
 tags the model does not know. It reads an RGB image
 as N code ids, writes a depth map as N code ids, and reasons about both in text, all with one
 softmax and one next-token loss. (BAGEL, COOPER's base, generates images with a rectified-flow
@@ -210,6 +211,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.n_image_tokens:
             self.wpe_image = nn.Embedding(config.n_image_tokens, config.n_embd)  # a code's place in the grid
+            self.wpe_next = nn.Embedding(config.n_image_tokens, config.n_embd)  # the place of the code it predicts
         cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # rebuilt from the config on load
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -265,15 +267,19 @@ class GPT(nn.Module):
         return logits, (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
 
     def grid_embedding(self, idx, pos, kv_cache):
-        """Grid-place embeddings of idx's image codes, zero for other tokens. With a KV cache a
-        run of codes may have begun in an earlier call, so the place is read off the cached ids."""
+        """Grid embeddings of idx's image codes (own place, and the next code's place unless this
+        is the last), zero for other tokens. With a KV cache a run of codes may have begun in an
+        earlier call, so the place is read off the cached ids."""
         offset, n = self.config.image_offset, self.config.n_image_tokens
         if kv_cache is None:
             place = image_grid_index(idx, offset, n)
         else:
             kv_cache.write_ids(idx, pos)
             place = image_grid_index(kv_cache.ids[:, :int(pos.max()) + 1], offset, n).gather(1, pos)
-        return self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(self.wpe_image.weight.dtype)
+        dtype = self.wpe_image.weight.dtype
+        nxt = place + 1
+        return (self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(dtype)
+                + self.wpe_next(nxt.clamp(min=0, max=n - 1)) * ((nxt > 0) & (nxt < n)).unsqueeze(-1).to(dtype))
 
     def token_logprobs(self, idx, targets):
         """log p(targets[b, t] | idx[b, :t+1]) as (B, T), with gradients: what a policy-gradient

@@ -118,9 +118,24 @@ if __name__ == "__main__":
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
     grid_ids = list(range(min(6, eval_scenes)))
 
+    @torch.no_grad()
+    def kind_losses(model, n_batches=2):
+        """Val loss of each example kind apart: the mixed val loss hides whether maps are learning."""
+        out = {}
+        for kind in (k for k, w in weights.items() if w > 0):
+            losses = []
+            for k in range(n_batches):
+                x, y, m = stage1_batch(tok, codes["val"], questions["val"], np.random.default_rng([seed, 7, k]),
+                                       batch_size, block_size, {kind: 1.0})
+                with run.autocast():
+                    losses.append(model(x.to(run.device), y.to(run.device), m.to(run.device))[1].item())
+            out[f"loss_{kind}"] = float(np.mean(losses))
+        return out
+
     def evaluate(model, it):
         model.eval()
-        scores = ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, temperature=0.0), chance)
+        scores = kind_losses(model)
+        scores.update(ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, temperature=0.0), chance))
         if aux:
             maps_metrics, maps = ev.map_quality(model, tok, vq, val, codes["val"], range(eval_scenes), n_image, temperature=0.0)
             scores.update(maps_metrics)
@@ -136,6 +151,7 @@ if __name__ == "__main__":
     if run.master:
         keys = ["object_depth_absrel", "depth_absrel", "depth_delta1", "seg_miou", "vqa_acc", "chance_acc", "val_loss"]
         final = {k: round(last[k], 4) for k in keys if k in last}
+        final.update({k: round(v, 4) for k, v in last.items() if k.startswith("loss_")})
         final.update({k: round(v, 4) for k, v in last.items() if k.startswith("acc_")})
         final["tokens"] = last["tokens"]
         final["minutes"] = round((time.time() - t_start) / 60, 2)

@@ -6,9 +6,10 @@ data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=6
 tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~1 s
 vqgan = dict(data_dir=_data_dir, out_dir="out/vqgan")  # vqgan.py's defaults are the tiny preset
 # stage 1 (and the Base arm with --aux=False): 4 layers × 256 wide (3.5M parameters), 16×16 codes an
-# image, so sequences run from ~290 tokens (VQA) to ~830 (RGB, depth, seg, question, answer)
-stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=200, warmup_iters=20,
-              eval_interval=200, eval_scenes=32, eval_questions=140)
+# image, so sequences run from ~290 tokens (VQA) to ~830 (RGB, depth, seg, question, answer).
+# 600 iterations (~4.7M tokens): at 200 the maps held the horizon and the ground's gradient but no objects.
+stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=600, warmup_iters=20,
+              eval_interval=300, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~570 tokens: RGB, map, text):
 # 200 iterations × 8 traces at ~0.9 s, then greedy replies to 210 val questions through the tool

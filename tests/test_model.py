@@ -79,6 +79,7 @@ def test_grid_embedding_reaches_only_image_codes(tok):
     before, _ = model(idx)
     with torch.no_grad():
         model.wpe_image.weight.add_(1.0)
+        model.wpe_next.weight.add_(1.0)
     after, _ = model(idx)
     torch.testing.assert_close(after[:, :first], before[:, :first], atol=0, rtol=0)
     assert (after[:, first] - before[:, first]).abs().max() > 1e-3
@@ -219,7 +220,7 @@ def test_optimizer_groups_and_flops(tok):
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     c = model.config
-    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe_image")))
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe_")))
     n_norm = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     assert model.get_num_params() == n_matmul + n_norm
     assert model.flops_per_token(0) == 6 * model.get_num_params()
