@@ -28,6 +28,10 @@ import data
 import sampler
 from tokenizer import MAX_TURNS
 
+# How every evaluation decodes (stage scripts, RL's held-out pass, this report): text greedy, map
+# codes sampled at temperature 1 with a fixed seed. Greedy maps are bare ground and sky: see
+# sampler.generate's image_temperature.
+DECODE = dict(temperature=0.0, image_temperature=1.0, seed=0)
 THETAS = np.arange(0.50, 0.951, 0.05)
 UNITS = {"m": 1.0, "meter": 1.0, "meters": 1.0, "metre": 1.0, "metres": 1.0,
          "cm": 0.01, "centimeter": 0.01, "centimeters": 0.01, "centimetre": 0.01, "centimetres": 0.01,
@@ -437,18 +441,18 @@ if __name__ == "__main__":
                 continue
             model, _ = trainer.load_model(path)
             print(f"{arm}: {path}, answering {len(qs)} test questions ({mode})")
-            replies = answer(model, tok, qs, codes, n_image, mode=mode, tools=use_tools, batch_size=batch_size, temperature=0.0)
+            replies = answer(model, tok, qs, codes, n_image, mode=mode, tools=use_tools, batch_size=batch_size, **DECODE)
             per_seed.append(question_scores(tok, qs, replies))
             if arm == "PE":  # the PE arm both ways: direct answers as well as the paper's chain
                 per_seed_direct.append(question_scores(tok, qs, answer(model, tok, qs, codes, n_image, mode="direct",
-                                                                       batch_size=batch_size, temperature=0.0)))
+                                                                       batch_size=batch_size, **DECODE)))
             if mode == "interleaved":
                 tools_table.setdefault(arm, []).append(tool_use(tok, qs, replies))
                 if use_tools and example is None:
                     k = next((i for i, r in enumerate(replies) if any("tool" in p for p in tok.parse_reply(r)[0])), 0)
                     example = trace_markdown(tok, vq, qs[k], replies[k], report_dir, "trace")
             if arm in ("PE", "COOPER"):
-                m, maps = map_quality(model, tok, vq, test, codes, range(n_map_scenes), n_image, temperature=0.0,
+                m, maps = map_quality(model, tok, vq, test, codes, range(n_map_scenes), n_image, **DECODE,
                                       batch_size=batch_size)
                 maps_table.setdefault(arm, []).append(m)
                 if arm == "PE" and root == roots[0]:

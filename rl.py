@@ -280,7 +280,7 @@ def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
     evaluation, so the numbers compare): accuracy per category and their mean (vqa_acc), format
     validity and tool use (eval.tool_use), and the tool-use rate on positive and negative questions."""
     with decode_threads(next(model.parameters()).device):
-        replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", temperature=0.0)
+        replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", **ev.DECODE)
     use = ev.tool_use(tok, questions, replies)  # (its per-category breakdown is eval.py's report)
     out = {**ev.vqa_accuracy(tok, questions, replies), "format_valid": use["format_valid"], "tool_pattern": use["tool_pattern"]}
     used = np.array([used_tool(tok, r) for r in replies], dtype=float)

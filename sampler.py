@@ -136,11 +136,14 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.0, top_k=None,
-             top_p=None, seed=None, generator=None, tools=True, max_turns=MAX_TURNS):
+             top_p=None, seed=None, generator=None, tools=True, max_turns=MAX_TURNS, image_temperature=None):
     """Continue each prompt (a list of token ids; prompts may differ in length) by up to
     max_new_tokens tokens, all rows in one batch.
 
-    temperature 0 is greedy; top_k / top_p restrict sampling after the grammar's masks. Randomness
+    temperature 0 is greedy; top_k / top_p restrict sampling after the grammar's masks.
+    image_temperature, if given, is used for the codes of images instead: greedy decoding of a
+    code grid picks each place's single likeliest code, and a small object's mass is spread over
+    many codes, so greedy maps come out as bare ground and sky (evaluation draws maps at 1.0). Randomness
     comes from `generator` if given, else a fresh torch.Generator seeded with `seed`, else torch's
     global generator. Returns a Generation. Its logprobs are the model's own log-probabilities at
     temperature 1 before any mask, i.e. exactly what model.token_logprobs gives for the same
@@ -182,8 +185,11 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     columns, sampled_columns, logprob_columns = [], [], []
     for step in range(max_new_tokens):
         mode = torch.tensor([row.mode(tools, max_turns) for row in rows], device=device)
-        next_ids = sample_next(logits.float().masked_fill(~masks[mode], float("-inf")),
-                               temperature, top_k, top_p, generator)
+        masked = logits.float().masked_fill(~masks[mode], float("-inf"))
+        next_ids = sample_next(masked, temperature, top_k, top_p, generator)
+        drawing = mode == IMAGE
+        if image_temperature is not None and image_temperature != temperature and drawing.any():
+            next_ids = torch.where(drawing, sample_next(masked, image_temperature, top_k, top_p, generator), next_ids)
         logprob = F.log_softmax(logits.float(), dim=-1).gather(1, next_ids[:, None]).squeeze(1)
         column, sampled = next_ids.tolist(), [0] * B
         for b, row in enumerate(rows):

@@ -135,9 +135,9 @@ if __name__ == "__main__":
     def evaluate(model, it):
         model.eval()
         scores = kind_losses(model)
-        scores.update(ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, temperature=0.0), chance))
+        scores.update(ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, **ev.DECODE), chance))
         if aux:
-            maps_metrics, maps = ev.map_quality(model, tok, vq, val, codes["val"], range(eval_scenes), n_image, temperature=0.0)
+            maps_metrics, maps = ev.map_quality(model, tok, vq, val, codes["val"], range(eval_scenes), n_image, **ev.DECODE)
             scores.update(maps_metrics)
             ev.map_grid(os.path.join(out_dir, f"maps_{it:05d}.png"), val, {k: v[:len(grid_ids)] for k, v in maps.items()},
                         grid_ids, vq.depth_encoding)

@@ -152,14 +152,14 @@ if __name__ == "__main__":
     init_scores = {}
     if run.master:  # the init model's direct answers on the same questions: what stage 2 must beat
         model.eval()
-        init_scores = ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, temperature=0.0))
+        init_scores = ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, **ev.DECODE))
         model.train()
         print(f"init ({init_from}) direct answers: acc {init_scores['vqa_acc']:.3f}")
 
     def evaluate(model, it):
         model.eval()
         replies = ev.answer(model, tok, eval_qs, codes["val"], n_image, mode="interleaved", tools=tools == "all",
-                            temperature=0.0)
+                            **ev.DECODE)
         scores = {**ev.vqa_accuracy(tok, eval_qs, replies), **ev.tool_use(tok, eval_qs, replies)}
         with open(os.path.join(out_dir, f"replies_{it:05d}.txt"), "w") as f:  # to read what it does
             for q, r in list(zip(eval_qs, replies))[::len(eval_qs) // 28 or 1]:

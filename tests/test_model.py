@@ -430,6 +430,21 @@ def test_seeds_temperature_and_max_tokens(tok):
         assert out.lengths.tolist() == [n, n] and out.tokens.shape == (2, n)
 
 
+def test_image_temperature_samples_codes_and_keeps_text_greedy(tok):
+    """Text greedy, codes sampled: the reply's text is the greedy one, its map is not."""
+    m = tool_loop_mock(tok)
+    m.table.data[tok.image_start, tok.image_offset:] = 0.0  # every code equally likely at the map's start
+    m.table.data[tok.image_offset:, tok.image_offset:] = 0.0  # … and after each code
+    prompt = [tok.bos, tok.user, tok.assistant]
+    greedy = generate(m, tok, [prompt], 200, 12, temperature=0.0).row(0)
+    mixed = generate(m, tok, [prompt], 200, 12, temperature=0.0, image_temperature=1.0, seed=0).row(0)
+    is_code = [t >= tok.image_offset for t in greedy]
+    assert is_code == [t >= tok.image_offset for t in mixed] and sum(is_code) == 24  # the same path: two maps
+    assert [t for t in mixed if t < tok.image_offset] == [t for t in greedy if t < tok.image_offset]
+    assert len({t for t in greedy if t >= tok.image_offset}) == 1  # greedy: one code over both maps
+    assert len({t for t in mixed if t >= tok.image_offset}) > 8  # 24 draws from 16 equally likely codes
+
+
 def test_inside_a_tool_call_only_text_and_its_own_close_tag():
     import sampler
     from tokenizer import Tokenizer, train_bpe
