@@ -18,8 +18,7 @@ eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210, image_loss=False)
 # RL (GRPO + CPR) from out/stage2 (--tools=none: from out/stage2_text): an iteration = 4 questions ×
 # 8 rollouts and one optimizer step on the groups whose rewards differ; the held-out evaluation runs
-# at the start and the end (70 greedy replies; 7 val questions × 8 sampled for the reward). Adam at
+# at the start and the end (70 greedy replies; 14 val questions × 8 sampled for the reward). Adam at
 # 1e-4 made the tiny models' entropy climb and accuracy fall within 12 steps; 3e-5 held steady.
-# Measured on a busy 2-core machine (load ~5): 9-28 s an iteration, 3.6-3.9 min a run.
-rl = dict(data_dir=_data_dir, max_iters=12, eval_interval=12, prompts_per_batch=4, group_size=8, max_new_tokens=512,
-          learning_rate=3e-5, min_lr=3e-5, warmup_iters=2, eval_questions=70, eval_reward_questions=7)
+rl = dict(data_dir=_data_dir, max_iters=30, eval_interval=30, prompts_per_batch=4, group_size=8, max_new_tokens=512,
+          learning_rate=3e-5, min_lr=3e-5, warmup_iters=2, eval_questions=70, eval_reward_questions=14)

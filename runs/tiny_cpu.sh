@@ -4,6 +4,8 @@
 # A step whose out/<name>/final.json exists is skipped, so a rerun continues where it stopped;
 # `rm -r out data` starts over. Each step's last line is `final: {json}`, kept as final.json.
 # EXTRA=1 also trains the token-matched Base arm (same total tokens as stage 1); UNTIL=<step> stops after that step.
+# SEEDS=N also trains every arm again with seeds 2..N under out/seed<s>/ (same data, tokenizer and VQ)
+# and evaluates all N: the full experiment. (With out/eval done, `rm -r out/eval` to re-evaluate.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=config/tiny_cpu.py
@@ -35,5 +37,16 @@ step stage2 python train_stage2.py $PRESET                         # COOPER arm:
 step stage2_text python train_stage2.py $PRESET --tools=none       # RE arm: text-only CoT SFT
 step rl python rl.py $PRESET                                       # COOPER: GRPO with the CPR reward
 step rl_text python rl.py $PRESET --tools=none                     # RE: text-only GRPO
-step eval python eval.py $PRESET                                   # Table 1 analog -> report/report.md
+RUNS=out
+for s in $(seq 2 "${SEEDS:-1}"); do  # the same arms from another seed: each stage starts from this seed's previous one
+  R=out/seed$s
+  step seed$s/stage1 python train_stage1.py $PRESET --seed=$s --out_dir=$R/stage1
+  step seed$s/base python train_stage1.py $PRESET --seed=$s --aux=False --out_dir=$R/base
+  step seed$s/stage2 python train_stage2.py $PRESET --seed=$s --init_from=$R/stage1/ckpt.pt --out_dir=$R/stage2
+  step seed$s/stage2_text python train_stage2.py $PRESET --seed=$s --tools=none --init_from=$R/base/ckpt.pt --out_dir=$R/stage2_text
+  step seed$s/rl python rl.py $PRESET --seed=$s --init_from=$R/stage2/ckpt.pt --out_dir=$R/rl
+  step seed$s/rl_text python rl.py $PRESET --seed=$s --tools=none --init_from=$R/stage2_text/ckpt.pt --out_dir=$R/rl_text
+  RUNS=$RUNS,$R
+done
+step eval python eval.py $PRESET --runs=$RUNS                      # Table 1 analog -> report/report.md
 echo "pipeline done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s"
