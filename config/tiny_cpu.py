@@ -12,7 +12,7 @@ stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=600,
               eval_interval=300, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~570 tokens: RGB, map, text):
-# 200 iterations × 8 traces at ~0.9 s, then greedy replies to 210 val questions through the tool
+# 200 iterations × 8 traces at ~0.9 s, then replies (text greedy, maps sampled) to 210 val questions through the tool
 # loop: ~4 min (the RE arm, text only: ~2 min). Text-only loss: with the map codes in it (256 a
 # trace against ~60 text tokens), 100 iterations left no reply well formed.
 stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210, image_loss=False)
