@@ -77,7 +77,8 @@ kl_beta = 0.0  # > 0: k3 KL to the frozen initial model
 adv_eps = 1e-4
 rl_image_tokens = False  # also train the map codes the policy sampled
 # held-out evaluation: replies (eval.DECODE: text greedy, maps sampled) to a fixed balanced sample
-# of val questions, and the mean reward of group_size sampled replies to each of a fixed few of them (same seed every time)
+# of val questions, and the mean reward of group_size sampled replies to each of a fixed few of
+# them (same seed every time)
 eval_questions = 70
 eval_reward_questions = 14
 learning_rate = 1e-4
