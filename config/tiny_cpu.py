@@ -12,13 +12,13 @@ stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=600,
               eval_interval=300, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~570 tokens: RGB, map, text):
-# 200 iterations × 8 traces at ~0.9 s, then replies (text greedy, maps sampled) to 210 val questions through the tool
-# loop: ~4 min (the RE arm, text only: ~2 min). Text-only loss: with the map codes in it (256 a
-# trace against ~60 text tokens), 100 iterations left no reply well formed.
-stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210, image_loss=False)
+# 200 iterations × 8 traces at ~0.9 s, then replies (text greedy, maps sampled) to 210 val questions
+# through the tool loop: ~4 min (the RE arm, text only: ~2 min).
+stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210)
 # RL (GRPO + CPR) from out/stage2 (--tools=none: from out/stage2_text): an iteration = 4 questions ×
 # 8 rollouts and one optimizer step on the groups whose rewards differ; the held-out evaluation runs
 # at the start and the end (70 greedy replies; 14 val questions × 8 sampled for the reward). Adam at
 # 1e-4 made the tiny models' entropy climb and accuracy fall within 12 steps; 3e-5 held steady.
-rl = dict(data_dir=_data_dir, max_iters=30, eval_interval=30, prompts_per_batch=4, group_size=8, max_new_tokens=512,
+# max_new_tokens 800: two maps (~270 tokens each) and the text; 512 cut every second tool call off.
+rl = dict(data_dir=_data_dir, max_iters=30, eval_interval=30, prompts_per_batch=4, group_size=8, max_new_tokens=800,
           learning_rate=3e-5, min_lr=3e-5, warmup_iters=2, eval_questions=70, eval_reward_questions=14)

@@ -13,7 +13,9 @@ import data
 import eval as ev
 import tokenizer
 import trainer
+import train_stage1 as s1
 import train_stage2 as s2
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 16  # image codes per map in these tests
@@ -140,9 +142,31 @@ def test_arm_defaults():
 
 
 @pytest.mark.parametrize("arg,msg", [("--tools=some", "tools must be one of all, none"),
-                                     ("--image_loss=1", "expected bool, got int")])
+                                     ("--image_loss=yes", "expected float")])
 def test_bad_config_fails_before_any_work(tmp_path, arg, msg):
     r = subprocess.run([sys.executable, "train_stage2.py", f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/o",
                         f"--init_from={tmp_path}/i/ckpt.pt", arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and msg in r.stderr
     assert not any(os.path.exists(tmp_path / p) for p in ("d", "o", "i"))
+
+
+def test_trace_loss_normalises_text_and_codes_apart(setup):
+    """weight 0 is the text-only loss (the mask rendered with image_loss=False); the code part is
+    the mean over the drawn codes alone, whatever the text/code ratio of the batch."""
+    tok, codes, split = setup
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          image_offset=tok.image_offset, n_image_tokens=N))
+    ts = [t for t in conversations.build_traces(split) if any("tool" in p for p in t["conversation"][1]["content"])][:3]
+    rows = [tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"])) for t in ts]
+    text_rows = [tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]), image_loss=False) for t in ts]
+    batch, text_batch = s1.make_batch(tok, rows, 512), s1.make_batch(tok, text_rows, 512)
+    loss0, parts = s2.trace_loss(model, batch, tok.image_offset, 0.0)
+    torch.testing.assert_close(loss0, model(*text_batch)[1])
+    x, y, m = batch
+    code_mask = m * (y >= tok.image_offset)
+    assert code_mask.sum() == 3 * N  # one map of N codes a trace
+    logp = model.token_logprobs(x, y)
+    loss1, _ = s2.trace_loss(model, batch, tok.image_offset, 0.5)
+    torch.testing.assert_close(loss1, loss0 + 0.5 * -(logp * code_mask).sum() / code_mask.sum())
+    assert parts["loss_codes"] == pytest.approx((-(logp * code_mask).sum() / code_mask.sum()).item(), rel=1e-5)
