@@ -270,8 +270,11 @@ def render_scene(seed, cfg):
 
 # --- pseudo-RGB conversions (COOPER §3.1) ------------------------------------------------------
 def depth_to_rgb(depth, encoding=DEPTH_ENCODING):
-    """Metric depth (..., H, W) -> grey uint8 (..., H, W, 3) over the fixed range [DEPTH_MIN, DEPTH_MAX]."""
-    d = np.clip(np.asarray(depth, dtype=np.float64), DEPTH_MIN, DEPTH_MAX)
+    """Metric depth (..., H, W) -> grey uint8 (..., H, W, 3) over the fixed range [DEPTH_MIN, DEPTH_MAX].
+    A pixel with no reading (NaN, as a real depth file's zeros load) is drawn as far as the sky:
+    left as NaN it would cast to an arbitrary grey (0, i.e. nearest, on most machines)."""
+    d = np.asarray(depth, dtype=np.float64)
+    d = np.clip(np.where(np.isfinite(d), d, DEPTH_MAX), DEPTH_MIN, DEPTH_MAX)
     if encoding == "log":
         v = np.log(d / DEPTH_MIN) / math.log(DEPTH_MAX / DEPTH_MIN)
     elif encoding == "linear":

@@ -108,13 +108,14 @@ def _template(q):
 
 # --- maps ----------------------------------------------------------------------------------------
 def depth_metrics(pred, true, seg):
-    """pred, true: metres (N, H, W); seg: true instance ids (N, H, W). Object pixels only."""
+    """pred, true: metres (N, H, W); seg: true instance ids (N, H, W). Object pixels with a true
+    reading only (real depth files have holes, loaded as NaN)."""
     pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
-    obj = seg >= 2
+    obj = (seg >= 2) & np.isfinite(true)
     rel = np.abs(pred[obj] - true[obj]) / true[obj]
     ratio = np.maximum(pred[obj] / true[obj], true[obj] / pred[obj])
     per_object = [abs(np.median(pred[i][m]) / np.median(true[i][m]) - 1)
-                  for i in range(len(seg)) for k in np.unique(seg[i]) if k >= 2 for m in [seg[i] == k]]
+                  for i in range(len(seg)) for k in np.unique(seg[i]) if k >= 2 for m in [obj[i] & (seg[i] == k)] if m.any()]
     return {"depth_absrel": float(rel.mean()), "depth_delta1": float((ratio < 1.25).mean()),
             "object_depth_absrel": float(np.mean(per_object))}
 

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -248,6 +249,14 @@ def test_depth_round_trip_within_half_a_step(encoding):
     assert err.max() > step / 4  # it does quantise
     grey = data.depth_to_rgb(d, encoding)
     assert grey.dtype == np.uint8 and grey.shape == (50, 64, 3) and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_depth_with_no_reading_is_drawn_far_not_near():
+    d = np.array([[np.nan, 1.0, np.inf]], dtype=np.float32)  # real depth files' holes load as NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no invalid-cast warning: the hole is handled, not cast
+        grey = data.depth_to_rgb(d)[..., 0]
+    assert grey[0, 0] == grey[0, 2] == 255 and grey[0, 1] < 255
 
 
 def test_seg_round_trip_exact_and_snaps_noisy_colours():

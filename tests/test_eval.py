@@ -64,6 +64,15 @@ def test_depth_metrics_by_hand():
     assert m["object_depth_absrel"] == pytest.approx(0.05)
 
 
+def test_depth_metrics_skip_pixels_with_no_true_reading():
+    true = np.array([[[2.0, np.nan, 2.0, np.nan]]])  # holes in a real depth file load as NaN
+    seg = np.array([[[2, 2, 2, 3]]])  # object 3 is all hole: not scored at all
+    pred = np.array([[[2.2, 50.0, 2.6, 9.0]]])
+    m = ev.depth_metrics(pred, true, seg)
+    assert m["depth_absrel"] == pytest.approx((0.1 + 0.3) / 2)
+    assert m["object_depth_absrel"] == pytest.approx(0.2)  # median(2.2, 2.6) / 2 - 1
+
+
 def test_seg_miou_by_hand_with_absent_classes():
     true = np.array([[[2, 2, 3, 3], [0, 1, 1, 1]]])
     pred = np.array([[[2, 3, 3, 3], [0, 1, 1, 4]]])  # id 4 absent from the truth: not scored
