@@ -4,16 +4,17 @@ The unified transformer (DESIGN §4): one decoder-only GPT over one shared vocab
     [text BPE ids][special ids][image code ids]      image code c has id tok.image_offset + c
 
 The model knows one fact of that layout: ids from image_offset up are image codes, and an image is
-a run of n_image_tokens of them in raster order. Each code gets two learned embeddings added to its
-token embedding: its own place in the grid, and the place of the code that comes next (the one it
-is about to predict). RoPE alone tells a token only how far back another token is, so a map code
-could find "where in the picture am I drawing" only by counting back to the <|image|> tag; a
-200-step model never managed it (its depth maps lacked even the ground's gradient). With the two
-tables, the query of a depth code can carry "I draw place k+1" and the key of the RGB code at place
-k+1 carries "I am place k+1", and attention lines them up. Which ids are text, specials or tool
-tags the model does not know. It reads an RGB image
-as N code ids, writes a depth map as N code ids, and reasons about both in text, all with one
-softmax and one next-token loss. (BAGEL, COOPER's base, generates images with a rectified-flow
+a run of n_image_tokens of them in raster order. Each code gets a learned embedding of its place
+in the grid added to its token embedding. RoPE alone tells a token only how far back another token
+is, so a map code could find "where in the picture am I drawing" only by counting back to the
+<|image|> tag; a 200-step model never managed it (its depth maps lacked even the ground's
+gradient). With the table, the depth code at place k (which predicts place k+1) and the RGB code at
+place k+1 both carry their places, and the query and key projections can learn to line up "k" with
+"k+1". (A second table for "the place I predict" would add nothing: that place is k+1 for the code
+at k, so the two tables' sum is again one vector per place. The first code of a map is predicted by
+<|image|> itself, whose own embedding says "place 0 comes next".) Which ids are text, specials or
+tool tags the model does not know. It reads an RGB image as N code ids, writes a depth map as N
+code ids, and reasons about both in text, all with one softmax and one next-token loss. (BAGEL, COOPER's base, generates images with a rectified-flow
 head over VAE latents; with VQ codes the ordinary LM head does it, as in LlamaGen, and vqgan.py's
 decoder turns codes back into pixels.) The grammar of images and tool calls is enforced at
 sampling time, in sampler.py.
@@ -211,7 +212,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.n_image_tokens:
             self.wpe_image = nn.Embedding(config.n_image_tokens, config.n_embd)  # a code's place in the grid
-            self.wpe_next = nn.Embedding(config.n_image_tokens, config.n_embd)  # the place of the code it predicts
         cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # rebuilt from the config on load
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -267,19 +267,15 @@ class GPT(nn.Module):
         return logits, (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
 
     def grid_embedding(self, idx, pos, kv_cache):
-        """Grid embeddings of idx's image codes (own place, and the next code's place unless this
-        is the last), zero for other tokens. With a KV cache a run of codes may have begun in an
-        earlier call, so the place is read off the cached ids."""
+        """The grid embedding of idx's image codes (their place), zero for other tokens. With a KV
+        cache a run of codes may have begun in an earlier call, so the place is read off the cached ids."""
         offset, n = self.config.image_offset, self.config.n_image_tokens
         if kv_cache is None:
             place = image_grid_index(idx, offset, n)
         else:
             kv_cache.write_ids(idx, pos)
             place = image_grid_index(kv_cache.ids[:, :int(pos.max()) + 1], offset, n).gather(1, pos)
-        dtype = self.wpe_image.weight.dtype
-        nxt = place + 1
-        return (self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(dtype)
-                + self.wpe_next(nxt.clamp(min=0, max=n - 1)) * ((nxt > 0) & (nxt < n)).unsqueeze(-1).to(dtype))
+        return self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(self.wpe_image.weight.dtype)
 
     def token_logprobs(self, idx, targets):
         """log p(targets[b, t] | idx[b, :t+1]) as (B, T), with gradients: what a policy-gradient
