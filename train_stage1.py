@@ -42,7 +42,7 @@ seg_weight = 0.5
 chain_weight = 0.5
 token_budget = 0  # > 0: set max_iters so the run trains on about this many tokens
 eval_scenes = 48  # val scenes whose generated maps are scored at each evaluation
-eval_questions = 210  # val questions (balanced over categories) answered greedily at each evaluation
+eval_questions = 210  # val questions (balanced over categories) answered at each evaluation (eval.DECODE)
 max_iters = 600
 eval_interval = 200
 # -----------------------------------------------------------------------------

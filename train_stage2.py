@@ -32,9 +32,10 @@ Two arms of DESIGN §6:
 With --tools=none, init_from and out_dir follow the arm unless they are set. A missing init
 checkpoint is first built with stage 1's tiny preset (subprocess), which says so.
 
-At the end the model answers balanced val questions greedily through the real sampler (tool loop
-on for COOPER, off for RE): format validity (tokenizer.parse_reply, the RL format reward's
-parser), tool use per category, and accuracy per category beside the init model's direct answers.
+At the end the model answers balanced val questions (text greedy, maps sampled) through the real
+sampler (tool loop on for COOPER, off for RE): format validity (tokenizer.parse_reply, the RL
+format reward's parser), tool use per category, and accuracy per category beside the init model's
+direct answers.
 
     python train_stage2.py                    # COOPER arm, tiny preset defaults
     python train_stage2.py --tools=none       # RE arm
@@ -64,7 +65,7 @@ data_dir = "data/tiny"
 vq_ckpt = "out/vqgan/ckpt.pt"
 tools = "all"  # all: the COOPER arm (interleaved tool calls); none: the RE arm (text-only reasoning)
 image_loss = 0.5  # weight of the drawn maps' mean code loss beside the text's mean loss (0: text only)
-eval_questions = 210  # val questions (balanced over categories) answered greedily at each evaluation
+eval_questions = 210  # val questions (balanced over categories) answered at each evaluation (eval.DECODE)
 max_iters = 200
 batch_size = 8
 eval_interval = 200

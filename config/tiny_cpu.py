@@ -17,7 +17,7 @@ eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210)
 # RL (GRPO + CPR) from out/stage2 (--tools=none: from out/stage2_text): an iteration = 4 questions ×
 # 8 rollouts and one optimizer step on the groups whose rewards differ; the held-out evaluation runs
-# at the start and the end (70 greedy replies; 14 val questions × 8 sampled for the reward). Adam at
+# at the start and the end (70 replies, text greedy; 14 val questions × 8 sampled for the reward). Adam at
 # 1e-4 made the tiny models' entropy climb and accuracy fall within 12 steps; 3e-5 held steady.
 # max_new_tokens 800: two maps (~270 tokens each) and the text; 512 cut every second tool call off.
 rl = dict(data_dir=_data_dir, max_iters=30, eval_interval=30, prompts_per_batch=4, group_size=8, max_new_tokens=800,
