@@ -115,7 +115,7 @@ def depth_metrics(pred, true, seg):
     rel = np.abs(pred[obj] - true[obj]) / true[obj]
     ratio = np.maximum(pred[obj] / true[obj], true[obj] / pred[obj])
     per_object = [abs(np.median(pred[i][m]) / np.median(true[i][m]) - 1)
-                  for i in range(len(seg)) for k in np.unique(seg[i]) if k >= 2 for m in [obj[i] & (seg[i] == k)] if m.any()]
+                  for i in range(len(seg)) for k in np.unique(seg[i][obj[i]]) for m in [obj[i] & (seg[i] == k)]]
     return {"depth_absrel": float(rel.mean()), "depth_delta1": float((ratio < 1.25).mean()),
             "object_depth_absrel": float(np.mean(per_object))}
 

@@ -14,9 +14,9 @@ place k+1 both carry their places, and the query and key projections can learn t
 at k, so the two tables' sum is again one vector per place. The first code of a map is predicted by
 <|image|> itself, whose own embedding says "place 0 comes next".) Which ids are text, specials or
 tool tags the model does not know. It reads an RGB image as N code ids, writes a depth map as N
-code ids, and reasons about both in text, all with one softmax and one next-token loss. (BAGEL, COOPER's base, generates images with a rectified-flow
-head over VAE latents; with VQ codes the ordinary LM head does it, as in LlamaGen, and vqgan.py's
-decoder turns codes back into pixels.) The grammar of images and tool calls is enforced at
+code ids, and reasons about both in text, all with one softmax and one next-token loss. (BAGEL,
+COOPER's base, generates images with a rectified-flow head over VAE latents; with VQ codes the
+ordinary LM head does it, as in LlamaGen, and vqgan.py's decoder turns codes back into pixels.) The grammar of images and tool calls is enforced at
 sampling time, in sampler.py.
 
 A modern small GPT, in nanoGPT's reading order: GPTConfig, then the pieces (RoPE, attention with
