@@ -11,7 +11,7 @@ and spatial questions whose answers are computed from the scene graph, so every 
 COOPER's trick is to turn depth and segmentation into RGB-like "pseudo-images" so one image
 generator can produce all three: `depth_to_rgb`/`rgb_to_depth` and `seg_to_rgb`/`rgb_to_seg`.
 
-Real data enters through `load_manifest`: a JSONL of image/depth/seg files and questions.
+Real data enters through manifest.py: a JSONL of image/depth/seg files and questions.
 
     python data.py                       # write the tiny preset's train/val/test splits to data/tiny
     python data.py --n_train=20000 --image_size=128 --out_dir=data/small
@@ -20,12 +20,10 @@ import collections
 import json
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
 
 # --- constants: one place for everything a conversion depends on --------------------------------
 DEPTH_MIN, DEPTH_MAX = 0.5, 25.0  # metres; the pseudo-image range is absolute, so decoded maps are metric
@@ -103,8 +101,8 @@ def camera_rays(cam, size):
     f = (size / 2) / math.tan(cam["fov"] / 2)
     c = (np.arange(size) + 0.5 - size / 2) / f
     dx, dy = np.meshgrid(c, -c)  # image rows go down, world y goes up
-    p, cp, sp = cam["pitch"], math.cos(cam["pitch"]), math.sin(cam["pitch"])
-    # camera looks along +z pitched down by p: rotate the camera-frame direction (dx, dy, 1) about x
+    cp, sp = math.cos(cam["pitch"]), math.sin(cam["pitch"])
+    # camera looks along +z pitched down by the pitch: rotate the camera-frame direction (dx, dy, 1) about x
     d = np.stack([dx, dy * cp - sp, dy * sp + cp], axis=-1)
     return np.array([0.0, cam["height"], 0.0]), d
 
@@ -477,6 +475,7 @@ def build_dataset(out_dir, n_train, n_val, n_test, cfg, seed=0, manifest=""):
     counts, summary = {}, {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
         if manifest:
+            from manifest import load_manifest  # manifest.py imports this module's constants
             split_data = load_manifest(manifest.format(split=split), cfg.image_size)
             scenes, questions = split_data["scenes"], split_data["questions"]
             save_split(out_dir, split, split_data, scenes, questions)
@@ -506,134 +505,6 @@ TINY_PRESET = {"n_train": 4000, "n_val": 200, "n_test": 400, "image_size": 64, "
 
 def load_questions(data_dir, split):
     return [json.loads(line) for line in open(os.path.join(data_dir, split, "questions.jsonl"))]
-
-
-# --- real data: a JSONL manifest ----------------------------------------------------------------
-def _fit(img, size, resample):
-    """Resize the shorter side to `size`, then centre-crop to size×size."""
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def _canonical_ids(ids):
-    """Arbitrary instance ids (0 = background) -> 0 background, 2… instances ordered left to right
-    by centroid, as the synthetic renderer numbers them. Beyond the palette, the smallest
-    instances merge into the background."""
-    labels, counts = np.unique(ids[ids > 0], return_counts=True)
-    keep = labels[np.argsort(-counts, kind="stable")][:len(SEG_PALETTE) - 2]
-    cols = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-    keep = sorted(keep, key=lambda k: cols[ids == k].mean())
-    out = np.zeros(ids.shape, dtype=np.uint8)
-    for new, k in enumerate(keep):
-        out[ids == k] = 2 + new
-    return out
-
-
-def load_manifest(path, image_size=64):
-    """Real data. Each line of the JSONL at `path` is an object with
-        image     path to an RGB image (any format pillow reads), relative to the manifest
-        depth     optional: 16-bit PNG in millimetres, or .npy in metres
-        seg       optional: PNG of instance ids (0 = background)
-        question, answer, category   (and optionally answer_type, tool)
-    Returns the load_split format; depth is NaN and seg 0 where a file is absent. Every error
-    names the manifest line and the file."""
-    root = os.path.dirname(os.path.abspath(path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"manifest {path} not found")
-    images, scenes, questions, index = {m: [] for m in MODALITIES}, [], [], {}
-    for n, line in enumerate(open(path), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-        missing = [k for k in ("image", "question", "answer", "category") if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
-        key = (row["image"], row.get("depth"), row.get("seg"))
-        if key not in index:
-            index[key] = len(scenes)
-            rgb, depth, seg = _load_files(root, row, where, image_size)
-            for m, a in zip(MODALITIES, (rgb, depth, seg)):
-                images[m].append(a)
-            scenes.append({"image": row["image"], "has_depth": row.get("depth") is not None,
-                           "has_seg": row.get("seg") is not None, "image_size": image_size})
-        q = {k: v for k, v in row.items() if k not in ("image", "depth", "seg")}
-        questions.append({"scene": index[key], **_typed(q)})
-    if not scenes:
-        raise ValueError(f"manifest {path} has no entries")
-    out = {m: np.stack(a) for m, a in images.items()}
-    out["scenes"], out["questions"] = scenes, questions
-    return out
-
-
-def _typed(q):
-    """Fill in what scoring needs when a manifest leaves it out: the answer type (and, for
-    numbers, value and unit) read off the answer, a kind, and the tool flag "none"."""
-    q = dict(q)
-    q.setdefault("kind", q["category"])
-    q.setdefault("tool", "none")
-    a = str(q["answer"]).strip()
-    num = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*(m|cm)", a)
-    if "answer_type" not in q:
-        q["answer_type"] = ("number" if num else "yesno" if a.lower() in ("yes", "no")
-                            else "integer" if a.isdigit() else "choice")
-    if q["answer_type"] == "number" and num:
-        q.setdefault("value", float(num.group(1)))
-        q.setdefault("unit", num.group(2))
-    if q["answer_type"] == "choice":
-        q.setdefault("choices", [a])
-    return q
-
-
-def _load_files(root, row, where, size):
-    def open_image(field):
-        f = os.path.join(root, row[field])
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"{where}: {field} file {f} not found")
-        try:
-            img = Image.open(f)
-            img.load()
-            return img
-        except Exception as e:
-            raise ValueError(f"{where}: cannot read {field} file {f}: {e}") from None
-
-    rgb = np.asarray(_fit(open_image("image").convert("RGB"), size, Image.BICUBIC))
-    depth = np.full((size, size), np.nan, dtype=np.float32)
-    if row.get("depth") is not None:
-        if row["depth"].endswith(".npy"):
-            f = os.path.join(root, row["depth"])
-            try:
-                metres = np.load(f).astype(np.float32)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{where}: depth file {f} not found") from None
-            except Exception as e:
-                raise ValueError(f"{where}: cannot read depth file {f}: {e}") from None
-            if metres.ndim != 2:
-                raise ValueError(f"{where}: depth file {f} has shape {metres.shape}, expected (H, W)")
-        else:
-            img = open_image("depth")
-            if img.mode not in ("I;16", "I;16B", "I", "L"):
-                raise ValueError(f"{where}: depth PNG {row['depth']} has mode {img.mode}, expected 16-bit millimetres")
-            metres = np.asarray(img, dtype=np.float32) / 1000.0
-        # nearest-neighbour: interpolating depth across an object boundary invents surfaces
-        d = _fit(Image.fromarray(metres, mode="F"), size, Image.NEAREST)
-        depth = np.asarray(d, dtype=np.float32)
-        depth = np.where(depth > 0, np.clip(depth, DEPTH_MIN, DEPTH_MAX), np.nan).astype(np.float32)  # 0 = no reading
-    seg = np.zeros((size, size), dtype=np.uint8)
-    if row.get("seg") is not None:
-        ids = np.asarray(open_image("seg"), dtype=np.int64)
-        if ids.ndim != 2:
-            raise ValueError(f"{where}: seg file {row['seg']} must be a single-channel PNG of ids")
-        ids = np.asarray(_fit(Image.fromarray(ids.astype(np.int32), mode="I"), size, Image.NEAREST), dtype=np.int64)
-        seg = _canonical_ids(ids)
-    return rgb, depth, seg
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import manifest
 import vqgan
 
 TINY = vqgan.VQConfig(channels=32, n_res_blocks=1, codebook_size=64)
@@ -158,9 +159,9 @@ def test_code_files_round_trip(tiny_data, tmp_path):
 def test_photo_of_arbitrary_size_encodes_and_decodes(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (71, 97, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
-    manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text(json.dumps({"image": "photo.png", "question": "q", "answer": "a", "category": "general"}) + "\n")
-    photo = data.load_manifest(str(manifest), image_size=64)
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(json.dumps({"image": "photo.png", "question": "q", "answer": "a", "category": "general"}) + "\n")
+    photo = manifest.load_manifest(str(path), image_size=64)
     model = vqgan.VQModel(TINY).eval()
     codes = model.encode(photo["rgb"])
     assert codes.shape == (1, 16, 16)
