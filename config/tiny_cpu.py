@@ -1,6 +1,7 @@
 # The default preset: the whole pipeline on a 2-core CPU, 64×64 synthetic scenes. Measured: 48 min
-# with a 200-iteration stage 1 on a fast machine (2026-11-25); on a slow one (2026-12-01) the VQ
-# alone took 41 min (~5 min on the fast one) and stage 1 63 min, so the goal of minutes is not met.
+# with a 200-iteration stage 1 on a fast machine (2026-11-25); on a slow one (2026-12-01/02) ~4 h
+# (VQ 41 min, stage 1 63, Base 49, stage 2 25 + 12, RL 24 + 8, eval 15; README), so the goal of
+# minutes is not met.
 # Each dict configures one script (see configurator.py); "_" names are this file's helpers.
 _data_dir = "data/tiny"
 
