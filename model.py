@@ -3,25 +3,25 @@ The unified transformer (DESIGN §4): one decoder-only GPT over one shared vocab
 
     [text BPE ids][special ids][image code ids]      image code c has id tok.image_offset + c
 
-The model knows one fact of that layout: ids from image_offset up are image codes, and an image is
-a run of n_image_tokens of them in raster order. Each code gets a learned embedding of its place
-in the grid added to its token embedding. RoPE alone tells a token only how far back another token
-is, so a map code could find "where in the picture am I drawing" only by counting back to the
-<|image|> tag; a 200-step model never managed it (its depth maps lacked even the ground's
-gradient). With the table, the depth code at place k (which predicts place k+1) and the RGB code at
-place k+1 both carry their places, and the query and key projections can learn to line up "k" with
-"k+1". (A second table for "the place I predict" would add nothing: that place is k+1 for the code
-at k, so the two tables' sum is again one vector per place. The first code of a map is predicted by
-<|image|> itself, whose own embedding says "place 0 comes next".) Which ids are text, specials or
-tool tags the model does not know. It reads an RGB image as N code ids, writes a depth map as N
-code ids, and reasons about both in text, all with one softmax and one next-token loss. (BAGEL,
-COOPER's base, generates images with a rectified-flow head over VAE latents; with VQ codes the
-ordinary LM head does it, as in LlamaGen, and vqgan.py's decoder turns codes back into pixels.) The grammar of images and tool calls is enforced at
-sampling time, in sampler.py.
+The model knows one fact of that layout: ids from image_offset up are image codes, and an image is a
+run of n_image_tokens of them in raster order. Two things tell a code where in the grid it is. A
+learned embedding of its place is added to its token embedding: "near the bottom" means "near the
+camera". And the grid RoPE (see rope_angles) rotates the code at place k, which predicts place k+1,
+so that it lines up with every earlier image's code at place k+1: drawing a depth map from an RGB
+image is mostly copying by place. RoPE over sequence positions alone tells a token only how far back
+another token is, so a map code could find "where in the picture am I drawing" only by counting back
+to the <|image|> tag; a 200-step model never managed it (its depth maps lacked even the ground's
+gradient). The first code of a map is predicted by <|image|> itself, which sits at place 0 of the
+grid RoPE. Which ids are text, specials or tool tags the model does not know. It reads an RGB image
+as N code ids, writes a depth map as N code ids, and reasons about both in text, all with one
+softmax and one next-token loss. (BAGEL, COOPER's base, generates images with a rectified-flow head
+over VAE latents; with VQ codes the ordinary LM head does it, as in LlamaGen, and vqgan.py's decoder
+turns codes back into pixels.)
+The grammar of images and tool calls is enforced at sampling time, in sampler.py.
 
-A modern small GPT, in nanoGPT's reading order: GPTConfig, then the pieces (RoPE, attention with
-three interchangeable backends, MLP, Block), the KV cache, and GPT itself with its loss, per-token
-log-probs (for RL), optimizer and FLOP count.
+A modern small GPT, in nanoGPT's reading order: GPTConfig, then the pieces (RoPE and grid RoPE,
+attention with three interchangeable backends, MLP, Block), the KV cache, and GPT itself with its
+loss, per-token log-probs (for RL), optimizer and FLOP count.
 """
 import math
 from dataclasses import dataclass
@@ -42,17 +42,51 @@ class GPTConfig:
     attn_impl: str = "auto"  # "sdpa" | "triton" (kernels.py) | "math" | "auto": triton on CUDA, sdpa otherwise
     qk_norm: bool = True  # RMSNorm on queries and keys: bounds attention logits, steadier at high LR
     rope_base: float = 10000.0
+    grid_rope: bool = True  # half of each head's rotations follow an image code's (row, col): see rope_angles
     image_offset: int = 0  # tok.image_offset: ids >= this are image codes
     n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
 
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
-# only on the distance between tokens. It also lets the sampler give every row its own positions.
+# only on the difference of the two tokens' positions. It also lets the sampler give every row its
+# own positions.
+#
+# Grid RoPE. Drawing a depth map from an RGB image is mostly copying by place: the code predicting
+# place j should look at the RGB code at place j. With sequence positions alone that key sits a
+# different distance back for every image layout, and the learned grid table (GPT.wpe_image) has to
+# learn "k lines up with k+1" for each of the N places separately. So with grid_rope, half of each
+# head's rotation pairs follow the (row, col) of a grid place instead (a quarter each): a key is
+# rotated by its own place, a query by the place its token *predicts* (k+1 for the code at place k;
+# place 0 for text, which is what <|image|> predicts). The code predicting place j and every
+# earlier image's code at place j are then at relative grid offset 0, for any image and any layout,
+# with nothing to learn (RandAR and ARPG rotate queries by the predicted position the same way;
+# LlamaGen and Qwen2-VL use 2-D RoPE). Text keys sit at place 0, so text-to-text attention sees only
+# the sequence half. The KV cache stores keys, whose rotation is their own place, so decoding
+# needs nothing new.
+GRID_ROPE_BASE = 100.0  # the grid spans tens of places per axis, not thousands of tokens
 
-def rope_tables(block_size, head_dim, base):
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (T, D/2)
+
+def rope_frequencies(head_dim, base, grid_rope):
+    """(sequence, grid) inverse frequencies: the head's D/2 rotation pairs, all following the
+    sequence position, or with grid_rope a half for it and a quarter each for row and column."""
+    n = head_dim // 2
+    n_seq = n // 2 if grid_rope else n
+    seq = 1.0 / base ** (torch.arange(n_seq).float() / n_seq)
+    if not grid_rope:
+        return seq, None
+    assert n % 4 == 0, "grid RoPE needs a head dimension divisible by 8"
+    n_axis = (n - n_seq) // 2
+    return seq, 1.0 / GRID_ROPE_BASE ** (torch.arange(n_axis).float() / n_axis)
+
+
+def rope_angles(pos, seq_freq, place=None, grid_freq=None, side=1):
+    """(cos, sin) of shape (..., T, D/2) for sequence positions pos (..., T) and, with grid_freq,
+    grid places (..., T) on a side x side grid."""
+    angles = pos.unsqueeze(-1).float() * seq_freq
+    if grid_freq is not None:
+        row, col = (place // side).unsqueeze(-1).float(), (place % side).unsqueeze(-1).float()
+        angles = torch.cat((angles.expand(*place.shape, -1), row * grid_freq, col * grid_freq), dim=-1)
     return angles.cos(), angles.sin()
 
 
@@ -108,10 +142,10 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, rope_q, rope_k, cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k = apply_rope(self.q_norm(q), *rope_q), apply_rope(self.k_norm(k), *rope_k)
         # the rotation (fp32 tables) and, under autocast, the norms may promote q and k to fp32;
         # attention kernels and the KV cache want all three in v's dtype
         q, k = q.to(v.dtype), k.to(v.dtype)
@@ -145,8 +179,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.drop(self.attn(self.ln_1(x), cos, sin, cache))
+    def forward(self, x, rope_q, rope_k, cache=None):
+        x = x + self.drop(self.attn(self.ln_1(x), rope_q, rope_k, cache))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -212,9 +246,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.n_image_tokens:
             self.wpe_image = nn.Embedding(config.n_image_tokens, config.n_embd)  # a code's place in the grid
-        cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)  # rebuilt from the config on load
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.grid_side = math.isqrt(config.n_image_tokens)
+        grid_rope = config.grid_rope and config.n_image_tokens > 0
+        assert not grid_rope or self.grid_side ** 2 == config.n_image_tokens, "grid RoPE needs a square grid"
+        seq_freq, grid_freq = rope_frequencies(config.n_embd // config.n_head, config.rope_base, grid_rope)
+        self.register_buffer("seq_freq", seq_freq, persistent=False)  # rebuilt from the config on load
+        self.register_buffer("grid_freq", grid_freq, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the init of each residual projection by 1/sqrt(number of residual adds)
         for name, p in self.named_parameters():
@@ -240,23 +277,25 @@ class GPT(nn.Module):
         if kv_cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-            cos, sin, cache = self.rope_cos[:T], self.rope_sin[:T], None
+            pos, cache = torch.arange(T, device=idx.device).unsqueeze(0), None
         else:
             pos = kv_cache.lengths.to(idx.device)[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             n_keys = int(pos.max()) + 1
             if n_keys > min(self.config.block_size, kv_cache.max_len):
                 raise ValueError(f"sequence of length {n_keys} is longer than block_size "
                                  f"{self.config.block_size} or the KV cache's {kv_cache.max_len}")
-            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
             # key j is visible to the query at position p iff j <= p: causal, per row
             mask = torch.arange(n_keys, device=idx.device) <= pos[:, :, None]
             cache = (kv_cache, pos, mask.unsqueeze(1))
         x = self.wte(idx)
+        place = None
         if self.config.n_image_tokens:
-            x = x + self.grid_embedding(idx, None if kv_cache is None else pos, kv_cache)
+            place = self.grid_place(idx, pos, kv_cache)
+            x = x + self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(x.dtype)
+        rope_q, rope_k = self.rotations(pos, place)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
+            x = block(x, rope_q, rope_k, cache)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
@@ -266,16 +305,25 @@ class GPT(nn.Module):
         loss_mask = loss_mask.to(nll.dtype)
         return logits, (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
 
-    def grid_embedding(self, idx, pos, kv_cache):
-        """The grid embedding of idx's image codes (their place), zero for other tokens. With a KV
+    def grid_place(self, idx, pos, kv_cache):
+        """(B, T) the place of idx's image codes in their image, -1 for other tokens. With a KV
         cache a run of codes may have begun in an earlier call, so the place is read off the cached ids."""
         offset, n = self.config.image_offset, self.config.n_image_tokens
         if kv_cache is None:
-            place = image_grid_index(idx, offset, n)
-        else:
-            kv_cache.write_ids(idx, pos)
-            place = image_grid_index(kv_cache.ids[:, :int(pos.max()) + 1], offset, n).gather(1, pos)
-        return self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(self.wpe_image.weight.dtype)
+            return image_grid_index(idx, offset, n)
+        kv_cache.write_ids(idx, pos)
+        return image_grid_index(kv_cache.ids[:, :int(pos.max()) + 1], offset, n).gather(1, pos)
+
+    def rotations(self, pos, place):
+        """RoPE (cos, sin) of the queries and of the keys, each (B, 1, T, D/2), for sequence
+        positions pos and grid places place (-1: not an image code). Keys sit at their own place,
+        queries at the place they predict; text at place 0 (see rope_angles)."""
+        if self.grid_freq is None:
+            rope = [t.unsqueeze(1) for t in rope_angles(pos, self.seq_freq)]
+            return rope, rope
+        at = lambda grid_place: [t.unsqueeze(1) for t in rope_angles(pos, self.seq_freq, grid_place,
+                                                                     self.grid_freq, self.grid_side)]
+        return at(torch.where(place >= 0, place + 1, 0)), at(place.clamp(min=0))
 
     def token_logprobs(self, idx, targets):
         """log p(targets[b, t] | idx[b, :t+1]) as (B, T), with gradients: what a policy-gradient

@@ -70,6 +70,34 @@ def test_image_grid_index_counts_each_run_of_codes():
     assert torch.equal(image_grid_index(idx, o, 4), expect)
 
 
+def test_grid_rope_lines_up_each_code_with_the_place_it_predicts(tok):
+    """In the grid half of the rotations, the query of the map code at place k (which predicts
+    place k+1) is rotated exactly like the key of the RGB code at place k+1, and unlike the key at
+    place k; the <|image|> tag opening the map queries place 0. The sequence half rotates queries
+    and keys alike. Without grid_rope every pair follows the sequence position."""
+    model = tiny_model(tok)
+    ids, _ = mixed_sequence(tok, 0)  # an RGB image, then a depth map: 4 codes each, a 2 x 2 grid
+    idx = torch.tensor([ids])
+    pos, place = torch.arange(len(ids))[None], image_grid_index(idx, tok.image_offset, N_IMAGE)
+    (cos_q, sin_q), (cos_k, sin_k) = model.rotations(pos, place)
+    codes = (place[0] >= 0).nonzero().flatten().tolist()
+    rgb, depth = codes[:N_IMAGE], codes[N_IMAGE:]
+    half = cos_q.size(-1) // 2  # pairs 0 … half-1 follow the sequence, the rest the grid
+    torch.testing.assert_close(cos_q[..., :half], cos_k[..., :half], atol=0, rtol=0)
+    query = lambda t: torch.cat((cos_q[0, 0, t, half:], sin_q[0, 0, t, half:]))
+    key = lambda t: torch.cat((cos_k[0, 0, t, half:], sin_k[0, 0, t, half:]))
+    torch.testing.assert_close(query(depth[0] - 1), key(rgb[0]), atol=0, rtol=0)  # the tag predicts place 0
+    for k in range(N_IMAGE - 1):
+        torch.testing.assert_close(query(depth[k]), key(rgb[k + 1]), atol=0, rtol=0)
+        assert (query(depth[k]) - key(rgb[k])).abs().max() > 0.1
+    plain = tiny_model(tok, grid_rope=False)
+    rope_q, rope_k = plain.rotations(pos, place)
+    assert rope_q is rope_k
+    head_dim = plain.config.n_embd // plain.config.n_head
+    freq = 1.0 / plain.config.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    torch.testing.assert_close(rope_q[0][0, 0], torch.outer(pos[0].float(), freq).cos())
+
+
 def test_grid_embedding_reaches_only_image_codes(tok):
     """Changing the grid table changes the logits from the first image code on, never before."""
     model = tiny_model(tok)
