@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=config/tiny_cpu.py
 T0=$SECONDS
+case "${SEEDS:-1}" in
+  ''|*[!0-9]*) echo "SEEDS must be a whole number of seeds, not '${SEEDS}'" >&2; exit 2 ;;
+esac
 
 step() {  # step NAME COMMAND...: run unless out/NAME/final.json exists, keep the final line there
   local name=$1; shift
