@@ -464,7 +464,7 @@ def load_split(data_dir, split):
             for m in MODALITIES:
                 out[m].append(z[m])
     out = {m: np.concatenate(a) for m, a in out.items()}
-    out["scenes"] = [json.loads(line) for line in open(os.path.join(d, "scenes.jsonl"))]
+    out["scenes"] = load_scenes(data_dir, split)
     out["questions"] = load_questions(data_dir, split)
     return out
 
@@ -505,6 +505,10 @@ TINY_PRESET = {"n_train": 4000, "n_val": 200, "n_test": 400, "image_size": 64, "
 
 def load_questions(data_dir, split):
     return [json.loads(line) for line in open(os.path.join(data_dir, split, "questions.jsonl"))]
+
+
+def load_scenes(data_dir, split):
+    return [json.loads(line) for line in open(os.path.join(data_dir, split, "scenes.jsonl"))]
 
 
 if __name__ == "__main__":

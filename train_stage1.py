@@ -76,21 +76,31 @@ def make_batch(tok, rows, block_size):
     return x[:, :-1], x[:, 1:], m[:, 1:]  # the mask belongs to the token being predicted
 
 
-def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights):
+def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
-    them within a batch would spend half the compute on padding. Over iterations the mixture holds."""
+    them within a batch would spend half the compute on padding. Over iterations the mixture holds.
+    scenes (the split's scene records) say which scenes lack a true depth or seg map (real data,
+    manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
+    has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
+    if kind == "vqa":
+        pool = questions
+    elif kind == "chain":
+        pool = [q for q in questions if has(q["scene"], "depth") and has(q["scene"], "seg")]
+    else:
+        pool = [i for i in range(len(codes)) if has(i, kind)]
+    if not pool:
+        raise ValueError(f"no scene has the maps stage-1 {kind} examples need: set {kind}_weight=0")
     rows = []
     for _ in range(batch_size):
+        pick = pool[rng.integers(len(pool))]
         if kind in ("vqa", "chain"):
-            q = questions[rng.integers(len(questions))]
-            scene = q["scene"]
-            conv = conversations.vqa_conversation(q) if kind == "vqa" else conversations.perception_chain(q)
+            scene = pick["scene"]
+            conv = conversations.vqa_conversation(pick) if kind == "vqa" else conversations.perception_chain(pick)
         else:
-            scene = int(rng.integers(len(codes)))
-            conv = conversations.map_request(kind)
+            scene, conv = pick, conversations.map_request(kind)
         rows.append(tok.render_conversation(conv, ev.scene_codes(codes, scene)))
     return make_batch(tok, rows, block_size)
 
@@ -102,11 +112,12 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     tok, vq, codes, questions, refs = load_stage_data(data_dir, vq_ckpt)
     n_image = codes["train"].shape[-1]
+    scenes = {s: data.load_scenes(data_dir, s) for s in ("train", "val")}
     weights = {"vqa": vqa_weight, "depth": depth_weight if aux else 0, "seg": seg_weight if aux else 0,
                "chain": chain_weight if aux else 0}
 
     def get_batch(split, rng):
-        return stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights)
+        return stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split])
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]
@@ -126,7 +137,7 @@ if __name__ == "__main__":
             losses = []
             for k in range(n_batches):
                 x, y, m = stage1_batch(tok, codes["val"], questions["val"], np.random.default_rng([seed, 7, k]),
-                                       batch_size, block_size, {kind: 1.0})
+                                       batch_size, block_size, {kind: 1.0}, scenes["val"])
                 with run.autocast():
                     losses.append(model(x.to(run.device), y.to(run.device), m.to(run.device))[1].item())
             out[f"loss_{kind}"] = float(np.mean(losses))

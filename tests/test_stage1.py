@@ -74,6 +74,26 @@ def _check_masks(tok, x, y, m):
     return kinds
 
 
+def test_scenes_without_a_true_map_never_draw_it(setup):
+    """Real data may lack a depth or seg file (manifest.py's has_depth / has_seg): such a scene
+    still serves plain VQA, but is never the source of a map target or a maps-in-context chain."""
+    tok, codes, qs = setup
+    scenes = [{"has_depth": i >= 10, "has_seg": not 10 <= i < 15} for i in range(len(codes))]
+    used = {kind: set() for kind in ("vqa", "depth", "seg", "chain")}
+    for kind in used:
+        for seed in range(6):
+            x, y, _ = s1.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 8, 1024, {kind: 1.0}, scenes)
+            for b in range(len(x)):
+                rgb = spans(tok, torch.cat([x[b, :1], y[b]]))[0].numpy()
+                used[kind] |= {s for s in range(len(codes)) if (codes[s, 0] == rgb).all()}
+    assert used["depth"] and not used["depth"] & set(range(10))
+    assert used["seg"] and not used["seg"] & set(range(10, 15))
+    assert used["chain"] and not used["chain"] & set(range(15))
+    assert used["vqa"] & set(range(15))  # plain VQA still uses them
+    with pytest.raises(ValueError, match="set depth_weight=0"):
+        s1.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"depth": 1.0}, [{"has_depth": False}] * len(codes))
+
+
 def test_too_long_example_fails_clearly(setup):
     tok, codes, qs = setup
     with pytest.raises(ValueError, match="does not fit block_size 20"):
