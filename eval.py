@@ -133,11 +133,22 @@ def _chunks(items, n):
         yield items[i:i + n]
 
 
+def one_stream(model, sampling):
+    """sampling with its seed turned into one generator, so that the successive sampler calls of
+    one evaluation (batches; a depth, then a seg map) draw fresh noise. Each call restarting from
+    the seed gave the depth and the seg map of a row the same uniform draws."""
+    if sampling.get("seed") is None or sampling.get("generator") is not None:
+        return sampling
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(sampling["seed"])
+    return dict({k: v for k, v in sampling.items() if k != "seed"}, generator=generator)
+
+
 @torch.no_grad()
 def generate_map_codes(model, tok, convs, images, n_image_tokens, batch_size=64, **sampling):
     """For each (conversation ending in a user turn that asks for a map, images) pair, the N codes
     of the map the model draws. The prompt ends with <|image|>: the instruction asked for a map, so
     the reply starts as one and the sampler's image mode yields exactly N codes."""
+    sampling = one_stream(model, sampling)
     out = []
     for chunk in _chunks(list(zip(convs, images)), batch_size):
         prompts = [tok.render_prompt(c, im) + [tok.image_start] for c, im in chunk]
@@ -154,7 +165,7 @@ def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampl
     """Depth and segmentation maps generated from each scene's RGB codes on the stage-1
     instructions, decoded by the VQ and scored against the truth. Also returns the decoded maps."""
     ids = list(scene_ids)
-    maps = {}
+    maps, sampling = {}, one_stream(model, sampling)
     for tool in ("depth", "seg"):
         gen = generate_map_codes(model, tok, [conversations.map_request(tool)[:1]] * len(ids),
                                  [scene_codes(codes, i) for i in ids], n_image_tokens, **sampling)
@@ -175,7 +186,7 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
                  budget is max_answer_tokens of text plus room for MAX_TURNS-1 maps. tools=False
                  masks the tool calls (the text-only RE arm)
     max_answer_tokens (of text) defaults to 24, or 256 in interleaved mode, where it covers the thinking."""
-    replies = []
+    replies, sampling = [], one_stream(model, sampling)
     for chunk in _chunks(questions, batch_size):
         images = [scene_codes(codes, q["scene"]) for q in chunk]
         if mode == "chain":

@@ -1,10 +1,12 @@
-"""eval.py: answer scoring and map metrics on hand-computed cases."""
+"""eval.py: answer scoring and map metrics on hand-computed cases, and its sampling noise."""
 import math
 
 import numpy as np
 import pytest
 
+import conversations
 import eval as ev
+import tokenizer
 
 
 @pytest.mark.parametrize("text,unit,want", [
@@ -112,3 +114,18 @@ def test_report_curves_render_from_fake_metrics(tmp_path):
     assert ev.curves(str(tmp_path), str(out)) == ["loss.png", "reward.png"]
     img = np.asarray(Image.open(out / "loss.png"))
     assert img.shape == (200, 360, 3) and (img != 255).any(axis=-1).mean() > 0.01  # something was drawn
+
+
+def test_one_evaluation_draws_one_stream_of_noise():
+    """Successive sampler calls of one evaluation continue one random stream: with every code
+    equally likely, the second batch is not a copy of the first (each call restarting from the
+    seed made it one, and gave a row's depth and seg maps the same draws), and the same seed still
+    gives the same maps."""
+    from tests.test_model import BigramMock
+    tok = tokenizer.Tokenizer(tokenizer.train_bpe([tokenizer.DEPTH_INSTRUCTION], 280), codebook_size=64)
+    model = BigramMock(tok)  # all-zero logits: every code equally likely
+    convs, images = [conversations.map_request("depth")[:1]] * 4, [{"rgb": np.zeros(4, dtype=np.int64)}] * 4
+    first = ev.generate_map_codes(model, tok, convs, images, 4, batch_size=2, seed=0, temperature=1.0)
+    assert not np.array_equal(first[:2], first[2:])
+    again = ev.generate_map_codes(model, tok, convs, images, 4, batch_size=2, seed=0, temperature=1.0)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
