@@ -43,6 +43,7 @@ class GPTConfig:
     qk_norm: bool = True  # RMSNorm on queries and keys: bounds attention logits, steadier at high LR
     rope_base: float = 10000.0
     grid_rope: bool = True  # half of each head's rotations follow an image code's (row, col): see rope_angles
+    grid_prior: float = 0.0  # > 0: map codes' attention starts on the aligned place (see "Grid prior" below)
     image_offset: int = 0  # tok.image_offset: ids >= this are image codes
     n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
 
@@ -64,10 +65,15 @@ class GPTConfig:
 # LlamaGen and Qwen2-VL use 2-D RoPE). Text keys sit at place 0, so text-to-text attention sees only
 # the sequence half. The KV cache stores keys, whose rotation is their own place, so decoding
 # needs nothing new.
-GRID_ROPE_BASE = 100.0  # the grid spans tens of places per axis, not thousands of tokens
-
-
-def rope_frequencies(head_dim, base, grid_rope):
+#
+# Grid prior. Grid RoPE makes lining up possible, not used: stage-1 models trained 300 and 600
+# iterations gave the aligned RGB code no more than its 1/256 share of a map code's attention, in
+# every head, with or without grid RoPE. With grid_prior > 0, each image code's query and key also
+# get a fixed direction u on the grid pairs (the query's scaled by a learned per-head gain, from
+# grid_prior in head 0 down to 0 in the last head). Rotated, u.u = sum of cos(f * row offset) +
+# cos(f * column offset), largest at offset 0: attention to the aligned place is there at step 0,
+# and training keeps as much of it as helps. Text carries no u.
+def rope_frequencies(head_dim, base, grid_rope, side=16):
     """(sequence, grid) inverse frequencies: the head's D/2 rotation pairs, all following the
     sequence position, or with grid_rope a half for it and a quarter each for row and column."""
     n = head_dim // 2
@@ -77,7 +83,8 @@ def rope_frequencies(head_dim, base, grid_rope):
         return seq, None
     assert n % 4 == 0, "grid RoPE needs a head dimension divisible by 8"
     n_axis = (n - n_seq) // 2
-    return seq, 1.0 / GRID_ROPE_BASE ** (torch.arange(n_axis).float() / n_axis)
+    # from pi (neighbouring places in antiphase) down to about pi/side: sharp alignment, no wrap-around
+    return seq, math.pi * float(side) ** (-torch.arange(n_axis).float() / n_axis)
 
 
 def rope_angles(pos, seq_freq, place=None, grid_freq=None, side=1):
@@ -141,11 +148,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        if config.grid_prior and config.grid_rope and config.n_image_tokens:  # per head, from grid_prior down to 0
+            self.grid_prior = nn.Parameter(torch.linspace(config.grid_prior, 0.0, config.n_head).view(1, -1, 1, 1))
 
-    def forward(self, x, rope_q, rope_k, cache=None):
+    def forward(self, x, rope_q, rope_k, cache=None, prior=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), *rope_q), apply_rope(self.k_norm(k), *rope_k)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if prior is not None:  # a fixed direction on image codes' grid pairs: after rotation its q.k peaks at offset 0
+            q, k = q + self.grid_prior * prior, k + prior
+        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
         # the rotation (fp32 tables) and, under autocast, the norms may promote q and k to fp32;
         # attention kernels and the KV cache want all three in v's dtype
         q, k = q.to(v.dtype), k.to(v.dtype)
@@ -179,8 +191,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope_q, rope_k, cache=None):
-        x = x + self.drop(self.attn(self.ln_1(x), rope_q, rope_k, cache))
+    def forward(self, x, rope_q, rope_k, cache=None, prior=None):
+        x = x + self.drop(self.attn(self.ln_1(x), rope_q, rope_k, cache, prior))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -249,7 +261,7 @@ class GPT(nn.Module):
         self.grid_side = math.isqrt(config.n_image_tokens)
         grid_rope = config.grid_rope and config.n_image_tokens > 0
         assert not grid_rope or self.grid_side ** 2 == config.n_image_tokens, "grid RoPE needs a square grid"
-        seq_freq, grid_freq = rope_frequencies(config.n_embd // config.n_head, config.rope_base, grid_rope)
+        seq_freq, grid_freq = rope_frequencies(config.n_embd // config.n_head, config.rope_base, grid_rope, self.grid_side)
         self.register_buffer("seq_freq", seq_freq, persistent=False)  # rebuilt from the config on load
         self.register_buffer("grid_freq", grid_freq, persistent=False)
         self.apply(self._init_weights)
@@ -293,9 +305,15 @@ class GPT(nn.Module):
             place = self.grid_place(idx, pos, kv_cache)
             x = x + self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(x.dtype)
         rope_q, rope_k = self.rotations(pos, place)
+        prior = None
+        if self.config.grid_prior and self.grid_freq is not None:
+            head_dim, n_seq = self.config.n_embd // self.config.n_head, len(self.seq_freq)
+            u = torch.zeros(head_dim, device=idx.device)
+            u[n_seq:head_dim // 2] = 1.0  # the first coordinate of every grid pair
+            prior = (place >= 0).to(x.dtype)[:, None, :, None] * u
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope_q, rope_k, cache)
+            x = block(x, rope_q, rope_k, cache, prior)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None

@@ -42,7 +42,7 @@ LOOP_DEFAULTS = dict(
     device="auto",  # auto: cuda if available, else cpu
     compile=False,  # torch.compile the model (CUDA)
     # model (ignored when the weights come from a checkpoint)
-    n_layer=4, n_head=4, n_embd=256, block_size=512, dropout=0.0, attn_impl="auto", grid_rope=True,
+    n_layer=4, n_head=4, n_embd=256, block_size=512, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
     max_iters=500, batch_size=16, grad_accum=1,
     learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
@@ -163,7 +163,7 @@ def init_model(cfg, run, tok, n_image_tokens):
         model_args = ckpt["model_args"]
     else:
         model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
-                          dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"],
+                          dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():

@@ -98,6 +98,31 @@ def test_grid_rope_lines_up_each_code_with_the_place_it_predicts(tok):
     torch.testing.assert_close(rope_q[0][0, 0], torch.outer(pos[0].float(), freq).cos())
 
 
+def test_grid_prior_points_map_codes_at_the_aligned_rgb_place(tok, monkeypatch):
+    """With grid_prior, of the attention an untrained model's first head gives the RGB image from
+    a map code, most goes to the RGB code at the place the map code predicts; without it the
+    aligned place gets about its share (1 of 4)."""
+    import model as model_module
+    seen = []
+
+    def keep_probabilities(q, k, v, impl, mask=None):
+        att = ((q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5).masked_fill(
+            ~torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        seen.append(att[0])
+        return att @ v
+
+    monkeypatch.setattr(model_module, "attend", keep_probabilities)
+    ids, _ = mixed_sequence(tok, 0)
+    idx = torch.tensor([ids])
+    codes = (image_grid_index(idx, tok.image_offset, N_IMAGE)[0] >= 0).nonzero().flatten().tolist()
+    rgb, depth = codes[:N_IMAGE], codes[N_IMAGE:]
+    for prior, lowest, highest in ((6.0, 0.5, 1.0), (0.0, 0.0, 0.5)):
+        seen.clear()
+        tiny_model(tok, grid_prior=prior)(idx)
+        aligned = [(seen[0][0, depth[k], rgb[k + 1]] / seen[0][0, depth[k], rgb].sum()).item() for k in range(N_IMAGE - 1)]
+        assert all(lowest < a < highest for a in aligned), (prior, aligned)
+
+
 def test_grid_embedding_reaches_only_image_codes(tok):
     """Changing the grid table changes the logits from the first image code on, never before."""
     model = tiny_model(tok)
@@ -112,8 +137,9 @@ def test_grid_embedding_reaches_only_image_codes(tok):
     assert (after[:, first] - before[:, first]).abs().max() > 1e-3
 
 
-def test_kv_cache_prefill_and_decode_equal_full_forward(tok):
-    model = tiny_model(tok)
+@pytest.mark.parametrize("grid_prior", [0.0, 6.0])
+def test_kv_cache_prefill_and_decode_equal_full_forward(tok, grid_prior):
+    model = tiny_model(tok, grid_prior=grid_prior)
     ids, _ = mixed_sequence(tok, 0, n_codes=12)
     idx = torch.tensor([ids])
     T = idx.size(1)
