@@ -87,6 +87,11 @@ def rope_frequencies(head_dim, base, grid_rope, side=16):
     return seq, math.pi * float(side) ** (-torch.arange(n_axis).float() / n_axis)
 
 
+def grid_prior_on(config):
+    """The grid prior rides on the grid RoPE, which needs images."""
+    return bool(config.grid_prior and config.grid_rope and config.n_image_tokens)
+
+
 def rope_angles(pos, seq_freq, place=None, grid_freq=None, side=1):
     """(cos, sin) of shape (..., T, D/2) for sequence positions pos (..., T) and, with grid_freq,
     grid places (..., T) on a side x side grid."""
@@ -148,7 +153,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
-        if config.grid_prior and config.grid_rope and config.n_image_tokens:  # per head, from grid_prior down to 0
+        if grid_prior_on(config):  # per head, from grid_prior down to 0
             self.grid_prior = nn.Parameter(torch.linspace(config.grid_prior, 0.0, config.n_head).view(1, -1, 1, 1))
 
     def forward(self, x, rope_q, rope_k, cache=None, prior=None):
@@ -264,6 +269,11 @@ class GPT(nn.Module):
         seq_freq, grid_freq = rope_frequencies(config.n_embd // config.n_head, config.rope_base, grid_rope, self.grid_side)
         self.register_buffer("seq_freq", seq_freq, persistent=False)  # rebuilt from the config on load
         self.register_buffer("grid_freq", grid_freq, persistent=False)
+        prior_dir = None
+        if grid_prior_on(config):  # u: the first coordinate of every grid rotation pair
+            prior_dir = torch.zeros(config.n_embd // config.n_head)
+            prior_dir[len(seq_freq):len(seq_freq) + len(grid_freq) * 2] = 1.0
+        self.register_buffer("grid_prior_dir", prior_dir, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the init of each residual projection by 1/sqrt(number of residual adds)
         for name, p in self.named_parameters():
@@ -305,12 +315,7 @@ class GPT(nn.Module):
             place = self.grid_place(idx, pos, kv_cache)
             x = x + self.wpe_image(place.clamp(min=0)) * (place >= 0).unsqueeze(-1).to(x.dtype)
         rope_q, rope_k = self.rotations(pos, place)
-        prior = None
-        if self.config.grid_prior and self.grid_freq is not None:
-            head_dim, n_seq = self.config.n_embd // self.config.n_head, len(self.seq_freq)
-            u = torch.zeros(head_dim, device=idx.device)
-            u[n_seq:head_dim // 2] = 1.0  # the first coordinate of every grid pair
-            prior = (place >= 0).to(x.dtype)[:, None, :, None] * u
+        prior = None if self.grid_prior_dir is None else (place >= 0).to(x.dtype)[:, None, :, None] * self.grid_prior_dir
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope_q, rope_k, cache, prior)
