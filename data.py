@@ -500,7 +500,7 @@ def prepare(data_dir="data/tiny", **preset):
     return build_dataset(data_dir, p["n_train"], p["n_val"], p["n_test"], SceneConfig(image_size=p["image_size"]), p["seed"])
 
 
-TINY_PRESET = {"n_train": 4000, "n_val": 200, "n_test": 400, "image_size": 64, "seed": 0}
+TINY_PRESET = {"n_train": 4000, "n_val": 200, "n_test": 400, "image_size": 48, "seed": 0}
 
 
 def load_questions(data_dir, split):

@@ -41,10 +41,10 @@ depth_weight = 0.5
 seg_weight = 0.5
 chain_weight = 0.5
 token_budget = 0  # > 0: set max_iters so the run trains on about this many tokens
-eval_scenes = 48  # val scenes whose generated maps are scored at each evaluation
-eval_questions = 210  # val questions (balanced over categories) answered at each evaluation (eval.DECODE)
-max_iters = 600
-eval_interval = 200
+eval_scenes = 32  # val scenes whose generated maps are scored at each evaluation
+eval_questions = 140  # val questions (balanced over categories) answered at each evaluation (eval.DECODE)
+max_iters = 250
+eval_interval = 250
 # -----------------------------------------------------------------------------
 
 

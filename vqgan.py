@@ -5,10 +5,10 @@ transformer can read and write images as ordinary tokens (DESIGN §3, §4; COOPE
 generator on depth and segmentation converted to RGB-like images, which is what makes one tokenizer
 enough).
 
-The one idea: an autoencoder with a *discrete* bottleneck. The encoder maps a 64×64 image to an
-h×w grid of vectors; each vector is replaced by its nearest entry of a learned codebook (that index
-is the token); the decoder paints the image back from the codebook entries. Gradients jump over the
-non-differentiable lookup with the straight-through estimator.
+The one idea: an autoencoder with a *discrete* bottleneck. The encoder maps an image (48×48 in the
+tiny preset) to an h×w grid of vectors; each vector is replaced by its nearest entry of a learned
+codebook (that index is the token); the decoder paints the image back from the codebook entries.
+Gradients jump over the non-differentiable lookup with the straight-through estimator.
 
     encoder ──project to 8-d, l2-normalise──▶ nearest code (argmax cosine) ──▶ code ids (B, h, w)
     code ids ──codebook──project back up──▶ decoder ──▶ image
@@ -26,21 +26,32 @@ disc_start); the training loop; the round-trip evaluation; code files.
 Choices, measured (val split, 200 scenes, full round trip image -> codes -> image -> metres / ids;
 each row is one run of `python vqgan.py` with the overrides shown, seed 1337; rerunning the preset
 gave the same figures to ±0.001, but seed-to-seed spread was not measured, so read gaps of a few
-hundredths as ties):
+hundredths as ties). First at 64×64 (config/cpu64.py: batch 8 × 3200, GAN from 2400):
 
     run                                  rgb PSNR  depth AbsRel   object depth   seg mIoU  usage
                                              (dB)  (obj. pixels)  (median/mask)
     16×16, batch 32 × 800 iters              27.6      0.075         0.039         0.64     1.00
     16×16, batch 32 × 800, codebook 4096     27.7      0.071         0.034         0.61     1.00
     16×16, batch 16 × 1600                   28.3      0.060         0.034         0.71     1.00
-    16×16, batch  8 × 3200 (the preset)      28.8      0.055         0.032         0.77     1.00
+    16×16, batch  8 × 3200 (cpu64)           28.8      0.055         0.032         0.77     1.00
     16×16, batch  4 × 6400                   28.8      0.056         0.036         0.77     1.00
     16×16, preset, linear depth              28.4      0.088         0.042         0.70     1.00
     16×16, preset, GAN ×8 from step 1600     27.1      0.061         0.030         0.73     1.00
     16×16, preset, rgb:depth:seg 1:2:2       28.2      0.055         0.030         0.75     1.00
     8×8 (f=8, width 192: same step time)     24.7      0.096         0.069         0.39     1.00
 
-- Grid 16×16 (f=4). 8×8 would make the transformer's sequences 4× shorter (3 images = 192 codes
+Then smaller scenes (rendered at that size), f=4, batch 8 (2026-12-02, `python data.py
+--image_size=S` and `python vqgan.py --image_size=S`):
+
+    32×32 -> 8×8, 3200 steps                 25.5      0.099         0.082         0.32     1.00
+    48×48 -> 12×12, 3200 steps               27.8      0.069         0.045         0.66     1.00
+    48×48 -> 12×12, 2000 steps (tiny preset) 27.4      0.078         0.048         0.59     1.00
+
+- The tiny preset renders 48×48 scenes: 144 codes an image instead of 256 shortens every sequence
+  ~1.8×, and 2000 steps take 2 min on a fast 2-core machine. At 32×32 small objects are a few
+  pixels and the seg round trip falls apart (mIoU 0.32).
+
+- At 64×64, grid 16×16 (f=4). 8×8 would make the transformer's sequences 4× shorter (3 images = 192 codes
   instead of 768, and 64 sampling steps per generated map instead of 256), but at the same training
   time it halves every map's quality: small objects (< 30 px) get the wrong colour in 98% of cases
   and per-object depth error doubles to 7%, i.e. the maps the reasoning reads would be wrong. Each
@@ -81,8 +92,8 @@ import trainer  # the project's LR schedule and atomic checkpoint writer
 
 @dataclass
 class VQConfig:
-    image_size: int = 64
-    downsample: int = 4            # f: a 64×64 image becomes (64/f)×(64/f) codes
+    image_size: int = 48           # must match the data's (train() checks)
+    downsample: int = 4            # f: a 48×48 image becomes (48/f)×(48/f) codes
     channels: int = 128            # width at the code grid, where most of the compute is spent
     n_res_blocks: int = 2          # residual blocks at the code grid, in encoder and decoder each
     codebook_size: int = 1024
@@ -313,11 +324,11 @@ class TrainConfig:
     depth_encoding: str = ""           # "" = data.DEPTH_ENCODING; "log" or "linear" to compare them
     batch_size: int = 8                # images; each drawn at random from the pool of all three modalities
     modality_weights: tuple = (1.0, 1.0, 1.0)  # how often rgb, depth, seg images are drawn
-    max_iters: int = 3200
+    max_iters: int = 2000
     learning_rate: float = 2e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
-    disc_start: int = 2400             # step at which the GAN loss switches on (0 = from the start)
+    disc_start: int = 1500             # step at which the GAN loss switches on (0 = from the start)
     disc_weight: float = 0.1           # multiplies the adaptive weight
     max_gan_weight: float = 1e4        # clamp of the adaptive weight
     disc_lr: float = 2e-4
@@ -447,6 +458,9 @@ def train(tc, mc):
     val_split, val_images = load_pseudo_images(tc.data_dir, "val", encoding)
     # one pool of images: a batch mixes RGB, depth and segmentation, so one codebook learns all three
     pool = torch.as_tensor(np.concatenate([train_images[m] for m in data.MODALITIES]))
+    if pool.shape[1] != mc.image_size:
+        raise ValueError(f"the images in {tc.data_dir} are {pool.shape[1]} px but the tokenizer is set up for "
+                         f"{mc.image_size} px: pass --image_size={pool.shape[1]}")
     draw = torch.tensor(tc.modality_weights, dtype=torch.float).repeat_interleave(len(pool) // 3)
     print(f"training a {mc.grid}x{mc.grid}-code tokenizer on {len(pool)} images ({encoding} depth), device {device}")
 
@@ -535,11 +549,11 @@ def ensure_codes(data_dir="data/tiny", ckpt_path="out/vqgan/ckpt.pt", force=Fals
     tokenizer (tiny preset) if its checkpoint is missing, and encodes every split whose codes are
     missing or came from another checkpoint. Returns {split: path of codes.npy}."""
     import data
-    data.prepare(data_dir)
+    size = data.prepare(data_dir)["config"]["image_size"]
     if not os.path.exists(ckpt_path):
         assert os.path.basename(ckpt_path) == "ckpt.pt", "train() writes <out_dir>/ckpt.pt"
         print(f"no tokenizer at {ckpt_path}: training one with the tiny preset (python vqgan.py)")
-        train(TrainConfig(data_dir=data_dir, out_dir=os.path.dirname(ckpt_path)), VQConfig())
+        train(TrainConfig(data_dir=data_dir, out_dir=os.path.dirname(ckpt_path)), VQConfig(image_size=size))
     model, sha, paths = None, _sha256(ckpt_path), {}
     for split in data.SPLITS:
         meta_path = os.path.join(data_dir, split, "codes.json")

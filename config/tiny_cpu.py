@@ -1,28 +1,27 @@
-# The default preset: the whole pipeline on a 2-core CPU, 64×64 synthetic scenes. Measured: 48 min
-# with a 200-iteration stage 1 on a fast machine (2026-11-25); on a slow one (2026-12-01/02) ~4 h
-# (VQ 41 min, stage 1 63, Base 49, stage 2 25 + 12, RL 24 + 8, eval 15; README), so the goal of
-# minutes is not met.
+# The default preset: the whole pipeline, all four arms, on a 2-core CPU in about 20 minutes (timings
+# below are from a 2-core AMD EPYC doing ~175 GFLOP/s in fp32 matmul; a slow one at ~65 took ~3×).
+# 48×48 synthetic scenes and 12×12 codes an image: 64 px would make every sequence ~1.8× longer, 32 px
+# loses small objects in the VQ round trip (seg mIoU 0.32, against 0.66 at 48 px). Short runs make
+# this a demonstration of the pipeline, not the experiment: config/cpu64.py is the longer setting.
 # Each dict configures one script (see configurator.py); "_" names are this file's helpers.
 _data_dir = "data/tiny"
 
-data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=64)  # ~6 s, ~25 MB
-tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~1 s
-vqgan = dict(data_dir=_data_dir, out_dir="out/vqgan")  # vqgan.py's defaults are the tiny preset (3200 steps)
-# stage 1 (and the Base arm with --aux=False): 4 layers × 256 wide (3.5M parameters), 16×16 codes an
-# image, so sequences run from ~290 tokens (VQA) to ~830 (RGB, depth, seg, question, answer).
-# 600 iterations (4.67M tokens, 55 min at ~1.6k tok/s on the slow machine): with the grid prior the
-# maps have the objects in place (object depth AbsRel 0.18, seg mIoU 0.15; README: Stage 1).
-stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=600, warmup_iters=20,
-              eval_interval=300, eval_scenes=32, eval_questions=140)
+data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=48)  # ~12 s, ~22 MB
+tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~10 s
+# the VQ: 2000 steps of 8 images (GAN from step 1500), then the first training script encodes every split
+vqgan = dict(data_dir=_data_dir, image_size=48, max_iters=2000, disc_start=1500)
+# stage 1 (and the Base arm with --aux=False): 4 layers × 256 wide (3.5M parameters); sequences run
+# from ~175 tokens (VQA) to ~470 (RGB, depth, seg, question, answer), ~4.5k tokens an iteration.
+stage1 = dict(data_dir=_data_dir, block_size=512, batch_size=16, max_iters=250, warmup_iters=20,
+              eval_interval=250, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
-# stage 2a SFT on interleaved traces from out/stage1 (a trace is ~570 tokens: RGB, map, text):
-# 200 iterations × 8 traces at ~0.9 s, then replies (text greedy, maps sampled) to 210 val questions
-# through the tool loop: ~4 min (the RE arm, text only: ~2 min).
-stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210)
+# stage 2a SFT on interleaved traces from out/stage1 (a trace is ~350 tokens: RGB, map, text), then
+# replies (text greedy, maps sampled) to 70 val questions through the tool loop
+stage2 = dict(data_dir=_data_dir, max_iters=100, eval_interval=100, batch_size=8, eval_questions=70)
 # RL (GRPO + CPR) from out/stage2 (--tools=none: from out/stage2_text): an iteration = 4 questions ×
 # 8 rollouts and one optimizer step on the groups whose rewards differ; the held-out evaluation runs
-# at the start and the end (70 replies, text greedy; 14 val questions × 8 sampled for the reward). Adam at
-# 1e-4 made the tiny models' entropy climb and accuracy fall within 12 steps; 3e-5 held steady.
-# max_new_tokens 800: two maps (~270 tokens each) and the text; 512 cut every second tool call off.
-rl = dict(data_dir=_data_dir, max_iters=30, eval_interval=30, prompts_per_batch=4, group_size=8, max_new_tokens=800,
+# at the start and the end (70 replies, text greedy; 14 val questions × 8 sampled for the reward).
+# Adam at 1e-4 made the tiny models' entropy climb and accuracy fall within 12 steps; 3e-5 held steady.
+# max_new_tokens 420: two maps (~146 tokens each) and the text.
+rl = dict(data_dir=_data_dir, max_iters=15, eval_interval=15, prompts_per_batch=4, group_size=8, max_new_tokens=420,
           learning_rate=3e-5, min_lr=3e-5, warmup_iters=2, eval_questions=70, eval_reward_questions=14)

@@ -1,55 +1,58 @@
 #!/usr/bin/env bash
-# The whole nanoCOOPER pipeline on the tiny CPU preset (2 cores), one step after another:
-# data -> tokenizer -> VQ -> stage 1 (and the Base arm) -> stage 2 SFT (COOPER and RE arms) -> RL.
-# A step whose out/<name>/final.json exists is skipped, so a rerun continues where it stopped;
-# `rm -r out data` starts over. Each step's last line is `final: {json}`, kept as final.json.
+# The whole nanoCOOPER pipeline on the tiny CPU preset (2 cores, ~20 min), one step after another:
+# data -> tokenizer -> VQ -> stage 1 (and the Base arm) -> stage 2 SFT (COOPER and RE arms) -> RL
+# -> eval ($OUT/report/report.md). Every step writes under $OUT (default out/); a step whose
+# $OUT/<name>/final.json exists is skipped, so a rerun continues where it stopped; `rm -r out data`
+# starts over. Each step's last line is `final: {json}`, kept as final.json.
 # EXTRA=1 also trains the token-matched Base arm (same total tokens as stage 1); UNTIL=<step> stops after that step.
-# SEEDS=N also trains every arm again with seeds 2..N under out/seed<s>/ (same data, tokenizer and VQ)
-# and evaluates all N: the full experiment. (With out/eval done, `rm -r out/eval` to re-evaluate.)
+# SEEDS=N also trains every arm again with seeds 2..N under $OUT/seed<s>/ (same data, tokenizer and VQ)
+# and evaluates all N: the full experiment. (With $OUT/eval done, `rm -r $OUT/eval` to re-evaluate.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PRESET=config/tiny_cpu.py
+PRESET=${PRESET:-config/tiny_cpu.py}  # e.g. PRESET=config/cpu64.py OUT=out/cpu64 for the longer setting
+OUT=${OUT:-out}
+VQ=$OUT/vqgan/ckpt.pt
 T0=$SECONDS
 case "${SEEDS:-1}" in
   ''|*[!0-9]*) echo "SEEDS must be a whole number of seeds, not '${SEEDS}'" >&2; exit 2 ;;
 esac
 
-step() {  # step NAME COMMAND...: run unless out/NAME/final.json exists, keep the final line there
-  local name=$1; shift
-  if [ -f "out/$name/final.json" ]; then echo "== $name: done before ($(cat "out/$name/final.json"))"; return; fi
+step() {  # step NAME COMMAND...: run unless $OUT/NAME/final.json exists, keep the final line there
+  local name=$1 d=$OUT/$1; shift
+  if [ -f "$d/final.json" ]; then echo "== $name: done before ($(cat "$d/final.json"))"; return; fi
   echo "== $name: $*"
   local t=$SECONDS
-  mkdir -p "out/$name"
-  "$@" 2>&1 | tee "out/$name/log.txt"
-  grep '^final: ' "out/$name/log.txt" | tail -1 | sed 's/^final: //' > "out/$name/final.json.tmp"
-  mv "out/$name/final.json.tmp" "out/$name/final.json"
+  mkdir -p "$d"
+  "$@" 2>&1 | tee "$d/log.txt"
+  grep '^final: ' "$d/log.txt" | tail -1 | sed 's/^final: //' > "$d/final.json.tmp"
+  mv "$d/final.json.tmp" "$d/final.json"
   echo "== $name took $((SECONDS - t)) s"
   if [ "${UNTIL:-}" = "$name" ]; then echo "stopping after $name (UNTIL=$name)"; exit 0; fi
 }
 
-step data python data.py $PRESET                                   # ~16 s: 4000/200/400 scenes
-step tokenizer python tokenizer.py $PRESET                         # ~2 s
-step vqgan python vqgan.py $PRESET                                 # the VQ tokenizer
-step stage1 python train_stage1.py $PRESET                         # VQA + depth/seg generation
-step base python train_stage1.py $PRESET --aux=False --out_dir=out/base   # the Base arm: VQA only
-if [ "${EXTRA:-0}" = 1 ]; then
-  TOKENS=$(python -c "import json; print(json.load(open('out/stage1/final.json'))['tokens'])")
-  step base_tokens python train_stage1.py $PRESET --aux=False --out_dir=out/base_tokens --token_budget=$TOKENS
-fi
-step stage2 python train_stage2.py $PRESET                         # COOPER arm: interleaved SFT
-step stage2_text python train_stage2.py $PRESET --tools=none       # RE arm: text-only CoT SFT
-step rl python rl.py $PRESET                                       # COOPER: GRPO with the CPR reward
-step rl_text python rl.py $PRESET --tools=none                     # RE: text-only GRPO
-RUNS=out
-for s in $(seq 2 "${SEEDS:-1}"); do  # the same arms from another seed: each stage starts from this seed's previous one
-  R=out/seed$s
-  step seed$s/stage1 python train_stage1.py $PRESET --seed=$s --out_dir=$R/stage1
-  step seed$s/base python train_stage1.py $PRESET --seed=$s --aux=False --out_dir=$R/base
-  step seed$s/stage2 python train_stage2.py $PRESET --seed=$s --init_from=$R/stage1/ckpt.pt --out_dir=$R/stage2
-  step seed$s/stage2_text python train_stage2.py $PRESET --seed=$s --tools=none --init_from=$R/base/ckpt.pt --out_dir=$R/stage2_text
-  step seed$s/rl python rl.py $PRESET --seed=$s --init_from=$R/stage2/ckpt.pt --out_dir=$R/rl
-  step seed$s/rl_text python rl.py $PRESET --seed=$s --tools=none --init_from=$R/stage2_text/ckpt.pt --out_dir=$R/rl_text
-  RUNS=$RUNS,$R
+step data python data.py $PRESET                                   # the scenes and questions
+step tokenizer python tokenizer.py $PRESET                         # the text BPE
+step vqgan python vqgan.py $PRESET --out_dir=$OUT/vqgan            # the VQ tokenizer
+
+arms() {  # arms PREFIX SEED_ARGS: train every arm under $OUT/PREFIX, each stage from the one before it
+  local p=$1 s=$2 R=$OUT/$1
+  step ${p}stage1 python train_stage1.py $PRESET $s --vq_ckpt=$VQ --out_dir=$R/stage1              # VQA + depth/seg generation
+  step ${p}base python train_stage1.py $PRESET $s --vq_ckpt=$VQ --aux=False --out_dir=$R/base      # the Base arm: VQA only
+  if [ -z "$p" ] && [ "${EXTRA:-0}" = 1 ]; then
+    TOKENS=$(python -c "import json; print(json.load(open('$R/stage1/final.json'))['tokens'])")
+    step base_tokens python train_stage1.py $PRESET --vq_ckpt=$VQ --aux=False --out_dir=$R/base_tokens --token_budget=$TOKENS
+  fi
+  step ${p}stage2 python train_stage2.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage1/ckpt.pt --out_dir=$R/stage2  # COOPER: interleaved SFT
+  step ${p}stage2_text python train_stage2.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/base/ckpt.pt --out_dir=$R/stage2_text  # RE: text CoT SFT
+  step ${p}rl python rl.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage2/ckpt.pt --out_dir=$R/rl       # COOPER: GRPO with the CPR reward
+  step ${p}rl_text python rl.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/stage2_text/ckpt.pt --out_dir=$R/rl_text  # RE: text-only GRPO
+}
+
+arms "" ""
+RUNS=$OUT
+for s in $(seq 2 "${SEEDS:-1}"); do  # the same arms from another seed (same data, tokenizer and VQ)
+  arms "seed$s/" "--seed=$s"
+  RUNS=$RUNS,$OUT/seed$s
 done
-step eval python eval.py $PRESET --runs=$RUNS                      # Table 1 analog -> report/report.md
+step eval python eval.py $PRESET --vq_ckpt=$VQ --runs=$RUNS --report_dir=$OUT/report  # Table 1 analog -> $OUT/report/report.md
 echo "pipeline done in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s"

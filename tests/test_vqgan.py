@@ -13,7 +13,7 @@ import data
 import manifest
 import vqgan
 
-TINY = vqgan.VQConfig(channels=32, n_res_blocks=1, codebook_size=64)
+TINY = vqgan.VQConfig(image_size=64, channels=32, n_res_blocks=1, codebook_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,13 @@ def test_train_writes_loadable_checkpoint_and_grid(tiny_data, tmp_path):
     assert Image.open(tmp_path / "recon.png").size == (2 * 6 * (2 * 64 + 4), 2 * 3 * (64 + 4))  # 3 rows × 6 pairs, ×2
     model = vqgan.load_vqgan(str(tmp_path / "ckpt.pt"))
     assert not model.training
+
+
+def test_train_refuses_images_of_another_size(tiny_data, tmp_path):
+    tc = vqgan.TrainConfig(data_dir=tiny_data, out_dir=str(tmp_path), max_iters=4)
+    with pytest.raises(ValueError, match="64 px but the tokenizer is set up for 48 px"):
+        vqgan.train(tc, vqgan.VQConfig(image_size=48, channels=32, n_res_blocks=1, codebook_size=64))
+    assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
 def test_code_files_round_trip(tiny_data, tmp_path):
