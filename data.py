@@ -341,6 +341,23 @@ def question(category, kind, text, answer, answer_type, objects, **extra):
             "answer_type": answer_type, "tool": TOOL_FOR[kind], "objects": [o["id"] for o in objects], **extra}
 
 
+def multiple_choice(category, kind, stem, options, answer, objects):
+    """A question whose answer is one of `options` (object names), asked the way SIBench asks: the
+    options lettered after the stem, the answer a letter. The options stay in a fixed order here;
+    make_questions shuffles them (lettered), so neither the wording nor the position gives the
+    answer away, and a small model need not spell out a name it has to copy from the question."""
+    return question(category, kind, stem, answer, "choice", objects, options=options)
+
+
+def lettered(q, rng):
+    """A multiple_choice candidate with its options shuffled and lettered: (A) … (B) …"""
+    options = [q["options"][i] for i in rng.permutation(len(q["options"]))]
+    letters = [chr(ord("A") + i) for i in range(len(options))]
+    text = q["question"] + " " + " ".join(f"({l}) the {o}" for l, o in zip(letters, options))
+    return dict(q, question=text, options=options, choices=letters, answer=letters[options.index(q["answer"])],
+                answer_name=q["answer"])
+
+
 def number(category, kind, text, value, unit, objects):
     shown = f"{value:.1f}" if unit == "m" else f"{round(value)}"
     return question(category, kind, text, f"{shown} {unit}", "number", objects, value=float(shown), unit=unit)
@@ -360,9 +377,8 @@ def candidate_questions(graph):
         da, db = camera_distance(graph, a), camera_distance(graph, b)
         if da + 0.5 <= db:
             for word, ans in (("closer to", a), ("farther from", b)):
-                q["depth_order"].append(question("depth_order", "depth_order",
-                                                 f"Which is {word} the camera, the {name(a)} or the {name(b)}?",
-                                                 name(ans), "choice", [a, b], choices=[name(a), name(b)]))
+                q["depth_order"].append(multiple_choice("depth_order", "depth_order", f"Which is {word} the camera?",
+                                                        [name(a), name(b)], name(ans), [a, b]))
         za, zb = world_to_camera(graph["camera"], a["position"])[2], world_to_camera(graph["camera"], b["position"])[2]
         if abs(za - zb) >= 0.5:
             q["relation"].append(question("relation", "relation_front", f"Is the {name(a)} in front of the {name(b)}?",
@@ -379,15 +395,15 @@ def candidate_questions(graph):
             q["size"].append(number("size", "size", f"How wide is the {name(a)}, in centimeters?", 200 * a["radius"], "cm", [a]))
         others = sorted((o for o in vis if o is not a), key=lambda o: ground_distance(a, o))
         if len(others) >= 2:
-            choices = [name(o) for o in sorted(others, key=lambda o: o["id"])]
+            options = [name(o) for o in sorted(others, key=lambda o: o["id"])]
             if ground_distance(a, others[1]) - ground_distance(a, others[0]) >= 0.4:
-                q["relative_distance"].append(question("relative_distance", "relative_distance",
-                                                       f"Which object is closest to the {name(a)}?",
-                                                       name(others[0]), "choice", [a, others[0]], choices=choices))
+                q["relative_distance"].append(multiple_choice("relative_distance", "relative_distance",
+                                                              f"Which object is closest to the {name(a)}?",
+                                                              options, name(others[0]), [a, others[0]]))
             if ground_distance(a, others[-1]) - ground_distance(a, others[-2]) >= 0.4:
-                q["relative_distance"].append(question("relative_distance", "relative_distance",
-                                                       f"Which object is farthest from the {name(a)}?",
-                                                       name(others[-1]), "choice", [a, others[-1]], choices=choices))
+                q["relative_distance"].append(multiple_choice("relative_distance", "relative_distance",
+                                                              f"Which object is farthest from the {name(a)}?",
+                                                              options, name(others[-1]), [a, others[-1]]))
     for attr, values, text in (("shape", SHAPES, "How many {}s are there?"), ("color", COLORS, "How many {} objects are there?")):
         for v in values:
             group = [o for o in objs if o[attr] == v]
@@ -416,7 +432,8 @@ def make_questions(graph, rng):
         if category == "counting" and rng.random() < 0.7:
             qs = [x for x in qs if x["answer"] != "0"] or qs
         if qs:
-            out.append(qs[int(rng.integers(len(qs)))])
+            q = qs[int(rng.integers(len(qs)))]
+            out.append(lettered(q, rng) if "options" in q else q)
     return out
 
 

@@ -35,7 +35,7 @@ step tokenizer python tokenizer.py $PRESET                         # the text BP
 step vqgan python vqgan.py $PRESET --out_dir=$OUT/vqgan            # the VQ tokenizer
 
 arms() {  # arms PREFIX SEED_ARGS: train every arm under $OUT/PREFIX, each stage from the one before it
-  local p=$1 s=$2 R=$OUT/$1
+  local p=$1 s=$2 R=$OUT${1:+/${1%/}}
   step ${p}stage1 python train_stage1.py $PRESET $s --vq_ckpt=$VQ --out_dir=$R/stage1              # VQA + depth/seg generation
   step ${p}base python train_stage1.py $PRESET $s --vq_ckpt=$VQ --aux=False --out_dir=$R/base      # the Base arm: VQA only
   if [ -z "$p" ] && [ "${EXTRA:-0}" = 1 ]; then

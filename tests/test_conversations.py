@@ -54,7 +54,7 @@ def test_readings_quote_the_true_maps(split):
                 a, b = [data.name(o) for i in q["objects"] for o in split["scenes"][t["scene"]]["objects"] if o["id"] == i]
                 nearer = a if quoted[a] < quoted[b] else b
                 if q["kind"] == "depth_order":
-                    agree["order"].append((nearer == q["answer"]) == ("closer" in q["question"]))
+                    agree["order"].append((nearer == q["answer_name"]) == ("closer" in q["question"]))
                 else:
                     agree["front"].append((nearer == a) == (q["answer"] == "yes"))
         elif q["kind"] == "counting":

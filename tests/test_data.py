@@ -1,9 +1,11 @@
 """data.py: exact depth and segmentation, exact answers, conversions, determinism.
 Answers and intersections are recomputed here independently of data.py's own code paths."""
+import collections
 import hashlib
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -161,6 +163,7 @@ def recompute(q, scene, seg):
         return next(o for o in scene["objects"] if f"{o['color']} {o['shape']}" == text)
 
     text, kind = q["question"], q["kind"]
+    letter_of = {n: c for c, n in re.findall(r"\(([A-H])\) the (\w+ \w+)", text)}  # multiple choice: name -> letter
     if kind == "distance":
         v = ground(*named) if "apart" in text else cam_dist(named[0])
         return f"{v:.1f} m"
@@ -169,14 +172,15 @@ def recompute(q, scene, seg):
         v = 100 * (o["height"] if "tall" in text else 2 * o["radius"])
         return f"{round(v)} cm"
     if kind == "depth_order":
-        a, b = (by_name(s) for s in text.split(", the ")[1].rstrip("?").split(" or the "))
+        assert len(letter_of) == 2
         pick = min if "closer" in text else max
-        return data.name(pick((a, b), key=cam_dist))
+        return letter_of[data.name(pick(map(by_name, letter_of), key=cam_dist))]
     if kind == "relative_distance":
-        anchor = by_name(text.split("the ")[-1].rstrip("?"))
+        anchor = by_name(text.split("?")[0].split("the ")[-1])
         vis = [o for o in scene["objects"] if o is not anchor and (seg == o["id"]).sum() >= scene["min_visible"]]
+        assert sorted(letter_of) == sorted(map(data.name, vis))  # the options are every other visible object
         pick = min if "closest" in text else max
-        return data.name(pick(vis, key=lambda o: ground(anchor, o)))
+        return letter_of[data.name(pick(vis, key=lambda o: ground(anchor, o)))]
     if kind == "relation_front":
         a, b = named
         return "yes" if (pos[a["id"]] - cam_pos) @ forward < (pos[b["id"]] - cam_pos) @ forward else "no"
@@ -212,6 +216,25 @@ def test_every_answer_matches_an_independent_recomputation(dataset):
             if q["answer_type"] == "choice":
                 assert q["answer"] in q["choices"]
             assert q["tool"] in ("depth", "seg", "none") and q["category"] in data.CATEGORIES
+
+
+def test_multiple_choice_answers_are_not_given_away_by_wording_or_position():
+    """Before lettered options, "Which is closer…, the A or the B?" always had the nearer object
+    first, so the wording alone gave the answer. Now the answer's letter is independent of it."""
+    rng = np.random.default_rng(0)
+    cfg = data.SceneConfig(image_size=32)
+    seen = collections.defaultdict(list)
+    for seed in range(150):
+        for q in data.make_questions(data.render_scene([9, seed], cfg)["graph"], rng):
+            if "options" in q:
+                assert q["options"][q["choices"].index(q["answer"])] == q["answer_name"]
+                seen[(q["kind"], q["question"].split("?")[0].split(" the ")[0])].append(
+                    (q["answer"] == "A", 1 / len(q["options"])))
+    closer, farther = seen[("depth_order", "Which is closer to")], seen[("depth_order", "Which is farther from")]
+    assert min(len(closer), len(farther)) > 30
+    for v in (closer, farther, [x for k, v in seen.items() if k[0] == "relative_distance" for x in v]):
+        is_a, share = np.mean(v, axis=0)
+        assert abs(is_a - share) < 0.15, (is_a, share)  # (A) is right as often as a random option would be
 
 
 def test_scene_graph_matches_images(dataset):
