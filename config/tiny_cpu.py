@@ -11,8 +11,9 @@ tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~10 s
 # the VQ: 2000 steps of 8 images (GAN from step 1500), then the first training script encodes every split
 vqgan = dict(data_dir=_data_dir, image_size=48, max_iters=2000, disc_start=1500)
 # stage 1 (and the Base arm with --aux=False): 4 layers × 256 wide (3.5M parameters); sequences run
-# from ~175 tokens (VQA) to ~470 (RGB, depth, seg, question, answer), ~4.5k tokens an iteration.
-stage1 = dict(data_dir=_data_dir, block_size=512, batch_size=16, max_iters=250, warmup_iters=20,
+# from ~175 tokens (VQA) to ~520 (RGB, depth, seg, a question with five options, answer), ~4.5k
+# tokens an iteration.
+stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=16, max_iters=250, warmup_iters=20,
               eval_interval=250, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~350 tokens: RGB, map, text), then
