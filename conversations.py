@@ -86,20 +86,22 @@ def _reading(q, names, readings, source):
     """The sentence that reads a question's objects off the `source`: "depth" or "seg" (a map), or
     "rgb" (the image alone: position and pixel extent, the RE arm's only evidence)."""
     kind, ids = q["kind"], [i for i in q.get("objects", []) if i in readings]
-    letter = {}  # a multiple-choice question's options are read in their lettered order: "(A) the …"
-    if "options" in q:
+    called = {i: f"the {n}" for i, n in names.items()}
+    if "options" in q:  # multiple choice: the options by their letters, in order ("(A) is at 3.1 m; (B) …")
+        called.update({i: f"({c})" for n, c in zip(q["options"], q["choices"]) for i, m in names.items() if m == n})
         by_option = [i for n in q["options"] for i, m in names.items() if m == n and i in readings]
-        letter = {i: f"({c}) " for n, c in zip(q["options"], q["choices"]) for i, m in names.items() if m == n}
-        ids = (ids[:1] if kind == "relative_distance" else []) + by_option  # relative_distance: the anchor first
+        anchor = q["objects"][0] if kind == "relative_distance" and q["objects"][0] in readings else None
+        if anchor is not None:  # the object the question asks about comes first, as "it"
+            called[anchor] = "it"
+        ids = ([anchor] if anchor is not None else []) + by_option
 
     def say(i):
         r = readings[i]
         if source == "seg":
-            return f"{letter.get(i, '')}the {names[i]} is the segment at column {round(r['x'])}"
+            return f"{called[i]} is the segment at column {round(r['x'])}"
         if source == "rgb":
-            return (f"{letter.get(i, '')}the {names[i]} is at column {round(r['x'])}, row {round(r['y'])}, "
-                    f"{r['h']} pixels tall and {r['w']} wide")
-        said = f"{letter.get(i, '')}the {names[i]} is at {r['depth']:.1f} m"
+            return f"{called[i]} is at column {round(r['x'])}, row {round(r['y'])}, {r['h']} pixels tall and {r['w']} wide"
+        said = f"{called[i]} is at {r['depth']:.1f} m"
         if kind == "size":  # the apparent extent, which with depth gives the real size
             return said + (f" and {r['h']} pixels tall" if "tall" in q["question"] else f" and {r['w']} pixels wide")
         if kind in ("distance", "relative_distance") and len(ids) > 1:  # sideways offsets count too

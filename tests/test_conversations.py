@@ -46,7 +46,14 @@ def test_readings_quote_the_true_maps(split):
         reading = t["conversation"][-1]["content"][-2]["think"]
         depth, seg = split["depth"][t["scene"]], split["seg"][t["scene"]]
         if t["tool"] == "depth":
-            quoted = {n: float(v) for n, v in re.findall(r"the (\w+ \w+) is at (\d+\.\d) m", reading)}
+            # objects are quoted by name, by option letter ("(A) is at …"), or as "it" (relative distance's anchor)
+            letters = dict(zip(q.get("choices", []), q.get("options", [])))
+            anchor = next(data.name(o) for o in split["scenes"][t["scene"]]["objects"] if o["id"] == q["objects"][0])
+            quoted = {(who[4:] if who.startswith("the ") else letters[who[1]] if who.startswith("(") else anchor): float(v)
+                      for who, v in re.findall(r"(the \w+ \w+|\([A-H]\)|it) is at (\d+\.\d) m", reading)}
+            if "options" in q:
+                assert not re.search(r"the \w+ \w+ is at", reading)  # options are read by letter, never by name
+                assert set(letters.values()) <= set(quoted)
             for n, v in quoted.items():  # the median true depth inside the object's true mask
                 assert v == pytest.approx(np.median(depth[seg == names[t["scene"]][n]]), abs=0.051)
                 checked["depth"] += 1
