@@ -1,5 +1,6 @@
-# The default preset: the whole pipeline, all four arms, on a 2-core CPU in about 20 minutes (timings
-# below are from a 2-core AMD EPYC doing ~175 GFLOP/s in fp32 matmul; a slow one at ~65 took ~3×).
+# The default preset: the whole pipeline, all four arms, on a 2-core CPU in about 20 minutes (measured
+# on a 2-core AMD EPYC doing ~175 GFLOP/s in fp32 matmul, step by step in the README; a slow machine
+# at ~65 GFLOP/s takes ~3×).
 # 48×48 synthetic scenes and 12×12 codes an image: 64 px would make every sequence ~1.8× longer, 32 px
 # loses small objects in the VQ round trip (seg mIoU 0.32, against 0.66 at 48 px). Short runs make
 # this a demonstration of the pipeline, not the experiment: config/cpu64.py is the longer setting.
@@ -15,14 +16,15 @@ vqgan = dict(data_dir=_data_dir, image_size=48, max_iters=2000, disc_start=1500)
 # tokens an iteration.
 stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=16, max_iters=250, warmup_iters=20,
               eval_interval=250, eval_scenes=32, eval_questions=140)
-eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
+eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test questions a category, maps of 32 scenes
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~350 tokens: RGB, map, text), then
 # replies (text greedy, maps sampled) to 70 val questions through the tool loop
 stage2 = dict(data_dir=_data_dir, max_iters=100, eval_interval=100, batch_size=8, eval_questions=70)
 # RL (GRPO + CPR) from out/stage2 (--tools=none: from out/stage2_text): an iteration = 4 questions ×
 # 8 rollouts and one optimizer step on the groups whose rewards differ; the held-out evaluation runs
-# at the start and the end (70 replies, text greedy; 14 val questions × 8 sampled for the reward).
-# Adam at 1e-4 made the tiny models' entropy climb and accuracy fall within 12 steps; 3e-5 held steady.
-# max_new_tokens 420: two maps (~146 tokens each) and the text.
+# at the start and the end (70 replies, text greedy; 8 val questions × 8 sampled for the reward).
+# At 64 px (config/cpu64.py) Adam at 1e-4 made entropy climb and accuracy fall within 12 steps, and
+# 3e-5 held steady; here COOPER's held-out accuracy still fell at 3e-5 (README). max_new_tokens 420:
+# two maps (~146 tokens each) and the text.
 rl = dict(data_dir=_data_dir, max_iters=15, eval_interval=15, prompts_per_batch=4, group_size=8, max_new_tokens=420,
-          learning_rate=3e-5, min_lr=3e-5, warmup_iters=2, eval_questions=70, eval_reward_questions=14)
+          learning_rate=3e-5, min_lr=3e-5, warmup_iters=2, eval_questions=70, eval_reward_questions=8)
