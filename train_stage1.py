@@ -45,6 +45,7 @@ eval_scenes = 32  # val scenes whose generated maps are scored at each evaluatio
 eval_questions = 140  # val questions (balanced over categories) answered at each evaluation (eval.DECODE)
 max_iters = 250
 eval_interval = 250
+block_size = 640  # the longest tiny-preset example (RGB, depth, seg, five lettered options, answer) is ~520 tokens
 # -----------------------------------------------------------------------------
 
 
