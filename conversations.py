@@ -88,12 +88,12 @@ def _reading(q, names, readings, source):
     kind, ids = q["kind"], [i for i in q.get("objects", []) if i in readings]
     called = {i: f"the {n}" for i, n in names.items()}
     if "options" in q:  # multiple choice: the options by their letters, in order ("(A) is at 3.1 m; (B) …")
-        called.update({i: f"({c})" for n, c in zip(q["options"], q["choices"]) for i, m in names.items() if m == n})
-        by_option = [i for n in q["options"] for i, m in names.items() if m == n and i in readings]
-        anchor = q["objects"][0] if kind == "relative_distance" and q["objects"][0] in readings else None
-        if anchor is not None:  # the object the question asks about comes first, as "it"
-            called[anchor] = "it"
-        ids = ([anchor] if anchor is not None else []) + by_option
+        id_of = {n: i for i, n in names.items()}
+        called.update({id_of[n]: f"({c})" for n, c in zip(q["options"], q["choices"])})
+        # relative distance: the object the question asks about comes first, as "it"
+        anchor = [q["objects"][0]] if kind == "relative_distance" and q["objects"][0] in readings else []
+        called.update({i: "it" for i in anchor})
+        ids = anchor + [id_of[n] for n in q["options"] if id_of[n] in readings]
 
     def say(i):
         r = readings[i]

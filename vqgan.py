@@ -453,14 +453,14 @@ def train(tc, mc):
     torch.manual_seed(tc.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
     encoding = tc.depth_encoding or data.DEPTH_ENCODING
-    data.prepare(tc.data_dir)
+    size = data.prepare(tc.data_dir)["config"]["image_size"]
+    if size != mc.image_size:
+        raise ValueError(f"the images in {tc.data_dir} are {size} px but the tokenizer is set up for "
+                         f"{mc.image_size} px: pass --image_size={size}")
     _, train_images = load_pseudo_images(tc.data_dir, "train", encoding)
     val_split, val_images = load_pseudo_images(tc.data_dir, "val", encoding)
     # one pool of images: a batch mixes RGB, depth and segmentation, so one codebook learns all three
     pool = torch.as_tensor(np.concatenate([train_images[m] for m in data.MODALITIES]))
-    if pool.shape[1] != mc.image_size:
-        raise ValueError(f"the images in {tc.data_dir} are {pool.shape[1]} px but the tokenizer is set up for "
-                         f"{mc.image_size} px: pass --image_size={pool.shape[1]}")
     draw = torch.tensor(tc.modality_weights, dtype=torch.float).repeat_interleave(len(pool) // 3)
     print(f"training a {mc.grid}x{mc.grid}-code tokenizer on {len(pool)} images ({encoding} depth), device {device}")
 
