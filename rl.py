@@ -279,11 +279,13 @@ def grpo_loss(model, batch, clip_eps=0.2, kl_beta=0.0):
 def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
     """Greedy replies to fixed val questions through eval.answer's interleaved mode (stage 2's
     evaluation, so the numbers compare): accuracy per category and their mean (vqa_acc), format
-    validity and tool use (eval.tool_use), and the tool-use rate on positive and negative questions."""
+    validity and tool use (eval.tool_use), the tool-use rate on positive and negative questions,
+    and each question's score (scores, a list)."""
     with decode_threads(next(model.parameters()).device):
         replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", **ev.DECODE)
     use = ev.tool_use(tok, questions, replies)  # (its per-category breakdown is eval.py's report)
     out = {**ev.vqa_accuracy(tok, questions, replies), "format_valid": use["format_valid"], "tool_pattern": use["tool_pattern"]}
+    out["scores"] = [s["score"] for s in ev.question_scores(tok, questions, replies)]  # per question, for paired comparisons
     used = np.array([used_tool(tok, r) for r in replies], dtype=float)
     pos = np.array([tool_positive(q) for q in questions])
     out["tool_rate"] = float(used.mean())
@@ -291,6 +293,15 @@ def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
     out["tool_rate_neg"] = float(used[~pos].mean()) if (~pos).any() else 0.0
     out["length"] = float(np.mean([len(r) for r in replies]))
     return out
+
+
+def paired_change(before, after):
+    """The change in held-out accuracy from per-question scores of the same questions before and
+    after: its mean, the standard error of that mean (paired, so how hard each question is cancels
+    out), and how many questions scored higher and lower."""
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    return {"acc_change": float(d.mean()), "acc_change_se": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "questions_gained": int((d > 0).sum()), "questions_lost": int((d < 0).sum())}
 
 
 def ensure_sft_checkpoint(path, tools, data_dir, vq_ckpt):
@@ -340,9 +351,14 @@ if __name__ == "__main__":
     def loss_fn(model, batch):
         return grpo_loss(model, batch, clip_eps, kl_beta)
 
+    scores_path = os.path.join(out_dir, "heldout_scores.jsonl")  # per question, each evaluation: for paired changes
+
     def evaluate(model, it):
         model.eval()
         scores = heldout_metrics(model, tok, eval_qs, codes["val"], n_image, tools)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(scores_path, "a") as f:
+            f.write(json.dumps({"iter": it, "scores": scores.pop("scores")}) + "\n")
         if reward_qs:
             scores["reward"] = rollouts(model, tok, reward_qs, codes["val"], n_image, config, seed)[4]["reward"]
         model.train()
@@ -350,6 +366,8 @@ if __name__ == "__main__":
 
     start_path = os.path.join(out_dir, "eval_start.json")
     if run.master and start["iter"] == 0:  # the starting point of the curves (the loop evaluates after steps)
+        if os.path.exists(scores_path):
+            os.remove(scores_path)  # a fresh run: no scores from an earlier one
         record = {"iter": 0, **evaluate(model, 0)}
         print("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         os.makedirs(out_dir, exist_ok=True)
@@ -373,6 +391,10 @@ if __name__ == "__main__":
                  "train_reward_start": float(np.mean(rewards[:n])), "train_reward_end": float(np.mean(rewards[-n:])),
                  "tool_rate_start": start_record.get("heldout_tool_rate"), "tool_rate_end": last["heldout_tool_rate"],
                  "format_start": start_record.get("heldout_format_valid"), "format_end": last["heldout_format_valid"]}
+        # the change in held-out accuracy over the run, paired by question
+        by_iter = {r["iter"]: r["scores"] for r in map(json.loads, open(scores_path))}
+        if 0 in by_iter and len(by_iter) > 1:
+            final.update(paired_change(by_iter[0], by_iter[max(by_iter)]))
         final = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}
         final.update({k: round(v, 4) for k, v in last.items() if k.startswith("acc_")})
         final["minutes"] = round((time.time() - t_start) / 60, 2)

@@ -450,3 +450,12 @@ def test_grpo_on_the_training_loop_logs_rewards_and_resumes_exactly(tok, tmp_pat
     wa = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_paired_change_by_hand():
+    """Scores of four questions before and after: differences 0, +1, 0, −0.5."""
+    out = rl.paired_change([1, 0, 0, 1], [1, 1, 0, 0.5])
+    d = np.array([0, 1, 0, -0.5])
+    assert out["acc_change"] == pytest.approx(0.125)
+    assert out["acc_change_se"] == pytest.approx(np.sqrt(((d - 0.125) ** 2).sum() / 3) / 2)
+    assert (out["questions_gained"], out["questions_lost"]) == (1, 1)
