@@ -415,12 +415,58 @@ def trace_markdown(tok, vq, q, reply, report_dir, name):
     return "\n\n".join(lines)
 
 
-if __name__ == "__main__":
-    import time
-
+def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch_size, report_dir):
+    """One arm of the Table 1 analog, every seed's checkpoint of it: per-question scores, tool use
+    (interleaved arms), map quality (PE, COOPER), the PE map grid and the COOPER example trace
+    (written to report_dir). eval.py runs arms side by side in worker processes, one thread each:
+    decoding is many small ops, for which a second thread buys little and a second process doubles
+    the work done."""
     import tokenizer
     import trainer
     import vqgan
+    torch.set_num_threads(1)
+    stage, mode, use_tools, _ = ARMS[arm]
+    vq = vqgan.load_vqgan(vq_ckpt)
+    tok = tokenizer.Tokenizer.load(os.path.join(data_dir, "tokenizer.tiktoken"), vq.cfg.codebook_size)
+    test = data.load_split(data_dir, "test")
+    codes = vqgan.load_codes(data_dir, "test").astype(np.int64)
+    n_image = codes.shape[-1]
+    qs = balanced_sample(test["questions"], n_questions)
+    out = {"per_seed": [], "per_seed_direct": [], "tools": [], "maps": [], "example": None}
+    for root in roots:
+        path = os.path.join(root, stage, "ckpt.pt")
+        if not os.path.exists(path):
+            print(f"{arm}: no checkpoint at {path}, skipped", flush=True)
+            continue
+        model, _ = trainer.load_model(path)
+        print(f"{arm}: {path}, answering {len(qs)} test questions ({mode})", flush=True)
+        replies = answer(model, tok, qs, codes, n_image, mode=mode, tools=use_tools, batch_size=batch_size, **DECODE)
+        out["per_seed"].append(question_scores(tok, qs, replies))
+        if arm == "PE":  # the PE arm both ways: direct answers as well as the paper's chain
+            out["per_seed_direct"].append(question_scores(tok, qs, answer(model, tok, qs, codes, n_image, mode="direct",
+                                                                          batch_size=batch_size, **DECODE)))
+        if mode == "interleaved":
+            out["tools"].append(tool_use(tok, qs, replies))
+            if use_tools and out["example"] is None:
+                k = next((i for i, r in enumerate(replies) if any("tool" in p for p in tok.parse_reply(r)[0])), 0)
+                out["example"] = trace_markdown(tok, vq, qs[k], replies[k], report_dir, "trace")
+        if arm in ("PE", "COOPER"):
+            m, maps = map_quality(model, tok, vq, test, codes, range(n_map_scenes), n_image, **DECODE,
+                                  batch_size=batch_size)
+            out["maps"].append(m)
+            if arm == "PE" and root == roots[0]:
+                shown = list(range(min(6, n_map_scenes)))
+                map_grid(os.path.join(report_dir, "maps_pe.png"), test, {k: v[:len(shown)] for k, v in maps.items()},
+                         shown, vq.depth_encoding)
+    return out
+
+
+if __name__ == "__main__":
+    import concurrent.futures
+    import functools
+    import multiprocessing
+    import time
+
     from configurator import configure
 
     # -----------------------------------------------------------------------------
@@ -431,49 +477,34 @@ if __name__ == "__main__":
     n_questions = 280  # test questions, balanced over categories
     n_map_scenes = 64  # test scenes whose generated maps are scored
     batch_size = 64
+    workers = 2  # processes evaluating arms side by side (one thread each); 1: all in this process
     configure(globals(), section="eval")
     # -----------------------------------------------------------------------------
     t0 = time.time()
-    torch.set_num_threads(1)  # decoding is many small ops: one thread is faster on a shared 2-core machine
     os.makedirs(report_dir, exist_ok=True)
-    vq = vqgan.load_vqgan(vq_ckpt)
-    tok = tokenizer.Tokenizer.load(os.path.join(data_dir, "tokenizer.tiktoken"), vq.cfg.codebook_size)
-    test = data.load_split(data_dir, "test")
-    codes = vqgan.load_codes(data_dir, "test").astype(np.int64)
-    n_image = codes.shape[-1]
-    qs = balanced_sample(test["questions"], n_questions)
     roots = [r for r in runs.split(",") if r]
+    setup = dict(roots=roots, data_dir=data_dir, vq_ckpt=vq_ckpt, n_questions=n_questions,
+                 n_map_scenes=n_map_scenes, batch_size=batch_size, report_dir=report_dir)
+    order = ["COOPER", "PE", "RE", "Base"]  # the longest first, so the two workers finish together
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")  # a forked child may hang in the parent's OpenMP pool
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            done = dict(zip(order, pool.map(functools.partial(evaluate_arm, **setup), order)))
+    else:
+        done = {arm: evaluate_arm(arm, **setup) for arm in order}
+    qs = balanced_sample(data.load_split(data_dir, "test")["questions"], n_questions)
     table, extra, tools_table, maps_table, example = {}, {}, {}, {}, None
-    for arm, (stage, mode, use_tools, _) in ARMS.items():
-        per_seed, per_seed_direct = [], []
-        for root in roots:
-            path = os.path.join(root, stage, "ckpt.pt")
-            if not os.path.exists(path):
-                print(f"{arm}: no checkpoint at {path}, skipped")
-                continue
-            model, _ = trainer.load_model(path)
-            print(f"{arm}: {path}, answering {len(qs)} test questions ({mode})")
-            replies = answer(model, tok, qs, codes, n_image, mode=mode, tools=use_tools, batch_size=batch_size, **DECODE)
-            per_seed.append(question_scores(tok, qs, replies))
-            if arm == "PE":  # the PE arm both ways: direct answers as well as the paper's chain
-                per_seed_direct.append(question_scores(tok, qs, answer(model, tok, qs, codes, n_image, mode="direct",
-                                                                       batch_size=batch_size, **DECODE)))
-            if mode == "interleaved":
-                tools_table.setdefault(arm, []).append(tool_use(tok, qs, replies))
-                if use_tools and example is None:
-                    k = next((i for i, r in enumerate(replies) if any("tool" in p for p in tok.parse_reply(r)[0])), 0)
-                    example = trace_markdown(tok, vq, qs[k], replies[k], report_dir, "trace")
-            if arm in ("PE", "COOPER"):
-                m, maps = map_quality(model, tok, vq, test, codes, range(n_map_scenes), n_image, **DECODE,
-                                      batch_size=batch_size)
-                maps_table.setdefault(arm, []).append(m)
-                if arm == "PE" and root == roots[0]:
-                    map_grid(os.path.join(report_dir, "maps_pe.png"), test, {k: v[:6] for k, v in maps.items()},
-                             list(range(6)), vq.depth_encoding)
-        if per_seed:
-            table[arm] = summarise(per_seed)
-        if per_seed_direct:
-            extra["PE (direct)"] = summarise(per_seed_direct)
+    for arm in ARMS:  # the report's order
+        r = done[arm]
+        if r["per_seed"]:
+            table[arm] = summarise(r["per_seed"])
+        if r["per_seed_direct"]:
+            extra["PE (direct)"] = summarise(r["per_seed_direct"])
+        if r["tools"]:
+            tools_table[arm] = r["tools"]
+        if r["maps"]:
+            maps_table[arm] = r["maps"]
+        example = example or r["example"]
 
     # --- the report ----------------------------------------------------------------------------
     cols = ["spatial_avg", "acc_distance", "acc_size", "acc_depth_order", "acc_relative_distance", "acc_relation",

@@ -1,10 +1,14 @@
 """eval.py: answer scoring and map metrics on hand-computed cases, and its sampling noise."""
+import json
 import math
+import os
 
 import numpy as np
 import pytest
+import torch
 
 import conversations
+import data
 import eval as ev
 import tokenizer
 
@@ -129,3 +133,45 @@ def test_one_evaluation_draws_one_stream_of_noise():
     assert not np.array_equal(first[:2], first[2:])
     again = ev.generate_map_codes(model, tok, convs, images, 4, batch_size=2, seed=0, temperature=1.0)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+def test_eval_script_writes_the_report_and_workers_agree(tmp_path):
+    """python eval.py end to end on untrained checkpoints of every arm under two seeds' roots: the
+    report has the table, claims and map grid, and the final line is the same whether the arms are
+    evaluated in two worker processes or in this one (each arm's decoding has its own seed)."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    import trainer
+    import vqgan
+    d = str(tmp_path / "data")
+    data.build_dataset(d, 4, 2, 8, data.SceneConfig(image_size=32), seed=0)
+    mc = vqgan.VQConfig(image_size=32, channels=16, n_res_blocks=1, codebook_size=32)
+    torch.manual_seed(0)
+    vq_path = str(tmp_path / "vq.pt")
+    trainer.save_checkpoint(vq_path, {"model_args": asdict(mc), "model": vqgan.VQModel(mc).state_dict(), "depth_encoding": "log"})
+    vqgan.ensure_codes(d, vq_path)
+    tok = tokenizer.build_tokenizer(d, 300, mc.codebook_size)
+    cfg = dict(trainer.LOOP_DEFAULTS, n_layer=1, n_head=2, n_embd=32, block_size=640, attn_impl="sdpa", init_from="scratch")
+    for seed_root in ("s1", "s2"):
+        for stage in {a[0] for a in ev.ARMS.values()}:
+            torch.manual_seed(len(stage) + len(seed_root))
+            model = trainer.init_model(cfg, trainer.setup_run("cpu"), tok, mc.grid ** 2)[0]
+            trainer.save_checkpoint(str(tmp_path / seed_root / stage / "ckpt.pt"),
+                                    {"model": model.state_dict(), "model_args": asdict(model.config)})
+    finals = []
+    for workers in (2, 1):
+        report = tmp_path / f"report{workers}"
+        out = subprocess.run([sys.executable, "eval.py", f"--data_dir={d}", f"--vq_ckpt={vq_path}",
+                              f"--runs={tmp_path / 's1'},{tmp_path / 's2'}", f"--report_dir={report}",
+                              "--n_questions=14", "--n_map_scenes=2", f"--workers={workers}"],
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        finals.append(json.loads(out.stdout.strip().splitlines()[-1].removeprefix("final: ")))
+        text = (report / "report.md").read_text()
+        assert all(f"| {arm} |" in text for arm in ev.ARMS) and "## Claims" in text
+        assert (report / "maps_pe.png").exists()
+    assert set(finals[0]) == set(ev.ARMS) and all(f["seeds"] == 2 for f in finals[0].values())
+    assert finals[0] == finals[1]
