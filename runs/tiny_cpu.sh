@@ -27,7 +27,10 @@ step() {  # step NAME COMMAND...: run unless $OUT/NAME/final.json exists, keep t
   grep '^final: ' "$d/log.txt" | tail -1 | sed 's/^final: //' > "$d/final.json.tmp"
   mv "$d/final.json.tmp" "$d/final.json"
   echo "== $name took $((SECONDS - t)) s"
-  if [ "${UNTIL:-}" = "$name" ]; then echo "stopping after $name (UNTIL=$name)"; exit 0; fi
+  stop_after $name
+}
+stop_after() {  # exit here if UNTIL names this step (inside a subshell this ends only the subshell)
+  if [ "${UNTIL:-}" = "$1" ]; then echo "stopping after $1 (UNTIL=$1)"; exit 0; fi
 }
 
 step data python data.py $PRESET                                   # the scenes and questions
@@ -44,8 +47,14 @@ arms() {  # arms PREFIX SEED_ARGS: train every arm under $OUT/PREFIX, each stage
   fi
   step ${p}stage2 python train_stage2.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage1/ckpt.pt --out_dir=$R/stage2  # COOPER: interleaved SFT
   step ${p}stage2_text python train_stage2.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/base/ckpt.pt --out_dir=$R/stage2_text  # RE: text CoT SFT
-  step ${p}rl python rl.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage2/ckpt.pt --out_dir=$R/rl       # COOPER: GRPO with the CPR reward
-  step ${p}rl_text python rl.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/stage2_text/ckpt.pt --out_dir=$R/rl_text  # RE: text-only GRPO
+  # the two RL arms side by side, one thread each: RL mostly decodes, which one thread does about as
+  # fast as two, so the pair takes little longer than COOPER's alone (output lines are prefixed)
+  export OMP_NUM_THREADS=1
+  (step ${p}rl python rl.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage2/ckpt.pt --out_dir=$R/rl 2>&1 | sed -u "s/^/[${p}rl] /") & local a=$!  # COOPER: GRPO with the CPR reward
+  (step ${p}rl_text python rl.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/stage2_text/ckpt.pt --out_dir=$R/rl_text 2>&1 | sed -u "s/^/[${p}rl_text] /") & local b=$!  # RE: text-only GRPO
+  wait $a; wait $b
+  unset OMP_NUM_THREADS
+  stop_after ${p}rl; stop_after ${p}rl_text
 }
 
 arms "" ""

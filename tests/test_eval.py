@@ -104,7 +104,11 @@ def test_summarise_and_claims():
     text = ev.claims({"Base": base, "PE": better, "COOPER": base, "RE": better})
     assert any("PE beats Base on spatial_avg" in c and "+50.0" in c and "held" in c for c in text)
     assert any("COOPER beats RE" in c and "reversed" in c for c in text)
-    assert any("keeps general ability" in c and "held" in c for c in text)
+    assert any("keeps general ability" in c and "not shown" in c for c in text)  # equal, but 20 questions a side
+    keep = lambda cooper: ev.claims({"Base": {"acc_general": (0.80, 0.01)}, "COOPER": {"acc_general": cooper}})[0]  # noqa: E731
+    assert keep((0.79, 0.01)).endswith("held.")  # −1 ± 1.4: a loss over 5 points is ruled out
+    assert "a clear loss" in keep((0.50, 0.01))
+    assert "not shown" in keep((0.79, 0.05))  # −1 ± 5.1: could be a 11-point loss
 
 
 def test_report_curves_render_from_fake_metrics(tmp_path):
