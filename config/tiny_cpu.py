@@ -18,8 +18,10 @@ stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=16, max_iters=250, 
               eval_interval=250, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test questions a category, maps of 32 scenes
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~350 tokens: RGB, map, text), then
-# replies (text greedy, maps sampled) to 70 val questions through the tool loop
-stage2 = dict(data_dir=_data_dir, max_iters=100, eval_interval=100, batch_size=8, eval_questions=70)
+# replies (text greedy, maps sampled) to 70 val questions through the tool loop. 300 iterations, not
+# 100: after 100 COOPER's sampled replies broke the format half the time and RL had nothing sound to
+# start from (README, "RL at the tiny preset").
+stage2 = dict(data_dir=_data_dir, max_iters=300, eval_interval=300, batch_size=8, eval_questions=70)
 # RL (GRPO + CPR) from out/stage2 (--tools=none: from out/stage2_text): an iteration = 4 questions ×
 # 8 rollouts and one optimizer step on the groups whose rewards differ; the held-out evaluation runs
 # at the start and the end (70 replies, text greedy; 8 val questions × 8 sampled for the reward).

@@ -29,6 +29,21 @@ step() {  # step NAME COMMAND...: run unless $OUT/NAME/final.json exists, keep t
   echo "== $name took $((SECONDS - t)) s"
   stop_after $name
 }
+# Two independent steps side by side, one thread each. For RL this pays: it mostly decodes, which
+# a second thread barely speeds up, so the pair takes little longer than COOPER's RL alone. Training
+# steps do not pair well (measured for stage 2: one thread runs at ~57% of two, and once the shorter
+# step ends the longer one still has only one). Output lines are prefixed with the step's name.
+STARTED=()
+beside() {  # beside NAME COMMAND...: `step` in the background
+  (export OMP_NUM_THREADS=1; step "$@" 2>&1 | sed -u "s|^|[$1] |") &
+  STARTED+=("$!:$1")
+}
+joined() {  # wait for every step started with `beside` (a failed one stops the pipeline)
+  local started=("${STARTED[@]}") e
+  STARTED=()
+  for e in "${started[@]}"; do wait "${e%%:*}"; done
+  for e in "${started[@]}"; do stop_after "${e#*:}"; done
+}
 stop_after() {  # exit here if UNTIL names this step (inside a subshell this ends only the subshell)
   if [ "${UNTIL:-}" = "$1" ]; then echo "stopping after $1 (UNTIL=$1)"; exit 0; fi
 }
@@ -47,14 +62,10 @@ arms() {  # arms PREFIX SEED_ARGS: train every arm under $OUT/PREFIX, each stage
   fi
   step ${p}stage2 python train_stage2.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage1/ckpt.pt --out_dir=$R/stage2  # COOPER: interleaved SFT
   step ${p}stage2_text python train_stage2.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/base/ckpt.pt --out_dir=$R/stage2_text  # RE: text CoT SFT
-  # the two RL arms side by side, one thread each: RL mostly decodes, which one thread does about as
-  # fast as two, so the pair takes little longer than COOPER's alone (output lines are prefixed)
-  export OMP_NUM_THREADS=1
-  (step ${p}rl python rl.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage2/ckpt.pt --out_dir=$R/rl 2>&1 | sed -u "s/^/[${p}rl] /") & local a=$!  # COOPER: GRPO with the CPR reward
-  (step ${p}rl_text python rl.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/stage2_text/ckpt.pt --out_dir=$R/rl_text 2>&1 | sed -u "s/^/[${p}rl_text] /") & local b=$!  # RE: text-only GRPO
-  wait $a; wait $b
-  unset OMP_NUM_THREADS
-  stop_after ${p}rl; stop_after ${p}rl_text
+  # the two RL arms side by side (see `beside`)
+  beside ${p}rl python rl.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage2/ckpt.pt --out_dir=$R/rl  # COOPER: GRPO with the CPR reward
+  beside ${p}rl_text python rl.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/stage2_text/ckpt.pt --out_dir=$R/rl_text  # RE: text-only GRPO
+  joined
 }
 
 arms "" ""
