@@ -1,6 +1,7 @@
-# The default preset: the whole pipeline, all four arms, on a 2-core CPU in about 20 minutes (measured
-# on a 2-core AMD EPYC doing ~175 GFLOP/s in fp32 matmul, step by step in the README; a slow machine
-# at ~65 GFLOP/s takes ~3×).
+# The default preset: the whole pipeline, all four arms, on a 2-core CPU. With stage 2 at 100
+# iterations it took 21 min on a fast 2-core AMD EPYC (~175 GFLOP/s fp32 matmul) and 41 min on a
+# slower one; stage 2 now runs 300, RL and eval run two at a time (README: "The tiny preset, stage 2
+# at 300 iterations"), which on the fast machine should come to about 23 min (an estimate, not measured).
 # 48×48 synthetic scenes and 12×12 codes an image: 64 px would make every sequence ~1.8× longer, 32 px
 # loses small objects in the VQ round trip (seg mIoU 0.32, against 0.66 at 48 px). Short runs make
 # this a demonstration of the pipeline, not the experiment: config/cpu64.py is the longer setting.
