@@ -498,7 +498,7 @@ if __name__ == "__main__":
             done = dict(zip(order, pool.map(functools.partial(evaluate_arm, **setup), order)))
     else:
         done = {arm: evaluate_arm(arm, **setup) for arm in order}
-    qs = balanced_sample(data.load_split(data_dir, "test")["questions"], n_questions)
+    qs = balanced_sample(data.load_questions(data_dir, "test"), n_questions)  # the workers' questions (no images needed here)
     table, extra, tools_table, maps_table, example = {}, {}, {}, {}, None
     for arm in ARMS:  # the report's order
         r = done[arm]

@@ -352,11 +352,12 @@ if __name__ == "__main__":
         return grpo_loss(model, batch, clip_eps, kl_beta)
 
     scores_path = os.path.join(out_dir, "heldout_scores.jsonl")  # per question, each evaluation: for paired changes
+    if run.master:
+        os.makedirs(out_dir, exist_ok=True)
 
     def evaluate(model, it):
         model.eval()
         scores = heldout_metrics(model, tok, eval_qs, codes["val"], n_image, tools)
-        os.makedirs(out_dir, exist_ok=True)
         with open(scores_path, "a") as f:
             f.write(json.dumps({"iter": it, "scores": scores.pop("scores")}) + "\n")
         if reward_qs:
@@ -370,7 +371,6 @@ if __name__ == "__main__":
             os.remove(scores_path)  # a fresh run: no scores from an earlier one
         record = {"iter": 0, **evaluate(model, 0)}
         print("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        os.makedirs(out_dir, exist_ok=True)
         with open(start_path, "w") as f:
             json.dump(record, f)
     last = trainer.train(config, run, model, optimizer, start, get_batch, evaluate if run.master else None,
@@ -392,7 +392,8 @@ if __name__ == "__main__":
                  "tool_rate_start": start_record.get("heldout_tool_rate"), "tool_rate_end": last["heldout_tool_rate"],
                  "format_start": start_record.get("heldout_format_valid"), "format_end": last["heldout_format_valid"]}
         # the change in held-out accuracy over the run, paired by question
-        by_iter = {r["iter"]: r["scores"] for r in map(json.loads, open(scores_path))}
+        # (a run resumed from one that predates the file has none)
+        by_iter = {r["iter"]: r["scores"] for r in map(json.loads, open(scores_path))} if os.path.exists(scores_path) else {}
         if 0 in by_iter and len(by_iter) > 1:
             final.update(paired_change(by_iter[0], by_iter[max(by_iter)]))
         final = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}

@@ -21,7 +21,7 @@ eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test que
 # stage 2a SFT on interleaved traces from out/stage1 (a trace is ~350 tokens: RGB, map, text), then
 # replies (text greedy, maps sampled) to 70 val questions through the tool loop. 300 iterations, not
 # 100: after 100 COOPER's sampled replies broke the format half the time and RL had nothing sound to
-# start from (README, "RL at the tiny preset").
+# start from (README, "The tiny preset, stage 2 at 300 iterations").
 stage2 = dict(data_dir=_data_dir, max_iters=300, eval_interval=300, batch_size=8, eval_questions=70)
 # RL (GRPO + CPR) from out/stage2 (--tools=none: from out/stage2_text): an iteration = 4 questions ×
 # 8 rollouts and one optimizer step on the groups whose rewards differ; the held-out evaluation runs
