@@ -215,9 +215,8 @@ def vqa_accuracy(tok, questions, replies, chance=None):
     over categories."""
     per = collections.defaultdict(list)
     base = collections.defaultdict(list)
-    for q, r in zip(questions, replies):
-        parts, _ = tok.parse_reply(r)
-        per[q["category"]].append(score_answer(q, tok.answer_of(parts)))
+    for q, s in zip(questions, question_scores(tok, questions, replies)):
+        per[q["category"]].append(s["score"])
         if chance:
             base[q["category"]].append(chance(q))
     out = {f"acc_{c}": float(np.mean(v)) for c, v in sorted(per.items())}

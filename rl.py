@@ -35,7 +35,6 @@ to get_batch (per rank under DDP), so resuming a run continues it exactly.
     python rl.py --tools=none                 # the RE arm: text-only RL from out/stage2_text/ckpt.pt
     python rl.py config/tiny_cpu.py --seed=2  # (the preset's `rl` dict sizes the tiny run)
 """
-import contextlib
 import json
 import os
 import subprocess
@@ -179,20 +178,6 @@ def rollout_tensors(tok, prompts, gen, train_images):
     return idx, targets, mask, old * mask
 
 
-@contextlib.contextmanager
-def decode_threads(device):
-    """Decoding runs many tiny matmuls (one token per row): on a CPU, one thread skips an OpenMP
-    barrier per op, which on a busy 2-core machine measured ~3× faster (8.8 vs 27 ms a step).
-    Training, with big matmuls, keeps every thread."""
-    n = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 @torch.no_grad()
 def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed):
     """group_size replies to each question of `picked` by the current policy, scored.
@@ -202,10 +187,8 @@ def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed):
     prompts = [tok.render_prompt(conversations.vqa_conversation(q, answer=False), ev.scene_codes(codes, q["scene"])) for q in qs]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    with decode_threads(device):
-        gen = sampler.generate(model, tok, prompts, cfg["max_new_tokens"], n_image_tokens, temperature=cfg["temperature"],
-                               seed=seed, tools=cfg["tools"] == "all")
+    gen = sampler.generate(model, tok, prompts, cfg["max_new_tokens"], n_image_tokens, temperature=cfg["temperature"],
+                           seed=seed, tools=cfg["tools"] == "all")
     model.train(was_training)
     r = cpr_rewards(tok, qs, [gen.row(b) for b in range(len(qs))], G,
                     (cfg["accuracy_weight"], cfg["format_weight"], cfg["explore_weight"]), cfg["explore_k"], cfg["explore_bonus"])
@@ -281,8 +264,7 @@ def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
     evaluation, so the numbers compare): accuracy per category and their mean (vqa_acc), format
     validity and tool use (eval.tool_use), the tool-use rate on positive and negative questions,
     and each question's score (scores, a list)."""
-    with decode_threads(next(model.parameters()).device):
-        replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", **ev.DECODE)
+    replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", **ev.DECODE)
     use = ev.tool_use(tok, questions, replies)  # (its per-category breakdown is eval.py's report)
     out = {**ev.vqa_accuracy(tok, questions, replies), "format_valid": use["format_valid"], "tool_pattern": use["tool_pattern"]}
     out["scores"] = [s["score"] for s in ev.question_scores(tok, questions, replies)]  # per question, for paired comparisons
