@@ -175,6 +175,12 @@ def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampl
     return metrics, maps
 
 
+def interleaved_budget(tok, n_image_tokens, text_tokens=256, tools=True):
+    """New tokens an interleaved reply may take: its text plus room for MAX_TURNS-1 maps, each
+    <|image|>, N codes, <|/image|> and the reflection prompt."""
+    return text_tokens + ((MAX_TURNS - 1) * (n_image_tokens + 2 + len(tok.reflection_ids)) if tools else 0)
+
+
 @torch.no_grad()
 def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_size=64, max_answer_tokens=None,
            tools=True, **sampling):
@@ -201,12 +207,42 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
         else:
             raise ValueError(f"unknown answer mode {mode!r}")
         prompts = [tok.render_prompt(c, im) for c, im in zip(convs, images)]
-        budget, use_tools = max_answer_tokens or (256 if mode == "interleaved" else 24), False
-        if mode == "interleaved":  # each map: <|image|>, N codes, <|/image|>, the reflection prompt
-            budget += (MAX_TURNS - 1) * (n_image_tokens + 2 + len(tok.reflection_ids)) if tools else 0
-            use_tools = tools
+        budget, use_tools = max_answer_tokens or 24, False
+        if mode == "interleaved":
+            budget, use_tools = interleaved_budget(tok, n_image_tokens, max_answer_tokens or 256, tools), tools
         gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, tools=use_tools, **sampling)
         replies += [gen.row(b) for b in range(len(chunk))]
+    return replies
+
+
+@torch.no_grad()
+def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batch_size=64, **sampling):
+    """Interleaved replies with the truth forced into them, to see what limits an interleaved arm.
+    Each question's stage-2 trace (conversations.trace_conversation, which reads the true maps) is
+    forced up to a point and the model writes the rest: upto="map" forces the plan, the tool call,
+    the true map (its VQ codes) and the reflection prompt, so the model reads a perfect map and
+    answers; upto="reading" also forces the trace's reading of it, so the model only answers. (A
+    question the trace answers without a tool: "map" forces nothing, "reading" its text reading.)
+    Returns whole replies, forced part included, as `answer` does; split is load_split's dict."""
+    if upto not in ("map", "reading"):
+        raise ValueError(f"upto={upto!r}: expected 'map' or 'reading'")
+    replies, sampling, readings = [], one_stream(model, sampling), {}
+    budget = interleaved_budget(tok, n_image_tokens)
+    for chunk in _chunks(questions, batch_size):
+        prompts, forced = [], []
+        for q in chunk:
+            s = q["scene"]
+            if s not in readings:
+                readings[s] = conversations.map_readings(split["depth"][s], split["seg"][s])
+            *user, reply = conversations.trace_conversation(q, split["scenes"][s], readings[s])
+            parts = reply["content"]  # [think, tool, image, forced, think, answer] or [think, answer]
+            cut = len(parts) - 1 if upto == "reading" else max([i + 1 for i, p in enumerate(parts) if "forced" in p], default=0)
+            start = len(tok.render_prompt(user, scene_codes(codes, s)))
+            ids = tok.render_conversation(user + [{"role": "assistant", "content": parts[:cut]}], scene_codes(codes, s))[0]
+            prompts.append(ids[:-1])  # rendering closed the turn with <|eos|>: the reply goes on
+            forced.append(ids[start:-1])
+        gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, **sampling)
+        replies += [f + gen.row(b) for b, f in enumerate(forced)]
     return replies
 
 
@@ -437,7 +473,8 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
     codes = vqgan.load_codes(data_dir, "test").astype(np.int64)
     n_image = codes.shape[-1]
     qs = balanced_sample(test["questions"], n_questions)
-    out = {"per_seed": [], "per_seed_direct": [], "tools": [], "maps": [], "example": None}
+    out = {"per_seed": [], "per_seed_direct": [], "given": {"map": [], "reading": []}, "tools": [], "maps": [],
+           "example": None}
     for root in roots:
         path = os.path.join(root, stage, "ckpt.pt")
         if not os.path.exists(path):
@@ -450,6 +487,10 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
         if arm == "PE":  # the PE arm both ways: direct answers as well as the paper's chain
             out["per_seed_direct"].append(question_scores(tok, qs, answer(model, tok, qs, codes, n_image, mode="direct",
                                                                           batch_size=batch_size, **DECODE)))
+        if arm == "COOPER":  # what limits it: the same questions with the true map, then its true reading, forced in
+            for upto, per_seed in out["given"].items():
+                per_seed.append(question_scores(tok, qs, answer_given(model, tok, qs, test, codes, n_image, upto,
+                                                                      batch_size=batch_size, **DECODE)))
         if mode == "interleaved":
             out["tools"].append(tool_use(tok, qs, replies))
             if use_tools and out["example"] is None:
@@ -505,6 +546,9 @@ if __name__ == "__main__":
             table[arm] = summarise(r["per_seed"])
         if r["per_seed_direct"]:
             extra["PE (direct)"] = summarise(r["per_seed_direct"])
+        for upto, per_seed in r["given"].items():
+            if per_seed:
+                extra[f"COOPER, true {upto} forced"] = summarise(per_seed)
         if r["tools"]:
             tools_table[arm] = r["tools"]
         if r["maps"]:
@@ -544,7 +588,11 @@ if __name__ == "__main__":
         *rows, "",
         "What else differs from the paper: the base here is trained from scratch on the synthetic scenes "
         "(BAGEL is a pretrained 14B model); PE is the stage-1 checkpoint (Base's VQA examples plus map generation "
-        "and maps-in-context VQA); RE and COOPER are the text-only and interleaved arms after SFT and GRPO.", "",
+        "and maps-in-context VQA); RE and COOPER are the text-only and interleaved arms after SFT and GRPO. "
+        "PE (direct) is the PE checkpoint answering from the RGB alone. The last two rows ask what limits COOPER: "
+        "its stage-2 trace is forced into the reply up to the true map (its VQ codes), or also the true reading "
+        "of that map, and the model writes the rest (`eval.answer_given`). Where they are no better than COOPER's "
+        "own row, its answers do not follow what it perceives.", "",
         "## Claims", "", *[f"- {c}" for c in claims(table)], "",
         "## Generated maps (stage-1 instruction, test scenes)", "", *map_rows, "",
         "![maps](maps_pe.png)" if "PE" in maps_table else "", "",

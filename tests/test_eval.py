@@ -139,6 +139,49 @@ def test_one_evaluation_draws_one_stream_of_noise():
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
 
 
+def test_answer_given_forces_the_true_map_then_its_reading(tmp_path):
+    """answer_given cuts each question's stage-2 trace at the right places: with upto="map" a tool
+    question's reply carries the scene's own codes for the tool's map, then the reflection prompt,
+    and the trace's reading is left to the model; with upto="reading" the reading is forced too.
+    A question answered without a tool gets nothing forced with "map"."""
+    from tests.test_model import BigramMock
+    import trainer
+    import vqgan
+    from dataclasses import asdict
+    d = str(tmp_path / "data")
+    data.build_dataset(d, 4, 2, 8, data.SceneConfig(image_size=32), seed=0)
+    mc = vqgan.VQConfig(image_size=32, channels=16, n_res_blocks=1, codebook_size=32)
+    vq_path = str(tmp_path / "vq.pt")
+    trainer.save_checkpoint(vq_path, {"model_args": asdict(mc), "model": vqgan.VQModel(mc).state_dict(), "depth_encoding": "log"})
+    vqgan.ensure_codes(d, vq_path)
+    tok = tokenizer.build_tokenizer(d, 300, mc.codebook_size)
+    split, codes = data.load_split(d, "val"), vqgan.load_codes(d, "val").astype(np.int64)
+    with_tool = next(q for q in split["questions"] if q["tool"] != "none")
+    without = next(q for q in split["questions"] if q["tool"] == "none")
+    model = BigramMock(tok, block_size=1024)
+    model.prefer(tok.end_think, tok.answer)  # whatever is forced, the model answers at once
+    n_image = codes.shape[-1]
+    by = {upto: ev.answer_given(model, tok, [with_tool, without], split, codes, n_image, upto, temperature=0.0)
+          for upto in ("map", "reading")}
+    def trace(q):
+        s = q["scene"]
+        readings = conversations.map_readings(split["depth"][s], split["seg"][s])
+        return conversations.trace_conversation(q, split["scenes"][s], readings)[-1]["content"]
+
+    reading, plain_reading = trace(with_tool)[4]["think"], trace(without)[0]["think"]
+    for upto, (tool_reply, plain_reply) in by.items():
+        parts = tok.parse_reply(tool_reply)[0]
+        drawn = next(p["image"] for p in parts if "image" in p)
+        assert np.array_equal(np.asarray(drawn), ev.scene_codes(codes, with_tool["scene"])[with_tool["tool"]])
+        assert (reading in [p.get("think") for p in parts]) == (upto == "reading")
+        assert (plain_reading in [p.get("think") for p in tok.parse_reply(plain_reply)[0]]) == (upto == "reading")
+    # the model writes on from what was forced: right after the forced reading it opens its answer
+    ends = [i for i, t in enumerate(by["reading"][0]) if t == tok.end_think]
+    assert by["reading"][0][ends[1] + 1] == tok.answer
+    with pytest.raises(ValueError, match="upto"):
+        ev.answer_given(model, tok, [with_tool], split, codes, n_image, "maps")
+
+
 def test_eval_script_writes_the_report_and_workers_agree(tmp_path):
     """python eval.py end to end on untrained checkpoints of every arm under two seeds' roots: the
     report has the table, claims and map grid, and the final line is the same whether the arms are
@@ -176,6 +219,7 @@ def test_eval_script_writes_the_report_and_workers_agree(tmp_path):
         finals.append(json.loads(out.stdout.strip().splitlines()[-1].removeprefix("final: ")))
         text = (report / "report.md").read_text()
         assert all(f"| {arm} |" in text for arm in ev.ARMS) and "## Claims" in text
+        assert "| COOPER, true map forced |" in text and "| COOPER, true reading forced |" in text
         assert (report / "maps_pe.png").exists()
     assert set(finals[0]) == set(ev.ARMS) and all(f["seeds"] == 2 for f in finals[0].values())
     assert finals[0] == finals[1]
