@@ -237,10 +237,9 @@ def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batc
             *user, reply = conversations.trace_conversation(q, split["scenes"][s], readings[s])
             parts = reply["content"]  # [think, tool, image, forced, think, answer] or [think, answer]
             cut = len(parts) - 1 if upto == "reading" else max([i + 1 for i, p in enumerate(parts) if "forced" in p], default=0)
-            start = len(tok.render_prompt(user, scene_codes(codes, s)))
             ids = tok.render_conversation(user + [{"role": "assistant", "content": parts[:cut]}], scene_codes(codes, s))[0]
             prompts.append(ids[:-1])  # rendering closed the turn with <|eos|>: the reply goes on
-            forced.append(ids[start:-1])
+            forced.append(ids[ids.index(tok.assistant) + 1:-1])  # the reply starts after <|assistant|>
         gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, **sampling)
         replies += [f + gen.row(b) for b, f in enumerate(forced)]
     return replies

@@ -139,22 +139,31 @@ def test_one_evaluation_draws_one_stream_of_noise():
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
 
 
+def tiny_data_and_vq(tmp_path):
+    """A tiny dataset at 32 px, an untrained VQ with its codes, and a tokenizer:
+    (data_dir, vq_path, tok, VQConfig)."""
+    from dataclasses import asdict
+
+    import trainer
+    import vqgan
+    d = str(tmp_path / "data")
+    data.build_dataset(d, 4, 2, 8, data.SceneConfig(image_size=32), seed=0)
+    mc = vqgan.VQConfig(image_size=32, channels=16, n_res_blocks=1, codebook_size=32)
+    torch.manual_seed(0)
+    vq_path = str(tmp_path / "vq.pt")
+    trainer.save_checkpoint(vq_path, {"model_args": asdict(mc), "model": vqgan.VQModel(mc).state_dict(), "depth_encoding": "log"})
+    vqgan.ensure_codes(d, vq_path)
+    return d, vq_path, tokenizer.build_tokenizer(d, 300, mc.codebook_size), mc
+
+
 def test_answer_given_forces_the_true_map_then_its_reading(tmp_path):
     """answer_given cuts each question's stage-2 trace at the right places: with upto="map" a tool
     question's reply carries the scene's own codes for the tool's map, then the reflection prompt,
     and the trace's reading is left to the model; with upto="reading" the reading is forced too.
     A question answered without a tool gets nothing forced with "map"."""
     from tests.test_model import BigramMock
-    import trainer
     import vqgan
-    from dataclasses import asdict
-    d = str(tmp_path / "data")
-    data.build_dataset(d, 4, 2, 8, data.SceneConfig(image_size=32), seed=0)
-    mc = vqgan.VQConfig(image_size=32, channels=16, n_res_blocks=1, codebook_size=32)
-    vq_path = str(tmp_path / "vq.pt")
-    trainer.save_checkpoint(vq_path, {"model_args": asdict(mc), "model": vqgan.VQModel(mc).state_dict(), "depth_encoding": "log"})
-    vqgan.ensure_codes(d, vq_path)
-    tok = tokenizer.build_tokenizer(d, 300, mc.codebook_size)
+    d, _, tok, _ = tiny_data_and_vq(tmp_path)
     split, codes = data.load_split(d, "val"), vqgan.load_codes(d, "val").astype(np.int64)
     with_tool = next(q for q in split["questions"] if q["tool"] != "none")
     without = next(q for q in split["questions"] if q["tool"] == "none")
@@ -191,15 +200,7 @@ def test_eval_script_writes_the_report_and_workers_agree(tmp_path):
     from dataclasses import asdict
 
     import trainer
-    import vqgan
-    d = str(tmp_path / "data")
-    data.build_dataset(d, 4, 2, 8, data.SceneConfig(image_size=32), seed=0)
-    mc = vqgan.VQConfig(image_size=32, channels=16, n_res_blocks=1, codebook_size=32)
-    torch.manual_seed(0)
-    vq_path = str(tmp_path / "vq.pt")
-    trainer.save_checkpoint(vq_path, {"model_args": asdict(mc), "model": vqgan.VQModel(mc).state_dict(), "depth_encoding": "log"})
-    vqgan.ensure_codes(d, vq_path)
-    tok = tokenizer.build_tokenizer(d, 300, mc.codebook_size)
+    d, vq_path, tok, mc = tiny_data_and_vq(tmp_path)
     cfg = dict(trainer.LOOP_DEFAULTS, n_layer=1, n_head=2, n_embd=32, block_size=640, attn_impl="sdpa", init_from="scratch")
     for seed_root in ("s1", "s2"):
         for stage in {a[0] for a in ev.ARMS.values()}:
