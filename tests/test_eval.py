@@ -10,6 +10,7 @@ import torch
 import conversations
 import data
 import eval as ev
+import report
 import tokenizer
 
 
@@ -92,20 +93,20 @@ def fake_scores(acc_by_cat, n=20):
 
 
 def test_summarise_and_claims():
-    cats = ev.SPATIAL + ("general",)
-    base = ev.summarise([fake_scores({c: 0.3 for c in cats})])
-    better = ev.summarise([fake_scores({c: 0.8 for c in cats})])
+    cats = report.SPATIAL + ("general",)
+    base = report.summarise([fake_scores({c: 0.3 for c in cats})])
+    better = report.summarise([fake_scores({c: 0.8 for c in cats})])
     assert base["spatial_avg"][0] == pytest.approx(0.3) and base["acc_general"][0] == pytest.approx(0.3)
     se = np.sqrt(0.3 * 0.7 * 20 / 19 / 20)  # binomial SE with ddof=1
     assert base["acc_distance"][1] == pytest.approx(se)
     assert base["spatial_avg"][1] == pytest.approx(np.sqrt(6 * se ** 2) / 6)
-    seeds = ev.summarise([fake_scores({c: 0.3 for c in cats}), fake_scores({c: 0.5 for c in cats})])
+    seeds = report.summarise([fake_scores({c: 0.3 for c in cats}), fake_scores({c: 0.5 for c in cats})])
     assert seeds["spatial_avg"] == (pytest.approx(0.4), pytest.approx(0.1))  # mean and SE over two seeds
-    text = ev.claims({"Base": base, "PE": better, "COOPER": base, "RE": better})
+    text = report.claims({"Base": base, "PE": better, "COOPER": base, "RE": better})
     assert any("PE beats Base on spatial_avg" in c and "+50.0" in c and "held" in c for c in text)
     assert any("COOPER beats RE" in c and "reversed" in c for c in text)
     assert any("keeps general ability" in c and "not shown" in c for c in text)  # equal, but 20 questions a side
-    keep = lambda cooper: ev.claims({"Base": {"acc_general": (0.80, 0.01)}, "COOPER": {"acc_general": cooper}})[0]  # noqa: E731
+    keep = lambda cooper: report.claims({"Base": {"acc_general": (0.80, 0.01)}, "COOPER": {"acc_general": cooper}})[0]  # noqa: E731
     assert keep((0.79, 0.01)).endswith("held.")  # −1 ± 1.4: a loss over 5 points is ruled out
     assert "a clear loss" in keep((0.50, 0.01))
     assert "not shown" in keep((0.79, 0.05))  # −1 ± 5.1: could be a 11-point loss
@@ -119,7 +120,7 @@ def test_report_curves_render_from_fake_metrics(tmp_path):
             "".join(f'{{"iter": {i}, "{key}": {1.0 / (i + 1)}}}\n' for i in range(10)) + '{"iter": 10, "val_loss": 1}\n')
     out = tmp_path / "report"
     out.mkdir()
-    assert ev.curves(str(tmp_path), str(out)) == ["loss.png", "reward.png"]
+    assert report.curves(str(tmp_path), str(out)) == ["loss.png", "reward.png"]
     img = np.asarray(Image.open(out / "loss.png"))
     assert img.shape == (200, 360, 3) and (img != 255).any(axis=-1).mean() > 0.01  # something was drawn
 
