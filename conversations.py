@@ -121,7 +121,12 @@ def _reading(q, names, readings, source):
             return f"The depth map shows {len(readings)} objects, from {min(d):.1f} m to {max(d):.1f} m."
         return f"The {'segmentation map' if source == 'seg' else 'image'} shows {len(readings)} objects."
     where = {"depth": "In the depth map", "seg": "In the segmentation map", "rgb": "In the image"}[source]
-    return f"{where} " + "; ".join(say(i) for i in ids) + "."
+    said = "; ".join(say(i) for i in ids)
+    if source == "depth" and kind in ("depth_order", "relation_front") and len(ids) == 2:
+        # say how the second depth compares with the first: a one-word step between the two numbers
+        # and the answer, which the tiny model learns in half the steps (runs/probe_comparison.py)
+        said += ", nearer" if readings[ids[1]]["depth"] < readings[ids[0]]["depth"] else ", farther"
+    return f"{where} {said}."
 
 
 def trace_conversation(q, scene, readings, tools="all"):

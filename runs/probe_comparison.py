@@ -1,12 +1,14 @@
 """
 Can the tiny model learn to compare two depths it has read? A text-only probe, no images: the
 question of each depth-order trace plus the trace's true reading ("(A) is at 6.1 m; (B) is at
-2.9 m.") -> the answer letter, trained on that letter alone. The full pipeline's COOPER answers
-every depth-order question with one letter, even with the true reading forced into its reply
-(README, "Longer RL, and what limits COOPER"); this says whether the skill is learnable at all and
-how much signal it takes.
+2.9 m, nearer.") -> the answer letter. The full pipeline's COOPER answered every depth-order
+question with one letter, even with the true reading forced into its reply (README, "Longer RL,
+and what limits COOPER"); this says whether the skill is learnable at all and how much signal it
+takes. --reading=plain drops the reading's last clause (", nearer"), as traces were before it:
+then only the letter is trained; with the clause, its word is trained too.
 
     python runs/probe_comparison.py                       # from scratch, 600 steps of 32
+    python runs/probe_comparison.py --reading=plain --steps=1000
     python runs/probe_comparison.py --init=out/stage2/ckpt.pt --steps=700
 
 Needs a checkpoint (--shape, default out/stage2/ckpt.pt) for the model's shape and for the
@@ -15,6 +17,7 @@ tokenizer and VQ it was trained with. Ends with `final: {json}`.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -37,6 +40,9 @@ parser.add_argument("--steps", type=int, default=600)
 parser.add_argument("--batch_size", type=int, default=32)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--reading", default="clause", choices=["clause", "plain"],
+                    help="clause: the trace's reading, which ends by saying whether (B) is nearer or farther than "
+                         "(A) (', nearer.'); plain: without that clause")
 args = parser.parse_args()
 torch.manual_seed(args.seed)
 shape = trainer.load_checkpoint(args.shape)
@@ -44,8 +50,14 @@ refs = shape["refs"]
 tok = tokenizer.Tokenizer.load(refs["tokenizer"], vqgan.load_vqgan(refs["vq"]).cfg.codebook_size)
 
 
+def without_clause(reading):
+    """'… (B) is at 4.6 m, nearer.' -> '… (B) is at 4.6 m.'"""
+    return re.sub(r", (nearer|farther)\.$", ".", reading)
+
+
 def examples(split):
-    """(ids, position of the answer letter) for every depth-order trace of a split."""
+    """(ids, positions of the supervised tokens: [the clause's word,] the answer letter) for every
+    depth-order trace of a split."""
     out = []
     for t in conversations.build_traces(data.load_split(refs["data_dir"], split)):
         if t["kind"] != "depth_order":
@@ -53,31 +65,39 @@ def examples(split):
         (user, reply) = t["conversation"]
         question = [p for p in user["content"] if "text" in p]
         reading, answer = reply["content"][-2:]  # the second <think> (the reading) and the <answer>
+        if args.reading == "plain":
+            reading = {"think": without_clause(reading["think"])}
         ids, _ = tok.render_conversation([{"role": "user", "content": question},
                                           {"role": "assistant", "content": [reading, answer]}])
-        out.append((ids, ids.index(tok.answer) + 1))
+        word = [ids.index(tok.end_think) - 2] if args.reading == "clause" else []  # ' nearer' / ' farther'
+        out.append((ids, word + [ids.index(tok.answer) + 1]))
     return out
 
 
 def batch(rows):
+    """Right-padded ids (B, T) and the supervised positions (B, K)."""
     x = torch.full((len(rows), max(len(r) for r, _ in rows)), tok.pad)
     for i, (r, _) in enumerate(rows):
         x[i, :len(r)] = torch.tensor(r)
-    return x, torch.tensor([a for _, a in rows])
+    return x, torch.tensor([at for _, at in rows])
 
 
-def answer_logits(x, at):
+def logits_at(x, at):
+    """The predictions of the tokens at positions `at` (B, K) -> (B, K, V)."""
     logits, _ = model(x)
-    return logits[torch.arange(len(x)), at - 1]  # the prediction of the token at `at`
+    return logits[torch.arange(len(x))[:, None], at - 1]
 
 
 @torch.no_grad()
 def accuracy(rows):
+    """The answer letter's accuracy, greedy; with a clause, after the clause word the model chose."""
     model.eval()
-    x, at = batch(rows)
-    right = (answer_logits(x, at).argmax(-1) == x[torch.arange(len(x)), at]).float().mean().item()
+    truth, at = batch(rows)
+    x, rows_ = truth.clone(), torch.arange(len(truth))
+    for k in range(at.shape[1]):  # each supervised token in turn, after the model's own earlier choices
+        x[rows_, at[:, k]] = logits_at(x, at[:, k:k + 1])[:, 0].argmax(-1)
     model.train()
-    return right
+    return (x[rows_, at[:, -1]] == truth[rows_, at[:, -1]]).float().mean().item()
 
 
 train, val = examples("train"), examples("val")
@@ -90,7 +110,7 @@ print(f"{len(train)} train and {len(val)} val depth-order examples; init {args.i
 curve, t0 = [(0, accuracy(val))], time.time()
 for step in range(1, args.steps + 1):
     x, at = batch([train[i] for i in rng.integers(len(train), size=args.batch_size)])
-    loss = F.cross_entropy(answer_logits(x, at), x[torch.arange(len(x)), at])  # the answer letter only
+    loss = F.cross_entropy(logits_at(x, at).flatten(0, 1), x[torch.arange(len(x))[:, None], at].flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -99,5 +119,5 @@ for step in range(1, args.steps + 1):
         print(f"step {step} | loss {loss.item():.3f} | val accuracy {curve[-1][1]:.3f} | {time.time() - t0:.0f} s", flush=True)
 first = next((s for s, a in curve if a >= 0.9), None)
 print("final: " + json.dumps({"val_acc_start": round(curve[0][1], 4), "val_acc_end": round(curve[-1][1], 4),
-                              "first_step_at_0.9": first, "steps": args.steps, "batch_size": args.batch_size,
+                              "first_step_at_0.9": first, "steps": args.steps, "reading": args.reading, "batch_size": args.batch_size,
                               "minutes": round((time.time() - t0) / 60, 2)}))

@@ -57,6 +57,12 @@ def test_readings_quote_the_true_maps(split):
             for n, v in quoted.items():  # the median true depth inside the object's true mask
                 assert v == pytest.approx(np.median(depth[seg == names[t["scene"]][n]]), abs=0.051)
                 checked["depth"] += 1
+            clause = re.search(r", (nearer|farther)\.$", reading)
+            assert bool(clause) == (q["kind"] in ("depth_order", "relation_front"))
+            if clause:  # the second object against the first, as the quoted numbers say
+                first, second = [float(v) for v in re.findall(r"is at (\d+\.\d) m", reading)]
+                assert first == second or (clause.group(1) == "nearer") == (second < first)
+                checked["clause"] += 1
             if q["kind"] in ("depth_order", "relation_front"):
                 a, b = [data.name(o) for i in q["objects"] for o in split["scenes"][t["scene"]]["objects"] if o["id"] == i]
                 nearer = a if quoted[a] < quoted[b] else b
@@ -71,7 +77,7 @@ def test_readings_quote_the_true_maps(split):
         elif q["kind"] == "relation_left":
             cols = [int(c) for c in re.findall(r"segment at column (\d+)", reading)]
             agree["left"].append((cols[0] < cols[1]) == (q["answer"] == "yes"))
-    assert checked["depth"] > 100 and checked["count"] > 10
+    assert checked["depth"] > 100 and checked["count"] > 10 and checked["clause"] > 10
     for k, v in agree.items():  # map readings support the true answer (occlusion can shift a mask)
         assert len(v) >= 5 and np.mean(v) >= 0.85, (k, np.mean(v))
     for t in conversations.build_traces(split, "none"):  # the RE arm never quotes a map
