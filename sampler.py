@@ -16,7 +16,8 @@ Every returned token is marked sampled (1) or forced (0), so RL never trains on 
 
 The shape follows nanochat's engine.py: prefill once into a preallocated cache, then decode one
 token per row per step, with a small state machine per row deciding what is forced and what may be
-sampled. Rows of different lengths share the batch through the cache's per-row lengths.
+sampled. Rows of different lengths share the batch through the cache's per-row lengths, and a row
+that finishes leaves the batch, so the rest decode without carrying it.
 """
 import collections
 from dataclasses import dataclass
@@ -182,39 +183,43 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     rows = [RowState(tok, n_image_tokens) for _ in range(B)]
     for row, p in zip(rows, prompts):
         row.replay(p)
+    live = list(range(B))  # the batch row of each cache row: a finished row leaves the cache
     columns, sampled_columns, logprob_columns = [], [], []
     for step in range(max_new_tokens):
-        mode = torch.tensor([row.mode(tools, max_turns) for row in rows], device=device)
+        mode = torch.tensor([rows[b].mode(tools, max_turns) for b in live], device=device)
         masked = logits.float().masked_fill(~masks[mode], float("-inf"))
         next_ids = sample_next(masked, temperature, top_k, top_p, generator)
         drawing = mode == IMAGE
         if image_temperature is not None and image_temperature != temperature and drawing.any():
             next_ids = torch.where(drawing, sample_next(masked, image_temperature, top_k, top_p, generator), next_ids)
-        logprob = F.log_softmax(logits.float(), dim=-1).gather(1, next_ids[:, None]).squeeze(1)
-        column, sampled = next_ids.tolist(), [0] * B
-        for b, row in enumerate(rows):
-            if row.done:
-                column[b] = tok.pad
-                continue
+        logprob = torch.zeros(B, device=device)
+        logprob[live] = F.log_softmax(logits.float(), dim=-1).gather(1, next_ids[:, None]).squeeze(1)
+        column, sampled, still = [tok.pad] * B, [0] * B, []
+        for j, (b, t) in enumerate(zip(live, next_ids.tolist())):
+            row = rows[b]
             if row.forced:
-                column[b] = row.forced[0]
+                t = row.forced[0]
             else:
                 sampled[b] = 1
-            row.feed(column[b])
+            column[b] = t
+            row.feed(t)
             # the row's next token would sit at position length + step + 1: stop when that is full
-            if column[b] == tok.eos or lengths[b] + step + 1 >= max_len:
+            if t == tok.eos or lengths[b] + step + 1 >= max_len:
                 row.done = True
+            else:
+                still.append(j)
         sampled = torch.tensor(sampled, device=device)
         columns.append(column)
         sampled_columns.append(sampled)
         logprob_columns.append(logprob * sampled)
-        if all(row.done for row in rows) or step == max_new_tokens - 1:
+        if not still or step == max_new_tokens - 1:
             break
-        logits, _ = model(torch.tensor(column, device=device)[:, None], kv_cache=cache)
+        if len(still) < len(live):  # drop finished rows: every step costs in proportion to the rows in it
+            cache.select_rows(torch.tensor(still))
+            live = [live[j] for j in still]
+        logits, _ = model(torch.tensor([column[b] for b in live], device=device)[:, None], kv_cache=cache)
         logits = logits[:, -1]
-        # finished rows keep receiving a pad token (the batch stays rectangular) but never
-        # advance, so it lands in a slot no live query reads
-        cache.lengths += torch.tensor([not row.done for row in rows], device=device)
+        cache.lengths += 1
 
     tokens = torch.tensor(columns, device=device).T
     live = tokens != tok.pad

@@ -209,11 +209,15 @@ def test_too_long_fails_clearly(tok):
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match=r"length 40.*block_size 32"):
         generate(model, tok, [[tok.bos] * 40], 5, N_IMAGE)
-    # a row that fills the block stops there; the rows beside it carry on unharmed
-    full, short = [tok.bos] * 29, [tok.bos, tok.user, tok.assistant]
-    out = generate(model, tok, [full, short], 10, N_IMAGE, temperature=0)
-    assert out.lengths.tolist() == [3, 10]
-    assert out.row(1) == generate(model, tok, [short], 10, N_IMAGE, temperature=0).row(0)
+    # a row that fills the block stops there and leaves the batch; the rows beside it carry on
+    # unharmed, each as it would alone (two rows leave, at different steps)
+    full, mid, short = [tok.bos] * 29, [tok.bos] * 25, [tok.bos, tok.user, tok.assistant]
+    out = generate(model, tok, [full, short, mid], 10, N_IMAGE, temperature=0)
+    assert out.lengths.tolist() == [3, 10, 7]
+    for b, p in enumerate([full, short, mid]):
+        alone = generate(model, tok, [p], 10, N_IMAGE, temperature=0)
+        assert out.row(b) == alone.row(0)
+        torch.testing.assert_close(out.logprobs[b, :out.lengths[b]], alone.logprobs[0], atol=1e-5, rtol=0)
 
 
 def test_sdpa_and_math_agree_on_outputs_and_gradients(tok):
