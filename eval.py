@@ -22,6 +22,7 @@ import collections
 import json
 import os
 import re
+import time
 
 import numpy as np
 import torch
@@ -342,6 +343,7 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
     import trainer
     import vqgan
     torch.set_num_threads(1)
+    t0 = time.time()
     stage, mode, use_tools, _ = ARMS[arm]
     vq = vqgan.load_vqgan(vq_ckpt)
     tok = tokenizer.Tokenizer.load(os.path.join(data_dir, "tokenizer.tiktoken"), vq.cfg.codebook_size)
@@ -380,6 +382,7 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
                 shown = list(range(min(6, n_map_scenes)))
                 map_grid(os.path.join(report_dir, "maps_pe.png"), test, {k: v[:len(shown)] for k, v in maps.items()},
                          shown, vq.depth_encoding)
+    print(f"{arm}: evaluated in {time.time() - t0:.0f} s", flush=True)
     return out
 
 
@@ -387,7 +390,6 @@ if __name__ == "__main__":
     import concurrent.futures
     import functools
     import multiprocessing
-    import time
 
     from configurator import configure
 
