@@ -1,21 +1,22 @@
-# The default preset: the whole pipeline, all four arms, on a 2-core CPU in under 20 minutes (README,
-# "The tiny preset end to end" has the measured time of each step). With stage 1 at 250 iterations,
-# stage 2 at 300 and a 128-channel VQ it took 24 min on a 2-core AMD EPYC (~165 GFLOP/s fp32 matmul).
+# The default preset: the whole pipeline, all four arms, on a 2-core CPU in under 20 minutes: 19 min 42 s
+# from a fresh clone on a 2-core AMD EPYC (~165 GFLOP/s fp32 matmul; README, "The tiny preset end to
+# end in 19 min 42 s", has each step). With stage 1 at 250 iterations, stage 2 at 300, RL at 15 and a
+# 128-channel VQ of 2000 steps it took 24 min 18 s there.
 # 48×48 synthetic scenes and 12×12 codes an image: 64 px would make every sequence ~1.8× longer, 32 px
 # loses small objects in the VQ round trip (seg mIoU 0.32, against 0.66 at 48 px). Short runs make
 # this a demonstration of the pipeline, not the experiment: config/cpu64.py is the longer setting.
 # Each dict configures one script (see configurator.py); "_" names are this file's helpers.
 _data_dir = "data/tiny"
 
-data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=48)  # ~12 s, ~22 MB
-tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~10 s
+data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=48)  # ~13 s, ~22 MB
+tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~12 s
 # the VQ: 1600 steps of 8 images (GAN from step 1200), then the first training script encodes every split.
 # 96 channels, not 128: at 2000 steps 0.6x the time (168 s against 272 s here) for the same RGB and depth
 # round trip (27.0 dB, object depth AbsRel 0.045 against 0.048) and seg mIoU 0.50 against 0.58
 vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=1600, disc_start=1200)
 # stage 1 (and the Base arm with --aux=False): 4 layers × 256 wide (3.5M parameters); sequences run
 # from ~175 tokens (VQA) to ~520 (RGB, depth, seg, a question with five options, answer), ~4.5k
-# tokens an iteration.
+# tokens an iteration. 200 iterations: ~1.05 s each on 2 cores.
 stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=16, max_iters=200, warmup_iters=20,
               eval_interval=200, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test questions a category, maps of 32 scenes
