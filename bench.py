@@ -78,10 +78,10 @@ def bench_vqgan():
     (codes -> image) separately, batch 64, at the threads bench.py runs with (one core by default).
     Speed does not depend on the weights, so a fresh model is timed."""
     import numpy as np
-    import torch
     import vqgan
-    model = vqgan.VQModel(vqgan.VQConfig()).eval()
-    images = np.random.default_rng(0).integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)
+    cfg = vqgan.VQConfig(channels=96)  # config/tiny_cpu.py's width
+    model = vqgan.VQModel(cfg).eval()
+    images = np.random.default_rng(0).integers(0, 256, (64, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     codes = model.encode(images)
     figures = {}
     for name, fn in (("encode", lambda: model.encode(images)), ("decode", lambda: model.decode(codes))):
