@@ -69,7 +69,6 @@ class RowState:
         self.reflect = False  # the open image is a tool's map: the reflection prompt follows it
         self.tool = None  # name of the open tool call
         self.tool_calls = 0
-        self.done = False
 
     def mode(self, tools, max_turns):
         if self.image_left:
@@ -204,9 +203,7 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
             column[b] = t
             row.feed(t)
             # the row's next token would sit at position length + step + 1: stop when that is full
-            if t == tok.eos or lengths[b] + step + 1 >= max_len:
-                row.done = True
-            else:
+            if t != tok.eos and lengths[b] + step + 1 < max_len:
                 still.append(j)
         sampled = torch.tensor(sampled, device=device)
         columns.append(column)
