@@ -182,19 +182,19 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     rows = [RowState(tok, n_image_tokens) for _ in range(B)]
     for row, p in zip(rows, prompts):
         row.replay(p)
-    live = list(range(B))  # the batch row of each cache row: a finished row leaves the cache
+    running = list(range(B))  # the batch row of each cache row: a finished row leaves the cache
     columns, sampled_columns, logprob_columns = [], [], []
     for step in range(max_new_tokens):
-        mode = torch.tensor([rows[b].mode(tools, max_turns) for b in live], device=device)
+        mode = torch.tensor([rows[b].mode(tools, max_turns) for b in running], device=device)
         masked = logits.float().masked_fill(~masks[mode], float("-inf"))
         next_ids = sample_next(masked, temperature, top_k, top_p, generator)
         drawing = mode == IMAGE
         if image_temperature is not None and image_temperature != temperature and drawing.any():
             next_ids = torch.where(drawing, sample_next(masked, image_temperature, top_k, top_p, generator), next_ids)
         logprob = torch.zeros(B, device=device)
-        logprob[live] = F.log_softmax(logits.float(), dim=-1).gather(1, next_ids[:, None]).squeeze(1)
+        logprob[running] = F.log_softmax(logits.float(), dim=-1).gather(1, next_ids[:, None]).squeeze(1)
         column, sampled, still = [tok.pad] * B, [0] * B, []
-        for j, (b, t) in enumerate(zip(live, next_ids.tolist())):
+        for j, (b, t) in enumerate(zip(running, next_ids.tolist())):
             row = rows[b]
             if row.forced:
                 t = row.forced[0]
@@ -211,10 +211,10 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
         logprob_columns.append(logprob * sampled)
         if not still or step == max_new_tokens - 1:
             break
-        if len(still) < len(live):  # drop finished rows: every step costs in proportion to the rows in it
+        if len(still) < len(running):  # drop finished rows: every step costs in proportion to the rows in it
             cache.select_rows(torch.tensor(still))
-            live = [live[j] for j in still]
-        logits, _ = model(torch.tensor([column[b] for b in live], device=device)[:, None], kv_cache=cache)
+            running = [running[j] for j in still]
+        logits, _ = model(torch.tensor([column[b] for b in running], device=device)[:, None], kv_cache=cache)
         logits = logits[:, -1]
         cache.lengths += 1
 
