@@ -70,6 +70,8 @@ def examples(split):
         ids, _ = tok.render_conversation([{"role": "user", "content": question},
                                           {"role": "assistant", "content": [reading, answer]}])
         word = [ids.index(tok.end_think) - 2] if args.reading == "clause" else []  # ' nearer' / ' farther'
+        if word and tok.decode(ids[word[0]:word[0] + 1]).strip() not in ("nearer", "farther"):
+            raise SystemExit(f"this tokenizer splits the clause differently: {tok.decode(ids[word[0] - 2:word[0] + 3])!r}")
         out.append((ids, word + [ids.index(tok.answer) + 1]))
     return out
 
