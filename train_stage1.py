@@ -161,7 +161,7 @@ if __name__ == "__main__":
     if run.ddp:
         torch.distributed.destroy_process_group()
     if run.master:
-        keys = ["object_depth_absrel", "depth_absrel", "depth_delta1", "seg_miou", "vqa_acc", "chance_acc", "val_loss"]
+        keys = ["object_depth_absrel", "depth_absrel", "depth_delta1", "seg_miou", "seg_miou_matched", "vqa_acc", "chance_acc", "val_loss"]
         final = {k: round(last[k], 4) for k in keys if k in last}
         final.update({k: round(v, 4) for k, v in last.items() if k.startswith("loss_")})
         final.update({k: round(v, 4) for k, v in last.items() if k.startswith("acc_")})

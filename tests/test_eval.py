@@ -88,6 +88,16 @@ def test_seg_miou_by_hand_with_absent_classes():
     assert math.isnan(ev.seg_miou(np.zeros((1, 2, 2)), np.ones((1, 2, 2))))
 
 
+def test_seg_miou_matched_ignores_colour_order_but_not_shape():
+    true = np.array([[[2, 2, 3, 3], [0, 1, 1, 1]]])
+    swapped = np.where(true == 2, 3, np.where(true == 3, 2, true))  # right shapes, colours exchanged
+    assert ev.seg_miou(swapped, true) == 0.0 and ev.seg_miou_matched(swapped, true) == 1.0
+    # one predicted object covering both: it matches one of them (IoU 1/2), the other gets nothing
+    assert ev.seg_miou_matched(np.where(true >= 2, 5, true), true) == pytest.approx(0.25)
+    pred = np.array([[[2, 3, 3, 3], [0, 1, 1, 4]]])  # the by-hand case above: already the best matching
+    assert ev.seg_miou_matched(pred, true) == pytest.approx(ev.seg_miou(pred, true))
+
+
 def fake_scores(acc_by_cat, n=20):
     return [{"category": c, "score": float(i < a * n), "delta2": None} for c, a in acc_by_cat.items() for i in range(n)]
 
