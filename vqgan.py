@@ -391,6 +391,7 @@ def evaluate(model, split, images, depth_encoding):
     """The full round trip on a split: image -> codes -> image -> metric depth / instance ids,
     scored against the renderer's exact maps. Returns (metrics, reconstructions by modality)."""
     import data
+    import eval as ev  # the same map metrics the model's generated maps are scored by
     was_training = model.training
     model.eval()
     codes = {m: batched(model.encode, images[m]) for m in data.MODALITIES}
@@ -401,25 +402,14 @@ def evaluate(model, split, images, depth_encoding):
     metrics = {f"{m}_psnr": psnr(recon[m], torch.as_tensor(images[m])) for m in data.MODALITIES}
 
     true_depth, seg = split["depth"].astype(np.float64), split["seg"]
-    objects = seg >= 2
+    objects = (seg >= 2) & np.isfinite(true_depth)
     for name, img in (("", recon["depth"].numpy()), ("_floor", images["depth"])):
         # _floor: the pseudo-image itself, before any VQ: the 8-bit encoding's own error
         depth = data.rgb_to_depth(img, encoding=depth_encoding).astype(np.float64)
-        rel = np.abs(depth - true_depth) / true_depth
-        per_object = [abs(np.median(depth[i][seg[i] == k]) / np.median(true_depth[i][seg[i] == k]) - 1)
-                      for i in range(len(seg)) for k in np.unique(seg[i]) if k >= 2]
-        metrics[f"depth_absrel{name}"] = float(rel[objects].mean())
-        metrics[f"depth_absrel_median{name}"] = float(np.median(rel[objects]))
-        metrics[f"object_depth_absrel{name}"] = float(np.mean(per_object))
-
-    pred_seg = data.rgb_to_seg(recon["seg"].numpy())
-    ious = []
-    for i in range(len(seg)):
-        for k in np.unique(seg[i]):
-            if k >= 2:
-                a, b = pred_seg[i] == k, seg[i] == k
-                ious.append((a & b).sum() / (a | b).sum())
-    metrics["seg_miou"] = float(np.mean(ious))
+        m = ev.depth_metrics(depth, true_depth, seg)
+        metrics[f"depth_absrel{name}"], metrics[f"object_depth_absrel{name}"] = m["depth_absrel"], m["object_depth_absrel"]
+        metrics[f"depth_absrel_median{name}"] = float(np.median(np.abs(depth - true_depth)[objects] / true_depth[objects]))
+    metrics["seg_miou"] = ev.seg_miou(data.rgb_to_seg(recon["seg"].numpy()), seg)
     metrics["code_usage"], metrics["perplexity"] = usage, perplexity
     return {k: round(v, 4) for k, v in metrics.items()}, recon
 
