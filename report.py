@@ -168,11 +168,12 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
         paper = PAPER.get(arm)
         rows.append(f"| {arm} | " + " | ".join(pct(t[c]) if c in t else "–" for c in cols)
                     + f" | {' / '.join(map(str, paper)) if paper else '–'} |")
-    map_rows = ["| model | depth AbsRel | depth δ1 | object depth AbsRel | seg mIoU |", "|---|---|---|---|---|"]
+    map_rows = ["| model | depth AbsRel | depth δ1 | object depth AbsRel | seg mIoU | seg mIoU, ids matched |",
+                "|---|---|---|---|---|---|"]
     for arm, ms in maps_table.items():
         avg = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
         map_rows.append(f"| {arm} | {avg['depth_absrel']:.3f} | {avg['depth_delta1']:.3f} | "
-                        f"{avg['object_depth_absrel']:.3f} | {avg['seg_miou']:.3f} |")
+                        f"{avg['object_depth_absrel']:.3f} | {avg['seg_miou']:.3f} | {avg.get('seg_miou_matched', np.nan):.3f} |")
     tool_rows = []
     for arm, ts in tools_table.items():
         t = {k: float(np.mean([x[k] for x in ts])) for k in ts[0]}
