@@ -77,9 +77,13 @@ def bench_vqgan():
     """Images per second through the tiny preset's tokenizer, encode (image -> codes) and decode
     (codes -> image) separately, batch 64, at the threads bench.py runs with (one core by default).
     Speed does not depend on the weights, so a fresh model is timed."""
+    import dataclasses
+    import runpy
+
     import numpy as np
     import vqgan
-    cfg = vqgan.VQConfig(channels=96)  # config/tiny_cpu.py's width
+    preset = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "tiny_cpu.py"))["vqgan"]
+    cfg = vqgan.VQConfig(**{f.name: preset[f.name] for f in dataclasses.fields(vqgan.VQConfig) if f.name in preset})
     model = vqgan.VQModel(cfg).eval()
     images = np.random.default_rng(0).integers(0, 256, (64, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     codes = model.encode(images)
