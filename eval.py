@@ -121,8 +121,8 @@ def depth_metrics(pred, true, seg):
     ratio = np.maximum(pred[obj] / true[obj], true[obj] / pred[obj])
     per_object = [abs(np.median(pred[i][m]) / np.median(true[i][m]) - 1)
                   for i in range(len(seg)) for k in np.unique(seg[i][obj[i]]) for m in [obj[i] & (seg[i] == k)]]
-    return {"depth_absrel": float(rel.mean()), "depth_delta1": float((ratio < 1.25).mean()),
-            "object_depth_absrel": float(np.mean(per_object))}
+    return {"depth_absrel": float(rel.mean()), "depth_absrel_median": float(np.median(rel)),
+            "depth_delta1": float((ratio < 1.25).mean()), "object_depth_absrel": float(np.mean(per_object))}
 
 
 def seg_miou(pred, true):
@@ -192,9 +192,9 @@ def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampl
         gen = generate_map_codes(model, tok, [conversations.map_request(tool)[:1]] * len(ids),
                                  [scene_codes(codes, i) for i in ids], n_image_tokens, **sampling)
         maps[tool] = vq.decode(np.stack(gen)).numpy()
-    metrics = depth_metrics(data.rgb_to_depth(maps["depth"], vq.depth_encoding), split["depth"][ids], split["seg"][ids])
-    seg = data.rgb_to_seg(maps["seg"])
-    metrics["seg_miou"], metrics["seg_miou_matched"] = seg_miou(seg, split["seg"][ids]), seg_miou_matched(seg, split["seg"][ids])
+    true_seg, seg = split["seg"][ids], data.rgb_to_seg(maps["seg"])
+    metrics = depth_metrics(data.rgb_to_depth(maps["depth"], vq.depth_encoding), split["depth"][ids], true_seg)
+    metrics["seg_miou"], metrics["seg_miou_matched"] = seg_miou(seg, true_seg), seg_miou_matched(seg, true_seg)
     return metrics, maps
 
 

@@ -401,14 +401,11 @@ def evaluate(model, split, images, depth_encoding):
     usage, perplexity = code_stats(torch.bincount(all_codes, minlength=model.cfg.codebook_size))
     metrics = {f"{m}_psnr": psnr(recon[m], torch.as_tensor(images[m])) for m in data.MODALITIES}
 
-    true_depth, seg = split["depth"].astype(np.float64), split["seg"]
-    objects = (seg >= 2) & np.isfinite(true_depth)
+    seg = split["seg"]
     for name, img in (("", recon["depth"].numpy()), ("_floor", images["depth"])):
         # _floor: the pseudo-image itself, before any VQ: the 8-bit encoding's own error
-        depth = data.rgb_to_depth(img, encoding=depth_encoding).astype(np.float64)
-        m = ev.depth_metrics(depth, true_depth, seg)
-        metrics[f"depth_absrel{name}"], metrics[f"object_depth_absrel{name}"] = m["depth_absrel"], m["object_depth_absrel"]
-        metrics[f"depth_absrel_median{name}"] = float(np.median(np.abs(depth - true_depth)[objects] / true_depth[objects]))
+        m = ev.depth_metrics(data.rgb_to_depth(img, encoding=depth_encoding), split["depth"], seg)
+        metrics.update({f"{k}{name}": m[k] for k in ("depth_absrel", "depth_absrel_median", "object_depth_absrel")})
     metrics["seg_miou"] = ev.seg_miou(data.rgb_to_seg(recon["seg"].numpy()), seg)
     metrics["code_usage"], metrics["perplexity"] = usage, perplexity
     return {k: round(v, 4) for k, v in metrics.items()}, recon

@@ -66,6 +66,7 @@ def test_depth_metrics_by_hand():
     pred[0, :, 3] = 99.0  # background is not scored
     m = ev.depth_metrics(pred, true, seg)
     assert m["depth_absrel"] == pytest.approx((0.5 + 0.1 * 2) / 6)
+    assert m["depth_absrel_median"] == pytest.approx(0.05)  # of (0, 0, 0, 0.1, 0.1, 0.5)
     assert m["depth_delta1"] == pytest.approx(5 / 6)
     # object 2: median of (3, 2, 2, 2) = 2 -> 0; object 3: 0.1
     assert m["object_depth_absrel"] == pytest.approx(0.05)
