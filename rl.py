@@ -76,8 +76,8 @@ kl_beta = 0.0  # > 0: k3 KL to the frozen initial model
 adv_eps = 1e-4
 rl_image_tokens = False  # also train the map codes the policy sampled
 # held-out evaluation: replies (eval.DECODE: text greedy, maps sampled) to a fixed balanced sample
-# of val questions, and the mean reward of group_size sampled replies to each of a fixed few of
-# them (same seed every time)
+# of val questions, and the mean reward and accuracy of group_size sampled replies to each of a
+# fixed few of them (same seed every time)
 eval_questions = 70
 eval_reward_questions = 14
 learning_rate = 1e-4
@@ -343,7 +343,8 @@ if __name__ == "__main__":
         with open(scores_path, "a") as f:
             f.write(json.dumps({"iter": it, "scores": scores.pop("scores")}) + "\n")
         if reward_qs:
-            scores["reward"] = rollouts(model, tok, reward_qs, codes["val"], n_image, config, seed)[4]["reward"]
+            sampled = rollouts(model, tok, reward_qs, codes["val"], n_image, config, seed)[4]
+            scores["reward"], scores["sampled_acc"] = sampled["reward"], sampled["r_accuracy"]
         model.train()
         return {k if k.startswith("acc_") else f"heldout_{k}": v for k, v in scores.items()}
 
@@ -366,10 +367,12 @@ if __name__ == "__main__":
         n = max(1, len(rewards) // 5)  # rewards of single iterations are noisy: average a fifth of the run
         start_record = json.load(open(start_path)) if os.path.exists(start_path) else {}  # written at iteration 0
         # reward_*: the mean CPR reward of group_size sampled replies to the same val questions with
-        # the same seed, before and after; train_reward_*: the rollouts' reward over the first and
-        # last fifth of the run (other questions every iteration, so noisier)
+        # the same seed, before and after, and sampled_acc_* their accuracy; train_reward_*: the
+        # rollouts' reward over the first and last fifth of the run (other questions every
+        # iteration, so noisier)
         final = {"reward_start": start_record.get("heldout_reward"), "reward_end": last.get("heldout_reward"),
                  "acc_start": start_record.get("heldout_vqa_acc"), "acc_end": last["heldout_vqa_acc"],
+                 "sampled_acc_start": start_record.get("heldout_sampled_acc"), "sampled_acc_end": last.get("heldout_sampled_acc"),
                  "train_reward_start": float(np.mean(rewards[:n])), "train_reward_end": float(np.mean(rewards[-n:])),
                  "tool_rate_start": start_record.get("heldout_tool_rate"), "tool_rate_end": last["heldout_tool_rate"],
                  "format_start": start_record.get("heldout_format_valid"), "format_end": last["heldout_format_valid"]}
