@@ -96,13 +96,13 @@ def line_chart(path, series, title, size=(360, 200)):
     d.text((2, box[3] - 10), f"{y0:.3g}", fill="black")
     d.text((box[0], box[3] + 5), f"{x0:g}", fill="black")
     d.text((box[2] - 30, box[3] + 5), f"{x1:g}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     for k, (name, s) in enumerate(series.items()):
         xy = [(box[0] + (x - x0) / max(x1 - x0, 1e-9) * (box[2] - box[0]),
                box[3] - (y - y0) / (y1 - y0) * (box[3] - box[1])) for x, y in s]
         if len(xy) > 1:
-            d.line(xy, fill=colours[k % 4], width=2)
-        d.text((box[2] - 120, box[1] + 4 + 12 * k), name, fill=colours[k % 4])
+            d.line(xy, fill=colours[k % len(colours)], width=2)
+        d.text((box[2] - 120, box[1] + 4 + 12 * k), name, fill=colours[k % len(colours)])
     img.save(path)
 
 

@@ -67,7 +67,7 @@ def main():
         for r in runs:
             series[f"{r['name']} greedy"] = [(it, e["heldout_vqa_acc"]) for it, e in r["evals"].items()]
             series[f"{r['name']} sampled"] = [(it, e["heldout_sampled_acc"]) for it, e in r["evals"].items() if "heldout_sampled_acc" in e]
-        line_chart(a.png, {k: v for k, v in series.items() if v}, "held-out accuracy by RL iteration", size=(480, 260))
+        line_chart(a.png, {k: v for k, v in series.items() if v}, "held-out accuracy by RL iteration", size=(560, 320))
         print(f"\nwrote {a.png}")
 
     final = {}
