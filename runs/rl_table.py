@@ -19,12 +19,14 @@ from rl import paired_change  # noqa: E402
 
 
 def load(run):
-    """{name, evals: {iteration: metrics}, train_rewards: [per iteration], scores: {iteration: per question}}."""
+    """{name, evals: {iteration: metrics}, first, last (the first and last evaluation's metrics),
+    train_rewards: [per iteration], scores: {iteration: per question}}."""
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     evals = {r["iter"]: r for r in rows if "heldout_vqa_acc" in r}
     evals[0] = json.load(open(os.path.join(run, "eval_start.json")))
     scores = {r["iter"]: r["scores"] for r in map(json.loads, open(os.path.join(run, "heldout_scores.jsonl")))}
-    return {"name": os.path.basename(os.path.normpath(run)), "evals": dict(sorted(evals.items())),
+    evals = dict(sorted(evals.items()))
+    return {"name": os.path.basename(os.path.normpath(run)), "evals": evals, "first": evals[min(evals)], "last": evals[max(evals)],
             "train_rewards": np.array([r["reward"] for r in rows if "reward" in r]), "scores": scores}
 
 
@@ -56,11 +58,10 @@ def main():
         print(f"| {r['name']} | " + "; ".join(f"{k + 1}–{min(k + a.window, len(w))}: {mean_se(w[k:k + a.window])}"
                                               for k in range(0, len(w), a.window)) + " |")
 
-    cats = sorted(k for k in runs[0]["evals"][0] if k.startswith("acc_"))
+    cats = sorted(k for k in runs[0]["first"] if k.startswith("acc_"))
     print("\n| run | " + " | ".join(c[4:] for c in cats) + " |\n| --- |" + " --- |" * len(cats))
     for r in runs:
-        first, last = r["evals"][min(r["evals"])], r["evals"][max(r["evals"])]
-        print(f"| {r['name']} | " + " | ".join(f"{first[c]:.2f} → {last[c]:.2f}" for c in cats) + " |")
+        print(f"| {r['name']} | " + " | ".join(f"{r['first'][c]:.2f} → {r['last'][c]:.2f}" for c in cats) + " |")
 
     if a.png:
         series = {}
@@ -72,7 +73,7 @@ def main():
 
     final = {}
     for r in runs:
-        e0, e1 = r["evals"][min(r["evals"])], r["evals"][max(r["evals"])]
+        e0, e1 = r["first"], r["last"]
         n = max(1, min(a.window, len(r["train_rewards"]) // 2))
         final[r["name"]] = {"acc_start": e0["heldout_vqa_acc"], "acc_end": e1["heldout_vqa_acc"],
                             "sampled_acc_start": e0.get("heldout_sampled_acc"), "sampled_acc_end": e1.get("heldout_sampled_acc"),
