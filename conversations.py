@@ -1,11 +1,11 @@
 """
 What the model reads and writes: the conversations every stage trains and is judged on, built from
-data.py's scenes and questions (COOPER §3.2, DESIGN §5).
+data.py's scenes and questions (COOPER §3.2).
 
   - map_request, vqa_conversation, perception_chain: stage 1's tasks and the Base and PE arms
   - trace_conversation, build_traces, balance_traces: stage 2a's interleaved reasoning traces and
     the balanced SFT set; every value a trace reads off a map is the one the true map shows
-  - text_corpus: all of that as plain text, for training the BPE tokenizer
+  - corpus_texts: all of that as plain text, with the paper's fixed prompts, for the BPE tokenizer
 
 A conversation is a plain list of turns; tokenizer.render_conversation turns it into tokens. It
 lives apart from data.py because writing what a correct answer says is a different idea from
@@ -18,7 +18,11 @@ import re
 import numpy as np
 
 import data
-from tokenizer import REFLECTION_PROMPT
+
+# Paper text (COOPER §3): the two tool instructions and the prompt forced after a generated map.
+DEPTH_INSTRUCTION = "Estimate the depth of the image and generate the depth map."
+SEG_INSTRUCTION = "Segment the objects in the image with different colors."
+REFLECTION_PROMPT = "Above is the generated image. Continue reasoning based on it."
 
 
 # --- direct conversations: stage 1's tasks, the Base and PE arms -------------------------------
@@ -211,3 +215,9 @@ def text_corpus(data_dir, split="train"):
     reasoning of both arms' stage-2 traces (`trace_texts`)."""
     qs = data.load_questions(data_dir, split)
     return [q["question"] for q in qs] + [q["answer"] for q in qs] + trace_texts(data.load_split(data_dir, split))
+
+
+def corpus_texts(data_dir):
+    """Every string the models read or write, for training the BPE: the fixed prompts and the
+    train split's text."""
+    return [DEPTH_INSTRUCTION, SEG_INSTRUCTION, REFLECTION_PROMPT] + text_corpus(data_dir, "train")

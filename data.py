@@ -1,5 +1,5 @@
 """
-The data nanoCOOPER trains and is judged on (DESIGN §3, §5).
+The data nanoCOOPER trains and is judged on.
 
 A tiny numpy ray caster renders 3D scenes of cubes, spheres and cylinders on a textured ground
 plane. From one scene graph it produces, exactly and at once:
@@ -492,7 +492,9 @@ def build_dataset(out_dir, n_train, n_val, n_test, cfg, seed=0, manifest=""):
     counts, summary = {}, {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
         if manifest:
-            from manifest import load_manifest  # manifest.py imports this module's constants
+            # the one place real data plugs in, and the project's one import cycle: manifest.py
+            # reads this module's constants, so it is imported here, only when a manifest is given
+            from manifest import load_manifest
             split_data = load_manifest(manifest.format(split=split), cfg.image_size)
             scenes, questions = split_data["scenes"], split_data["questions"]
             save_split(out_dir, split, split_data, scenes, questions)
@@ -508,10 +510,18 @@ def build_dataset(out_dir, n_train, n_val, n_test, cfg, seed=0, manifest=""):
     return meta
 
 
+def load_meta(data_dir):
+    """The dataset's meta.json (written last, so it exists only for a complete dataset)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no dataset in {data_dir}: run `python data.py --out_dir={data_dir}`")
+    return json.load(open(path))
+
+
 def prepare(data_dir="data/tiny", **preset):
     """Build the dataset in data_dir if it is not complete yet (the tiny preset unless told otherwise)."""
     if os.path.exists(os.path.join(data_dir, "meta.json")):
-        return json.load(open(os.path.join(data_dir, "meta.json")))
+        return load_meta(data_dir)
     p = dict(TINY_PRESET, **preset)
     print(f"dataset {data_dir} missing: building it ({p['n_train']}/{p['n_val']}/{p['n_test']} scenes)")
     return build_dataset(data_dir, p["n_train"], p["n_val"], p["n_test"], SceneConfig(image_size=p["image_size"]), p["seed"])

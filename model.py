@@ -1,5 +1,5 @@
 """
-The unified transformer (DESIGN §4): one decoder-only GPT over one shared vocabulary.
+The unified transformer: one decoder-only GPT over one shared vocabulary.
 
     [text BPE ids][special ids][image code ids]      image code c has id tok.image_offset + c
 
@@ -369,9 +369,3 @@ class GPT(nn.Module):
         for the backward: 6·L·C·T. (PaLM's MFU formula counts 12·L·C·T, ignoring causality.)"""
         c = self.config
         return 6 * self.get_num_params() + 6 * c.n_layer * c.n_embd * seq_len
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, seq_len=None):
-        """Model FLOPs utilisation: achieved FLOP/s / peak_flops, for fwdbwd_per_iter sequences of
-        seq_len (default block_size) tokens trained in dt seconds."""
-        T = seq_len or self.config.block_size
-        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops

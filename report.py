@@ -1,9 +1,9 @@
 """
-The Table 1 report (DESIGN §6): what eval.py's per-arm results become in report.md. Scores per
+The Table 1 report: what eval.py's per-arm results become in report.md. Scores per
 question are summarised per arm (mean ± standard error, over questions with one seed, over seeds'
 means with several), set beside the paper's numbers, judged claim by claim, and written out with
 the map-quality and tool-use tables, an example interleaved reply and the training curves.
-Scoring itself (what counts as a right answer or a good map) is eval.py's.
+Scoring itself (what counts as a right answer or a good map) is metrics.py's.
 """
 import collections
 import json

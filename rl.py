@@ -7,7 +7,7 @@ One iteration of the training loop (trainer.train, the same loop every stage use
      the one sampler (sampler.generate) with the tool loop on, so maps the model draws re-enter
      its context; each token comes back marked sampled or forced, with its log-prob;
   2. rewards, the CPR reward, each part a small pure function:
-       accuracy     rule-based, eval.score_answer of the final <answer>: exact match for choices,
+       accuracy     rule-based, metrics.score_answer of the final <answer>: exact match for choices,
                     yes/no and counts; numbers parsed with their unit and scored by MRA, the
                     fraction of the relative-error thresholds 0.05, 0.10, …, 0.50 the answer is
                     within (1 for < 5 % off, 0.5 for 25–30 % off, 0 beyond 50 %), so the reward is
@@ -37,26 +37,31 @@ to get_batch (per rank under DDP), so resuming a run continues it exactly.
 """
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import batches
 import conversations
 import eval as ev
+import metrics
+import prepare
 import sampler
 import trainer
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-globals().update(trainer.LOOP_DEFAULTS)  # the shared loop's keys: out_dir, max_iters, learning_rate, …
+# I/O: RL starts from an SFT checkpoint (the model's shape comes from it)
 out_dir = ""  # "": out/rl, or out/rl_text with --tools=none
 init_from = ""  # "": the arm's SFT checkpoint (SFT_CHECKPOINTS); or resume, or a path
 data_dir = "data/tiny"
 vq_ckpt = "out/vqgan/ckpt.pt"
+seed = 1337
+device = "auto"  # auto: cuda if available, else cpu
+compile = False  # torch.compile the model (CUDA)
+attn_impl = "auto"  # auto: triton on CUDA, sdpa otherwise
 tools = "all"  # all: interleaved rollouts that may draw depth/seg maps; none: text-only (the RE arm)
 # rollouts: an iteration is grad_accum micro-batches of prompts_per_batch questions × group_size replies
 prompts_per_batch = 2
@@ -80,13 +85,21 @@ rl_image_tokens = False  # also train the map codes the policy sampled
 # fixed few of them (same seed every time)
 eval_questions = 70
 eval_reward_questions = 14
+# optimisation: one optimizer step per iteration (ppo_epochs more on the same rollouts)
+max_iters = 100
+grad_accum = 1
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 5
-max_iters = 100
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# logging
 log_interval = 1
 eval_interval = 50
 eval_iters = 0  # no val loss: RL is judged by held-out accuracy
+peak_tflops = 0.0  # what MFU is measured against; 0: measure (CPU) or look up (GPU)
 # -----------------------------------------------------------------------------
 SFT_CHECKPOINTS = {"all": "out/stage2/ckpt.pt", "none": "out/stage2_text/ckpt.pt"}
 OUT_DIRS = {"all": "out/rl", "none": "out/rl_text"}
@@ -94,11 +107,11 @@ OUT_DIRS = {"all": "out/rl", "none": "out/rl_text"}
 
 # --- the CPR reward ------------------------------------------------------------------------------
 def accuracy_reward(tok, q, reply):
-    """Rule-based correctness of the reply's final answer in [0, 1]: eval.score_answer, so 0/1 for
+    """Rule-based correctness of the reply's final answer in [0, 1]: metrics.score_answer, so 0/1 for
     choices, yes/no and counts and MRA for numbers (see the module docstring). A reply that breaks
     the format still earns this if it states an answer: format is its own component."""
     parts, _ = tok.parse_reply(reply)
-    return ev.score_answer(q, tok.answer_of(parts))
+    return metrics.score_answer(q, tok.answer_of(parts))
 
 
 def format_reward(tok, reply):
@@ -184,7 +197,7 @@ def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed):
     Returns (questions, prompts, Generation, rewards (cpr_rewards), stats {name: float}), one row a reply."""
     G = cfg["group_size"]
     qs = [q for q in picked for _ in range(G)]
-    prompts = [tok.render_prompt(conversations.vqa_conversation(q, answer=False), ev.scene_codes(codes, q["scene"])) for q in qs]
+    prompts = [tok.render_prompt(conversations.vqa_conversation(q, answer=False), batches.scene_codes(codes, q["scene"])) for q in qs]
     was_training = model.training
     model.eval()
     gen = sampler.generate(model, tok, prompts, cfg["max_new_tokens"], n_image_tokens, temperature=cfg["temperature"],
@@ -262,12 +275,12 @@ def grpo_loss(model, batch, clip_eps=0.2, kl_beta=0.0):
 def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
     """Greedy replies to fixed val questions through eval.answer's interleaved mode (stage 2's
     evaluation, so the numbers compare): accuracy per category and their mean (vqa_acc), format
-    validity and tool use (eval.tool_use), the tool-use rate on positive and negative questions,
+    validity and tool use (metrics.tool_use), the tool-use rate on positive and negative questions,
     and each question's score (scores, a list)."""
     replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", **ev.DECODE)
-    use = ev.tool_use(tok, questions, replies)  # (its per-category breakdown is eval.py's report)
-    out = {**ev.vqa_accuracy(tok, questions, replies), "format_valid": use["format_valid"], "tool_pattern": use["tool_pattern"]}
-    out["scores"] = [s["score"] for s in ev.question_scores(tok, questions, replies)]  # per question, for paired comparisons
+    use = metrics.tool_use(tok, questions, replies)  # (its per-category breakdown is eval.py's report)
+    out = {**metrics.vqa_accuracy(tok, questions, replies), "format_valid": use["format_valid"], "tool_pattern": use["tool_pattern"]}
+    out["scores"] = [s["score"] for s in metrics.question_scores(tok, questions, replies)]  # per question, for paired comparisons
     used = np.array([used_tool(tok, r) for r in replies], dtype=float)
     pos = np.array([tool_positive(q) for q in questions])
     out["tool_rate"] = float(used.mean())
@@ -275,31 +288,6 @@ def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
     out["tool_rate_neg"] = float(used[~pos].mean()) if (~pos).any() else 0.0
     out["length"] = float(np.mean([len(r) for r in replies]))
     return out
-
-
-def paired_change(before, after):
-    """The change in held-out accuracy from per-question scores of the same questions before and
-    after: its mean, the standard error of that mean (paired, so how hard each question is cancels
-    out), and how many questions scored higher and lower."""
-    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    return {"acc_change": float(d.mean()), "acc_change_se": float(d.std(ddof=1) / np.sqrt(len(d))),
-            "questions_gained": int((d > 0).sum()), "questions_lost": int((d < 0).sum())}
-
-
-def ensure_sft_checkpoint(path, tools, data_dir, vq_ckpt):
-    """The arm's SFT checkpoint; if missing, say so and build it with stage 2's tiny preset (which
-    builds stage 1 first if that is missing too)."""
-    if os.path.exists(path):
-        return
-    if int(os.environ.get("RANK", -1)) != -1:
-        raise SystemExit(f"SFT checkpoint {path} is missing: build it before launching with torchrun")
-    here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, os.path.join(here, "train_stage2.py"), os.path.join(here, "config", "tiny_cpu.py"),
-           f"--tools={tools}", f"--data_dir={data_dir}", f"--vq_ckpt={vq_ckpt}", f"--out_dir={os.path.dirname(path) or '.'}"]
-    print(f"no SFT checkpoint at {path}: building it with stage 2's tiny preset:\n  {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
-    if not os.path.exists(path):
-        raise SystemExit(f"stage 2 finished but wrote no {path}")
 
 
 if __name__ == "__main__":
@@ -312,12 +300,12 @@ if __name__ == "__main__":
     t_start = time.time()
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"RL, {'COOPER' if tools == 'all' else 'RE'} arm (tools={tools}): {init_from} -> {out_dir}")
-    if init_from not in ("scratch", "resume"):
-        ensure_sft_checkpoint(init_from, tools, data_dir, vq_ckpt)
+    if init_from not in ("scratch", "resume") and not os.path.exists(init_from):
+        raise SystemExit(f"SFT checkpoint {init_from} is missing: train it first (python train_stage2.py"
+                         f"{' --tools=none' if tools == 'none' else ''}, or bash runs/tiny_cpu.sh for the whole pipeline)")
     run = trainer.setup_run(device)
     torch.manual_seed(seed)
-    from train_stage1 import load_stage_data
-    tok, vq, codes, questions, refs = load_stage_data(data_dir, vq_ckpt)
+    tok, vq, codes, questions, refs = prepare.stage_data(data_dir, vq_ckpt)
     n_image = codes["train"].shape[-1]
     model, optimizer, start = trainer.init_model(config, run, tok, n_image)
     # the reference for the KL term is the model RL started from, also after a resume
@@ -380,7 +368,7 @@ if __name__ == "__main__":
         # (a run resumed from one that predates the file has none)
         by_iter = {r["iter"]: r["scores"] for r in map(json.loads, open(scores_path))} if os.path.exists(scores_path) else {}
         if 0 in by_iter and len(by_iter) > 1:
-            final.update(paired_change(by_iter[0], by_iter[max(by_iter)]))
+            final.update(metrics.paired_change(by_iter[0], by_iter[max(by_iter)]))
         final = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}
         final.update({k: round(v, 4) for k, v in last.items() if k.startswith("acc_")})
         final["minutes"] = round((time.time() - t_start) / 60, 2)

@@ -1,5 +1,5 @@
 """
-The one sampler (DESIGN §4, COOPER §3.2): batched generation with a KV cache that knows the token
+The one sampler (COOPER §3.2): batched generation with a KV cache that knows the token
 grammar. Eval, RL rollouts and the demos all call `generate`; there is no second copy of this loop.
 
 The grammar, enforced by masking logits and by forcing tokens:

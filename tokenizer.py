@@ -1,5 +1,5 @@
 """
-The text tokenizer and the one place that knows nanoCOOPER's token layout (DESIGN §4).
+The text tokenizer and the one place that knows nanoCOOPER's token layout.
 
 One shared vocabulary:  [text BPE ids][special ids][image code ids]
                          0 … n_text-1  n_text …     image_offset + code
@@ -32,10 +32,9 @@ import numpy as np
 import regex
 import tiktoken
 
-# Paper text (COOPER §3): the two tool instructions and the prompt forced after a generated map.
-DEPTH_INSTRUCTION = "Estimate the depth of the image and generate the depth map."
-SEG_INSTRUCTION = "Segment the objects in the image with different colors."
-REFLECTION_PROMPT = "Above is the generated image. Continue reasoning based on it."
+import data
+from conversations import DEPTH_INSTRUCTION, REFLECTION_PROMPT, SEG_INSTRUCTION, corpus_texts
+
 
 SPECIAL_TOKENS = [
     "<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|image|>", "<|/image|>",
@@ -124,9 +123,6 @@ class Tokenizer:
         if text:
             out.append(self.enc.decode(text))
         return "".join(out)
-
-    def is_image(self, ids):
-        return np.asarray(ids) >= self.image_offset
 
     # --- the layout ---------------------------------------------------------------------------
     def render_conversation(self, conversation, images=None, image_loss=True):
@@ -269,14 +265,6 @@ class Tokenizer:
         return cls(ranks, codebook_size)
 
 
-def corpus_texts(data_dir):
-    """Every string the models read or write: the dataset's text plus the fixed prompts."""
-    import conversations  # it imports this module's prompts: imported here, there is no cycle
-    texts = [DEPTH_INSTRUCTION, SEG_INSTRUCTION, REFLECTION_PROMPT]
-    texts += conversations.text_corpus(data_dir, "train")
-    return texts
-
-
 def build_tokenizer(data_dir, vocab_size, codebook_size, path=None):
     path = path or os.path.join(data_dir, "tokenizer.tiktoken")
     tok = Tokenizer(train_bpe(corpus_texts(data_dir), vocab_size), codebook_size)
@@ -296,6 +284,7 @@ if __name__ == "__main__":
     configure(globals(), section="tokenizer")
     # -----------------------------------------------------------------------------
     t0 = time.time()
+    data.prepare(data_dir)  # the dataset, built with the tiny preset if missing
     tok = build_tokenizer(data_dir, vocab_size, codebook_size)
     texts = corpus_texts(data_dir)
     n_bytes = sum(len(t.encode()) for t in texts)

@@ -10,7 +10,7 @@ Loss falls only on what the assistant says. `--aux=False` trains the Base arm on
 examples (a) alone; `--token_budget=N` sizes a run by tokens instead of iterations (a Base run
 with the same total tokens as stage 1 tells whether a gain is more than extra compute).
 
-    python train_stage1.py                           # tiny preset; builds data, tokenizer and VQ codes if missing
+    python train_stage1.py                           # tiny preset; prepare.py builds data, BPE, VQ and codes if missing
     python train_stage1.py --aux=False --out_dir=out/base
     torchrun --standalone --nproc_per_node=8 train_stage1.py config/full_gpu.py
 """
@@ -21,89 +21,59 @@ import time
 import numpy as np
 import torch
 
-import conversations
+import batches
 import data
 import eval as ev
-import tokenizer
+import metrics
+import prepare
 import trainer
-import vqgan
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-globals().update(trainer.LOOP_DEFAULTS)  # the shared loop's keys: out_dir, max_iters, learning_rate, …
+# I/O
 out_dir = "out/stage1"
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path to a checkpoint to start from
 data_dir = "data/tiny"
 vq_ckpt = "out/vqgan/ckpt.pt"
-aux = True  # False: the Base arm (direct VQA only)
-# the mixture: relative weights of the example kinds (a)-(d) above
+seed = 1337
+device = "auto"  # auto: cuda if available, else cpu
+compile = False  # torch.compile the model (CUDA)
+# the mixture: aux=False trains the Base arm (direct VQA only); the weights are the relative
+# frequencies of the example kinds (a)-(d) above
+aux = True
 vqa_weight = 1.0
 depth_weight = 0.5
 seg_weight = 0.5
 chain_weight = 0.5
+# model
+n_layer = 4
+n_head = 4
+n_embd = 256
+block_size = 640  # the longest tiny-preset example (RGB, depth, seg, five lettered options, answer) is ~520 tokens
+dropout = 0.0
+attn_impl = "auto"  # auto: triton on CUDA, sdpa otherwise
+grid_rope = True  # image codes' rotations follow their grid place (model.py)
+grid_prior = 6.0  # map codes' attention starts on the aligned place (model.py)
+# optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
+max_iters = 250
 token_budget = 0  # > 0: set max_iters so the run trains on about this many tokens
+batch_size = 16
+grad_accum = 1
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 50
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# logging and evaluation
+log_interval = 10
+eval_interval = 250
+eval_iters = 10  # val batches for the val loss
 eval_scenes = 32  # val scenes whose generated maps are scored at each evaluation
 eval_questions = 140  # val questions (balanced over categories) answered at each evaluation (eval.DECODE)
-max_iters = 250
-eval_interval = 250
-block_size = 640  # the longest tiny-preset example (RGB, depth, seg, five lettered options, answer) is ~520 tokens
+peak_tflops = 0.0  # what MFU is measured against; 0: measure (CPU) or look up (GPU)
 # -----------------------------------------------------------------------------
-
-
-def load_stage_data(data_dir, vq_ckpt, splits=("train", "val")):
-    """Builds what is missing (dataset, tokenizer, VQ and codes), then loads the tokenizer, VQ,
-    codes and questions. Shared by every stage that trains the transformer."""
-    vqgan.ensure_codes(data_dir, vq_ckpt)
-    vq = vqgan.load_vqgan(vq_ckpt)
-    tok_path = os.path.join(data_dir, "tokenizer.tiktoken")
-    if not os.path.exists(tok_path):
-        print(f"no tokenizer at {tok_path}: training one (python tokenizer.py)")
-        tokenizer.build_tokenizer(data_dir, 1024, vq.cfg.codebook_size, tok_path)
-    tok = tokenizer.Tokenizer.load(tok_path, vq.cfg.codebook_size)
-    codes = {s: vqgan.load_codes(data_dir, s).astype(np.int64) for s in splits}
-    questions = {s: data.load_questions(data_dir, s) for s in splits}
-    refs = {"tokenizer": tok_path, "vq": vq_ckpt, "data_dir": data_dir}
-    return tok, vq, codes, questions, refs
-
-
-def make_batch(tok, rows, block_size):
-    """[(ids, mask)] -> right-padded (idx, targets, loss_mask) tensors, trimmed to the longest row."""
-    longest = max(len(ids) for ids, _ in rows)
-    if longest > block_size + 1:
-        raise ValueError(f"an example of {longest} tokens does not fit block_size {block_size}: raise block_size")
-    x = torch.full((len(rows), longest), tok.pad, dtype=torch.long)
-    m = torch.zeros((len(rows), longest), dtype=torch.long)
-    for r, (ids, mask) in enumerate(rows):
-        x[r, :len(ids)], m[r, :len(mask)] = torch.tensor(ids), torch.tensor(mask)
-    return x[:, :-1], x[:, 1:], m[:, 1:]  # the mask belongs to the token being predicted
-
-
-def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None):
-    """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
-    batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
-    them within a batch would spend half the compute on padding. Over iterations the mixture holds.
-    scenes (the split's scene records) say which scenes lack a true depth or seg map (real data,
-    manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it."""
-    kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
-    kind = rng.choice(kinds, p=np.array(w) / sum(w))
-    has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
-    if kind == "vqa":
-        pool = questions
-    elif kind == "chain":
-        pool = [q for q in questions if has(q["scene"], "depth") and has(q["scene"], "seg")]
-    else:
-        pool = [i for i in range(len(codes)) if has(i, kind)]
-    if not pool:
-        raise ValueError(f"no scene has the maps stage-1 {kind} examples need: set {kind}_weight=0")
-    rows = []
-    for _ in range(batch_size):
-        pick = pool[rng.integers(len(pool))]
-        if kind in ("vqa", "chain"):
-            scene = pick["scene"]
-            conv = conversations.vqa_conversation(pick) if kind == "vqa" else conversations.perception_chain(pick)
-        else:
-            scene, conv = pick, conversations.map_request(kind)
-        rows.append(tok.render_conversation(conv, ev.scene_codes(codes, scene)))
-    return make_batch(tok, rows, block_size)
 
 
 if __name__ == "__main__":
@@ -111,14 +81,14 @@ if __name__ == "__main__":
     t_start = time.time()
     run = trainer.setup_run(device)
     torch.manual_seed(seed)
-    tok, vq, codes, questions, refs = load_stage_data(data_dir, vq_ckpt)
+    tok, vq, codes, questions, refs = prepare.stage_data(data_dir, vq_ckpt)
     n_image = codes["train"].shape[-1]
     scenes = {s: data.load_scenes(data_dir, s) for s in ("train", "val")}
     weights = {"vqa": vqa_weight, "depth": depth_weight if aux else 0, "seg": seg_weight if aux else 0,
                "chain": chain_weight if aux else 0}
 
     def get_batch(split, rng):
-        return stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split])
+        return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split])
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]
@@ -126,7 +96,7 @@ if __name__ == "__main__":
         print(f"token budget {token_budget:,}: {max_iters} iterations")
     model, optimizer, start = trainer.init_model(config, run, tok, n_image)
     val = data.load_split(data_dir, "val")
-    chance = ev.chance_scorer(questions["train"])
+    chance = metrics.chance_scorer(questions["train"])
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
     grid_ids = list(range(min(6, eval_scenes)))
 
@@ -137,7 +107,7 @@ if __name__ == "__main__":
         for kind in (k for k, w in weights.items() if w > 0):
             losses = []
             for k in range(n_batches):
-                x, y, m = stage1_batch(tok, codes["val"], questions["val"], np.random.default_rng([seed, 7, k]),
+                x, y, m = batches.stage1_batch(tok, codes["val"], questions["val"], np.random.default_rng([seed, 7, k]),
                                        batch_size, block_size, {kind: 1.0}, scenes["val"])
                 with run.autocast():
                     losses.append(model(x.to(run.device), y.to(run.device), m.to(run.device))[1].item())
@@ -147,7 +117,7 @@ if __name__ == "__main__":
     def evaluate(model, it):
         model.eval()
         scores = kind_losses(model)
-        scores.update(ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, **ev.DECODE), chance))
+        scores.update(metrics.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, **ev.DECODE), chance))
         if aux:
             maps_metrics, maps = ev.map_quality(model, tok, vq, val, codes["val"], range(eval_scenes), n_image, **ev.DECODE)
             scores.update(maps_metrics)

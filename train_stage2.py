@@ -19,18 +19,18 @@ a trace has ~256 map codes to ~60 text tokens, so one mean over both let the map
 (100 tiny steps left no reply well formed), and no loss on codes let stage 2 forget how to draw
 (the code rows of the head still move under AdamW: at map places the tiny model's probability on
 codes fell from 98% to 0.25%, and its depth AbsRel went 0.52 -> 0.86). Training is the one loop in
-trainer.py; batches are stage 1's make_batch.
+trainer.py; batches come from batches.stage2_batch.
 
 The traces hold the true maps, but at test time the model reads its own. The weaker its maps, the
 further that context is from training: with the tiny preset's stage 1 (maps near constant), the
 replies it finishes after its own map are well formed ~85% of the time, after the true map 100%.
 
-Two arms of DESIGN §6:
+Two arms of the experiment (eval.py):
   tools=all    COOPER: starts from stage 1 (out/stage1/ckpt.pt), writes out/stage2
   tools=none   RE: text-only chain of thought on the same questions, quoting only what the RGB
                image shows; starts from the Base arm (out/base/ckpt.pt), writes out/stage2_text
 With --tools=none, init_from and out_dir follow the arm unless they are set. A missing init
-checkpoint is first built with stage 1's tiny preset (subprocess), which says so.
+checkpoint stops the run with the command that trains it.
 
 At the end the model answers balanced val questions (text greedy, maps sampled) through the real
 sampler (tool loop on for COOPER, off for RE): format validity (tokenizer.parse_reply, the RL
@@ -43,39 +43,52 @@ direct answers.
 """
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 
-import conversations
-import data
+import batches
 import eval as ev
+import metrics
+import prepare
 import trainer
-import train_stage1 as s1
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-globals().update(trainer.LOOP_DEFAULTS)  # the shared loop's keys: out_dir, max_iters, learning_rate, …
+# I/O: fine-tuning starts from a previous stage's weights (the model's shape comes from them)
 out_dir = "out/stage2"
-init_from = "out/stage1/ckpt.pt"  # fine-tuning starts from a previous stage's weights
+init_from = "out/stage1/ckpt.pt"  # or resume (out_dir/ckpt.pt)
 data_dir = "data/tiny"
 vq_ckpt = "out/vqgan/ckpt.pt"
+seed = 1337
+device = "auto"  # auto: cuda if available, else cpu
+compile = False  # torch.compile the model (CUDA)
+attn_impl = "auto"  # auto: triton on CUDA, sdpa otherwise
+# the arm and its loss
 tools = "all"  # all: the COOPER arm (interleaved tool calls); none: the RE arm (text-only reasoning)
 image_loss = 0.5  # weight of the drawn maps' mean code loss beside the text's mean loss (0: text only)
-eval_questions = 210  # val questions (balanced over categories) answered at each evaluation (eval.DECODE)
+# optimisation: an iteration is grad_accum micro-batches of batch_size traces, split across ranks
 max_iters = 200
 batch_size = 8
-eval_interval = 200
+grad_accum = 1
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 10
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# logging and evaluation
+log_interval = 10
+eval_interval = 200
+eval_iters = 10  # val batches for the val loss
+eval_questions = 210  # val questions (balanced over categories) answered at each evaluation (eval.DECODE)
+peak_tflops = 0.0  # what MFU is measured against; 0: measure (CPU) or look up (GPU)
 # -----------------------------------------------------------------------------
-# arm -> (init checkpoint, out_dir, stage-1 flags that build the init): the defaults of each arm
-ARMS = {"all": ("out/stage1/ckpt.pt", "out/stage2", []),
-        "none": ("out/base/ckpt.pt", "out/stage2_text", ["--aux=False"])}
+# arm -> (init checkpoint, out_dir, the command that builds the init): the defaults of each arm
+ARMS = {"all": ("out/stage1/ckpt.pt", "out/stage2", "python train_stage1.py"),
+        "none": ("out/base/ckpt.pt", "out/stage2_text", "python train_stage1.py --aux=False --out_dir=out/base")}
 
 
 def arm_paths(tools, init_from, out_dir):
@@ -87,33 +100,11 @@ def arm_paths(tools, init_from, out_dir):
     return (arm_init if init_from == default_init else init_from), (arm_out if out_dir == default_out else out_dir)
 
 
-def ensure_init(path, tools, data_dir, vq_ckpt):
-    """Build a missing init checkpoint with stage 1's tiny preset (the Base arm for tools=none)."""
-    if os.path.exists(path) or path in ("scratch", "resume"):
-        return
-    if int(os.environ.get("RANK", -1)) != -1:
-        raise SystemExit(f"init checkpoint {path} is missing: build it before launching with torchrun")
-    here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, os.path.join(here, "train_stage1.py"), os.path.join(here, "config", "tiny_cpu.py"),
-           f"--data_dir={data_dir}", f"--vq_ckpt={vq_ckpt}", f"--out_dir={os.path.dirname(path) or '.'}"] + ARMS[tools][2]
-    print(f"no init checkpoint at {path}: building it with stage 1's tiny preset:\n  {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
-    if not os.path.exists(path):
-        raise SystemExit(f"stage 1 finished but wrote no {path}")
-
-
-def load_traces(data_dir, split, tools, seed=0):
-    """The balanced trace set of a split (conversations.build_traces, balance_traces) and its statistics."""
-    traces = conversations.balance_traces(conversations.build_traces(data.load_split(data_dir, split), tools), seed)
-    return traces, conversations.trace_stats(traces)
-
-
-def stage2_batch(tok, codes, traces, rng, batch_size, block_size):
-    """A batch of traces, rendered with their scene's codes (the true maps stand in for the ones
-    the model will draw)."""
-    rows = [tok.render_conversation(traces[i]["conversation"], ev.scene_codes(codes, traces[i]["scene"]))
-            for i in rng.integers(len(traces), size=batch_size)]
-    return s1.make_batch(tok, rows, block_size)
+def require_init(path, tools):
+    """Stop with the command to run if the init checkpoint is missing (stage 2 builds no stage 1)."""
+    if path not in ("scratch", "resume") and not os.path.exists(path):
+        raise SystemExit(f"init checkpoint {path} is missing: train it first ({ARMS[tools][2]}, "
+                         "or bash runs/tiny_cpu.sh for the whole pipeline)")
 
 
 def trace_loss(model, batch, image_offset, image_weight):
@@ -142,32 +133,32 @@ if __name__ == "__main__":
     init_from, out_dir = arm_paths(tools, init_from, out_dir)
     config.update(init_from=init_from, out_dir=out_dir)
     print(f"stage 2, {'COOPER' if tools == 'all' else 'RE'} arm (tools={tools}): {init_from} -> {out_dir}")
-    ensure_init(init_from, tools, data_dir, vq_ckpt)
+    require_init(init_from, tools)
     run = trainer.setup_run(device)
     torch.manual_seed(seed)
-    tok, vq, codes, questions, refs = s1.load_stage_data(data_dir, vq_ckpt)
+    tok, vq, codes, questions, refs = prepare.stage_data(data_dir, vq_ckpt)
     n_image = codes["train"].shape[-1]
     traces = {}
     for split in ("train", "val"):
-        traces[split], stats = load_traces(data_dir, split, tools, seed)
+        traces[split], stats = batches.load_traces(data_dir, split, tools, seed)
         if run.master:
             print(f"{split} traces: " + json.dumps(stats))
     model, optimizer, start = trainer.init_model(config, run, tok, n_image)
     block = model.config.block_size  # the checkpoint's, not this script's default
     if run.master:
-        lengths = [len(tok.render_conversation(t["conversation"], ev.scene_codes(codes["train"], t["scene"]))[0])
+        lengths = [len(tok.render_conversation(t["conversation"], batches.scene_codes(codes["train"], t["scene"]))[0])
                    for t in traces["train"][:2000]]
         print(f"trace length: mean {np.mean(lengths):.0f}, max {max(lengths)} tokens (block_size {block})")
 
     def get_batch(split, rng):
-        return stage2_batch(tok, codes[split], traces[split], rng, batch_size, block)
+        return batches.stage2_batch(tok, codes[split], traces[split], rng, batch_size, block)
 
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
     categories = sorted({q["category"] for q in eval_qs})
     init_scores = {}
     if run.master:  # the init model's direct answers on the same questions: what stage 2 must beat
         model.eval()
-        init_scores = ev.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, **ev.DECODE))
+        init_scores = metrics.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, **ev.DECODE))
         model.train()
         print(f"init ({init_from}) direct answers: acc {init_scores['vqa_acc']:.3f}")
 
@@ -175,7 +166,7 @@ if __name__ == "__main__":
         model.eval()
         replies = ev.answer(model, tok, eval_qs, codes["val"], n_image, mode="interleaved", tools=tools == "all",
                             **ev.DECODE)
-        scores = {**ev.vqa_accuracy(tok, eval_qs, replies), **ev.tool_use(tok, eval_qs, replies)}
+        scores = {**metrics.vqa_accuracy(tok, eval_qs, replies), **metrics.tool_use(tok, eval_qs, replies)}
         with open(os.path.join(out_dir, f"replies_{it:05d}.txt"), "w") as f:  # to read what it does
             for q, r in list(zip(eval_qs, replies))[::len(eval_qs) // 28 or 1]:
                 f.write(f"[{q['category']}] {q['question']} (answer {q['answer']})\n  {tok.decode(r)}\n")

@@ -19,8 +19,11 @@ replaces the next-token loss, `get_batch` may return extra items after the three
 advantages, old log-probs, reward statistics), the stats (floats) join the log line and
 metrics.jsonl, and `steps_per_batch` takes several optimizer steps on each iteration's batches.
 
-Stage scripts pull the loop's config keys into their globals with `globals().update(LOOP_DEFAULTS)`,
-so `--help` lists them and `--max_iters=…` overrides them like any other key.
+The loop reads its settings from the script's config dict: out_dir, init_from, seed, device,
+compile, attn_impl, max_iters, batch_size, grad_accum, learning_rate, min_lr, warmup_iters,
+weight_decay, beta1, beta2, grad_clip, log_interval, eval_interval, eval_iters, peak_tflops, and
+for a model trained from scratch n_layer, n_head, n_embd, block_size, dropout, grid_rope,
+grid_prior. Each stage script sets them at its top, where `--help` lists them.
 """
 import contextlib
 import json
@@ -34,22 +37,6 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
-
-LOOP_DEFAULTS = dict(
-    out_dir="out/run",
-    init_from="scratch",  # scratch | resume | path to a previous stage's ckpt.pt
-    seed=1337,
-    device="auto",  # auto: cuda if available, else cpu
-    compile=False,  # torch.compile the model (CUDA)
-    # model (ignored when the weights come from a checkpoint)
-    n_layer=4, n_head=4, n_embd=256, block_size=512, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
-    # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
-    max_iters=500, batch_size=16, grad_accum=1,
-    learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    # logging and evaluation
-    log_interval=10, eval_interval=100, eval_iters=10, peak_tflops=0.0,  # 0: measure (CPU) or look up (GPU)
-)
-
 
 # --- the run: devices, ranks, precision ------------------------------------------------------------
 @dataclass
@@ -135,10 +122,7 @@ def save_checkpoint(path, payload):
 def load_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if "model_args" in ckpt:  # a model written before the grid RoPE existed was trained without it
-        ckpt["model_args"].setdefault("grid_rope", False)
-    return ckpt
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def load_model(path, device="cpu", attn_impl=None):
@@ -162,6 +146,9 @@ def init_model(cfg, run, tok, n_image_tokens):
         ckpt = load_checkpoint(init, run.device)
         model_args = ckpt["model_args"]
     else:
+        if "n_layer" not in cfg:
+            raise SystemExit("init_from=scratch: this script sets no model shape (n_layer, …); "
+                             "it starts from a previous stage's checkpoint")
         model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens)

@@ -1,9 +1,8 @@
 """
 The VQ image tokenizer: one small VQGAN turns every picture nanoCOOPER sees or draws (RGB photos,
 depth pseudo-images, segmentation pseudo-images) into a short grid of discrete codes, so the
-transformer can read and write images as ordinary tokens (DESIGN §3, §4; COOPER §3.1 trains its
-generator on depth and segmentation converted to RGB-like images, which is what makes one tokenizer
-enough).
+transformer can read and write images as ordinary tokens (COOPER §3.1 trains its generator on depth
+and segmentation converted to RGB-like images, which is what makes one tokenizer enough).
 
 The one idea: an autoencoder with a *discrete* bottleneck. The encoder maps an image (48×48 in the
 tiny preset) to an h×w grid of vectors; each vector is replaced by its nearest entry of a learned
@@ -23,53 +22,20 @@ disc_start); the training loop; the round-trip evaluation; code files.
     python vqgan.py --encode              # encode every split to {data_dir}/{split}/codes.npy
     python vqgan.py --max_iters=200 ...   # any TrainConfig / VQConfig field is a --key=value override
 
-Choices, measured (val split, 200 scenes, full round trip image -> codes -> image -> metres / ids;
-each row is one run of `python vqgan.py` with the overrides shown, seed 1337; rerunning the preset
-gave the same figures to ±0.001, but seed-to-seed spread was not measured, so read gaps of a few
-hundredths as ties). First at 64×64 (config/cpu64.py: batch 8 × 3200, GAN from 2400):
-
-    run                                  rgb PSNR  depth AbsRel   object depth   seg mIoU  usage
-                                             (dB)  (obj. pixels)  (median/mask)
-    16×16, batch 32 × 800 iters              27.6      0.075         0.039         0.64     1.00
-    16×16, batch 32 × 800, codebook 4096     27.7      0.071         0.034         0.61     1.00
-    16×16, batch 16 × 1600                   28.3      0.060         0.034         0.71     1.00
-    16×16, batch  8 × 3200 (cpu64)           28.8      0.055         0.032         0.77     1.00
-    16×16, batch  4 × 6400                   28.8      0.056         0.036         0.77     1.00
-    16×16, preset, linear depth              28.4      0.088         0.042         0.70     1.00
-    16×16, preset, GAN ×8 from step 1600     27.1      0.061         0.030         0.73     1.00
-    16×16, preset, rgb:depth:seg 1:2:2       28.2      0.055         0.030         0.75     1.00
-    8×8 (f=8, width 192: same step time)     24.7      0.096         0.069         0.39     1.00
-
-Then smaller scenes (rendered at that size), f=4, batch 8 (2026-12-02, `python data.py
---image_size=S` and `python vqgan.py --image_size=S`):
-
-    32×32 -> 8×8, 3200 steps                 25.5      0.099         0.082         0.32     1.00
-    48×48 -> 12×12, 3200 steps               27.8      0.069         0.045         0.66     1.00
-    48×48 -> 12×12, 2000 steps (tiny preset) 27.4      0.078         0.048         0.59     1.00
-
-- The tiny preset renders 48×48 scenes: 144 codes an image instead of 256 shortens every sequence
-  ~1.8×, and 2000 steps take 2 min on a fast 2-core machine. At 32×32 small objects are a few
-  pixels and the seg round trip falls apart (mIoU 0.32).
-
-- At 64×64, grid 16×16 (f=4). 8×8 would make the transformer's sequences 4× shorter (3 images = 192 codes
-  instead of 768, and 64 sampling steps per generated map instead of 256), but at the same training
-  time it halves every map's quality: small objects (< 30 px) get the wrong colour in 98% of cases
-  and per-object depth error doubles to 7%, i.e. the maps the reasoning reads would be wrong. Each
-  16×16 code covers a 4×4 patch, about the size of the smallest objects the renderer keeps visible.
-- Many small steps beat few large ones at a fixed budget (same images seen: batch 8 ≫ 32); batch 4
-  adds nothing. A 4× larger codebook did not help at this budget, and 1024 keeps the vocabulary small.
-- Log depth beats linear through the VQ as well as before it (object depth 3.2% vs 4.2%); the
-  8-bit encoding alone costs 0.35% (log) and 0.5% (linear) per object.
-- The GAN is kept light (weight 0.1 from 3/4 of training): at weight 0.8 from half-way it cost
-  1.7 dB of RGB and did not sharpen segmentation edges within this budget.
-- Segmentation misses its 0.85 target: the errors are small objects (< 30 px, mIoU ~0.45) and soft
-  edges (one-pixel rims decode to a third palette colour). Training longer is what helps (batch
-  32→8 at equal images seen: 0.64→0.77).
+Why these choices (each measured on the full round trip image -> codes -> image -> metres / ids;
+the runs are in docs/experiments.md, "VQ tokenizer: grid, batch, codebook, depth encoding, GAN,
+image size"):
+  - downsampling f=4: a code covers a 4×4 patch, about the smallest object the renderer keeps
+    visible; f=8 halves every map's quality (per-object depth error 3.2% -> 6.9% at 64 px);
+  - many small batches beat few large ones at a fixed number of images seen (batch 8, not 32);
+  - log depth beats linear through the VQ as well as before it; a 4× codebook did not help;
+  - the GAN is light (weight 0.1 from 3/4 of training): heavier cost RGB quality and did not
+    sharpen segmentation edges.
 
 Files: checkpoint `out/vqgan/ckpt.pt` (torch.load(..., weights_only=True): model_args, model,
 discriminator, config, metrics), reconstructions `out/vqgan/recon.png`, codes
 `{data_dir}/{split}/codes.npy` (N, 3, h*w) uint16 in data.MODALITIES order with `codes.json` beside
-it naming the checkpoint they came from. Training scripts call `ensure_codes(data_dir, ckpt_path)`.
+it naming the checkpoint they came from. prepare.py encodes the splits whose codes are missing or stale.
 """
 import hashlib
 import json
@@ -84,6 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+import metrics  # the same map metrics the model's generated maps are scored by
 import trainer  # the project's LR schedule and atomic checkpoint writer
 
 
@@ -374,7 +342,6 @@ def train_step(model, disc, opt_g, opt_d, x, step, tc):
 
 def load_pseudo_images(data_dir, split, depth_encoding=""):
     """A split and its three pseudo-images per scene, {"rgb", "depth", "seg"} each uint8 (N, H, W, 3)."""
-    import data
     s = data.load_split(data_dir, split)
     images = data.pseudo_images(s)
     if depth_encoding and depth_encoding != data.DEPTH_ENCODING:
@@ -390,8 +357,6 @@ def batched(fn, x, batch_size=256):
 def evaluate(model, split, images, depth_encoding):
     """The full round trip on a split: image -> codes -> image -> metric depth / instance ids,
     scored against the renderer's exact maps. Returns (metrics, reconstructions by modality)."""
-    import data
-    import eval as ev  # the same map metrics the model's generated maps are scored by
     was_training = model.training
     model.eval()
     codes = {m: batched(model.encode, images[m]) for m in data.MODALITIES}
@@ -399,16 +364,16 @@ def evaluate(model, split, images, depth_encoding):
     model.train(was_training)
     all_codes = torch.cat([codes[m] for m in data.MODALITIES]).reshape(-1)
     usage, perplexity = code_stats(torch.bincount(all_codes, minlength=model.cfg.codebook_size))
-    metrics = {f"{m}_psnr": psnr(recon[m], torch.as_tensor(images[m])) for m in data.MODALITIES}
+    scores = {f"{m}_psnr": psnr(recon[m], torch.as_tensor(images[m])) for m in data.MODALITIES}
 
     seg = split["seg"]
     for name, img in (("", recon["depth"].numpy()), ("_floor", images["depth"])):
         # _floor: the pseudo-image itself, before any VQ: the 8-bit encoding's own error
-        m = ev.depth_metrics(data.rgb_to_depth(img, encoding=depth_encoding), split["depth"], seg)
-        metrics.update({f"{k}{name}": m[k] for k in ("depth_absrel", "depth_absrel_median", "object_depth_absrel")})
-    metrics["seg_miou"] = ev.seg_miou(data.rgb_to_seg(recon["seg"].numpy()), seg)
-    metrics["code_usage"], metrics["perplexity"] = usage, perplexity
-    return {k: round(v, 4) for k, v in metrics.items()}, recon
+        m = metrics.depth_metrics(data.rgb_to_depth(img, encoding=depth_encoding), split["depth"], seg)
+        scores.update({f"{k}{name}": m[k] for k in ("depth_absrel", "depth_absrel_median", "object_depth_absrel")})
+    scores["seg_miou"] = metrics.seg_miou(data.rgb_to_seg(recon["seg"].numpy()), seg)
+    scores["code_usage"], scores["perplexity"] = usage, perplexity
+    return {k: round(v, 4) for k, v in scores.items()}, recon
 
 
 def save_recon_grid(images, recon, path, n=6, scale=2):
@@ -436,11 +401,10 @@ def load_vqgan(path, device="cpu"):
 def train(tc, mc):
     """Train the tokenizer on train-split images of all three modalities, evaluate the round trip
     on val, write ckpt.pt and recon.png to tc.out_dir. Returns the final metrics."""
-    import data
     torch.manual_seed(tc.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
     encoding = tc.depth_encoding or data.DEPTH_ENCODING
-    size = data.prepare(tc.data_dir)["config"]["image_size"]
+    size = data.load_meta(tc.data_dir)["config"]["image_size"]
     if size != mc.image_size:
         raise ValueError(f"the images in {tc.data_dir} are {size} px but the tokenizer is set up for "
                          f"{mc.image_size} px: pass --image_size={size}")
@@ -480,15 +444,15 @@ def train(tc, mc):
             t_log, last_log = time.time(), step
     train_seconds = time.time() - t0
 
-    metrics, recon = evaluate(model, val_split, val_images, encoding)
-    metrics["train_seconds"] = round(train_seconds, 1)
-    print("val round trip: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+    scores, recon = evaluate(model, val_split, val_images, encoding)
+    scores["train_seconds"] = round(train_seconds, 1)
+    print("val round trip: " + ", ".join(f"{k} {v}" for k, v in scores.items()))
     save_recon_grid(val_images, recon, os.path.join(tc.out_dir, "recon.png"))
     trainer.save_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), {
         "model_args": asdict(mc), "model": model.state_dict(), "discriminator": disc.state_dict(),
-        "config": asdict(tc), "depth_encoding": encoding, "step": tc.max_iters, "metrics": metrics})
+        "config": asdict(tc), "depth_encoding": encoding, "step": tc.max_iters, "metrics": scores})
     print(f"wrote {os.path.join(tc.out_dir, 'ckpt.pt')} and {os.path.join(tc.out_dir, 'recon.png')}")
-    return {"grid": mc.grid, "depth_encoding": encoding, **metrics}
+    return {"grid": mc.grid, "depth_encoding": encoding, **scores}
 
 
 # -----------------------------------------------------------------------------
@@ -505,7 +469,7 @@ def load_codes(data_dir, split):
     return np.load(codes_path(data_dir, split))
 
 
-def _sha256(path):
+def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -515,7 +479,6 @@ def _sha256(path):
 
 def encode_split(model, data_dir, split, ckpt_path):
     """Encode the three pseudo-images of every scene of a split; write codes.npy and codes.json."""
-    import data
     assert model.cfg.codebook_size <= 65536, "codes are stored as uint16"
     _, images = load_pseudo_images(data_dir, split, model.depth_encoding)
     codes = np.stack([batched(model.encode, images[m]).numpy() for m in data.MODALITIES], axis=1)
@@ -523,37 +486,12 @@ def encode_split(model, data_dir, split, ckpt_path):
     with open(path + ".tmp", "wb") as f:
         np.save(f, codes.reshape(len(codes), len(data.MODALITIES), -1).astype(np.uint16))
     os.replace(path + ".tmp", path)
-    meta = {"checkpoint": ckpt_path, "checkpoint_sha256": _sha256(ckpt_path), "grid": [model.cfg.grid] * 2,
+    meta = {"checkpoint": ckpt_path, "checkpoint_sha256": sha256(ckpt_path), "grid": [model.cfg.grid] * 2,
             "codebook_size": model.cfg.codebook_size, "modalities": list(data.MODALITIES),
             "depth_encoding": model.depth_encoding}
     with open(os.path.join(data_dir, split, "codes.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return path
-
-
-def ensure_codes(data_dir="data/tiny", ckpt_path="out/vqgan/ckpt.pt", force=False):
-    """What every transformer training script calls first: builds the dataset if missing, trains the
-    tokenizer (tiny preset) if its checkpoint is missing, and encodes every split whose codes are
-    missing or came from another checkpoint. Returns {split: path of codes.npy}."""
-    import data
-    size = data.prepare(data_dir)["config"]["image_size"]
-    if not os.path.exists(ckpt_path):
-        assert os.path.basename(ckpt_path) == "ckpt.pt", "train() writes <out_dir>/ckpt.pt"
-        print(f"no tokenizer at {ckpt_path}: training one with the tiny preset (python vqgan.py)")
-        train(TrainConfig(data_dir=data_dir, out_dir=os.path.dirname(ckpt_path)), VQConfig(image_size=size))
-    model, sha, paths = None, _sha256(ckpt_path), {}
-    for split in data.SPLITS:
-        meta_path = os.path.join(data_dir, split, "codes.json")
-        fresh = os.path.exists(codes_path(data_dir, split)) and os.path.exists(meta_path) \
-            and json.load(open(meta_path)).get("checkpoint_sha256") == sha
-        if force or not fresh:
-            model = model or load_vqgan(ckpt_path)
-            t0 = time.time()
-            paths[split] = encode_split(model, data_dir, split, ckpt_path)
-            print(f"encoded {split} with {ckpt_path} -> {paths[split]} ({time.time() - t0:.1f}s)")
-        else:
-            paths[split] = codes_path(data_dir, split)
-    return paths
 
 
 # -----------------------------------------------------------------------------
@@ -565,8 +503,11 @@ if __name__ == "__main__":
     mc = VQConfig(**{f.name: globals()[f.name] for f in fields(VQConfig)})
     tc = TrainConfig(**{f.name: globals()[f.name] for f in fields(TrainConfig)})
     # -----------------------------------------------------------------------------
+    data.prepare(tc.data_dir)  # the dataset, built with the tiny preset if missing
     if "--encode" in sys.argv[1:]:
-        paths = ensure_codes(tc.data_dir, os.path.join(tc.out_dir, "ckpt.pt"), force=True)
+        ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+        model = load_vqgan(ckpt_path)
+        paths = {split: encode_split(model, tc.data_dir, split, ckpt_path) for split in data.SPLITS}
         final = {split: list(np.load(p, mmap_mode="r").shape) for split, p in paths.items()}
     else:
         final = train(tc, mc)

@@ -20,6 +20,6 @@ stage1 = dict(data_dir=_data, vq_ckpt=_vq, out_dir=_out + "/stage1", **_model, b
               max_iters=50000, learning_rate=3e-4, min_lr=3e-5, warmup_iters=2000, eval_interval=2500,
               eval_scenes=500, eval_questions=2000)
 stage2 = dict(data_dir=_data, vq_ckpt=_vq, init_from=_out + "/stage1/ckpt.pt", out_dir=_out + "/stage2", batch_size=4,
-              grad_accum=32, block_size=4096, max_iters=5000, eval_interval=1000, eval_questions=2000, compile=True)
+              grad_accum=32, max_iters=5000, eval_interval=1000, eval_questions=2000, compile=True)
 rl = dict(data_dir=_data, vq_ckpt=_vq, init_from=_out + "/stage2/ckpt.pt", out_dir=_out + "/rl", prompts_per_batch=8,
           group_size=8, grad_accum=8, max_iters=1000, eval_interval=100, eval_questions=1000, compile=True)

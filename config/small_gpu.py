@@ -15,6 +15,6 @@ vqgan = dict(data_dir=_data, out_dir=_out + "/vqgan", image_size=128, downsample
 stage1 = dict(data_dir=_data, vq_ckpt=_vq, out_dir=_out + "/stage1", **_model, batch_size=32, max_iters=20000,
               learning_rate=6e-4, min_lr=6e-5, warmup_iters=500, eval_interval=2000, eval_scenes=200, eval_questions=700)
 stage2 = dict(data_dir=_data, vq_ckpt=_vq, init_from=_out + "/stage1/ckpt.pt", out_dir=_out + "/stage2", batch_size=32,
-              block_size=1024, max_iters=4000, eval_interval=1000, eval_questions=700, compile=True)  # ~10 min
+              max_iters=4000, eval_interval=1000, eval_questions=700, compile=True)  # ~10 min
 rl = dict(data_dir=_data, vq_ckpt=_vq, init_from=_out + "/stage2/ckpt.pt", out_dir=_out + "/rl", prompts_per_batch=16,
           group_size=8, max_iters=300, eval_interval=50, eval_questions=350, compile=True)  # ~15 min

@@ -18,6 +18,14 @@ _rng = np.random.default_rng(0)
 CORPUS = torch.tensor(np.tile(_rng.integers(0, VOCAB, (256, 4)), (1, T // 4 + 1))[:, :T + 1])
 
 
+# every key the training loop reads, as a stage script sets them at its top
+LOOP = dict(out_dir="out/run", init_from="scratch", seed=1337, device="auto", compile=False,
+            n_layer=4, n_head=4, n_embd=256, block_size=512, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
+            max_iters=500, batch_size=16, grad_accum=1,
+            learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+            log_interval=10, eval_interval=100, eval_iters=10, peak_tflops=0.0)
+
+
 def get_batch(split, rng, batch_size=4):
     rows = torch.from_numpy(rng.integers(0, len(CORPUS), batch_size))
     seq = CORPUS[rows]
@@ -27,7 +35,7 @@ def get_batch(split, rng, batch_size=4):
 
 
 def config(out_dir, max_iters, grad_accum, init_from="scratch"):
-    return dict(trainer.LOOP_DEFAULTS, out_dir=out_dir, max_iters=max_iters, grad_accum=grad_accum, init_from=init_from,
+    return dict(LOOP, out_dir=out_dir, max_iters=max_iters, grad_accum=grad_accum, init_from=init_from,
                 n_layer=2, n_head=2, n_embd=32, block_size=T, batch_size=4, warmup_iters=2, learning_rate=3e-3,
                 log_interval=1, eval_interval=max(1, max_iters // 2), eval_iters=2, peak_tflops=1.0, attn_impl="sdpa")
 

@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+import batches
 import conversations
 import data
 import eval as ev
+import metrics
+import prepare
 import report
 import tokenizer
+from tests import loop_driver
 
 
 @pytest.mark.parametrize("text,unit,want", [
@@ -20,28 +24,28 @@ import tokenizer
     (None, "m", None), ("1,5 m", "m", 1.0),
 ])
 def test_parse_number(text, unit, want):
-    got = ev.parse_number(text, unit)
+    got = metrics.parse_number(text, unit)
     assert (got is None and want is None) or got == pytest.approx(want)
 
 
 def test_mra_by_hand():
-    assert ev.mra(2.0, 2.0) == 1.0
+    assert metrics.mra(2.0, 2.0) == 1.0
     # 10% off: below 1-θ for θ ≤ .85 (.50,.55,…,.85 = 8 of 10 thresholds)
-    assert ev.mra(2.2, 2.0) == pytest.approx(0.8)
+    assert metrics.mra(2.2, 2.0) == pytest.approx(0.8)
     # 30% off: passes θ = .50, .55, .60, .65 (1-θ > .3) -> 4/10
-    assert ev.mra(1.4, 2.0) == pytest.approx(0.4)
-    assert ev.mra(5.0, 2.0) == 0.0 and ev.mra(None, 2.0) == 0.0
-    assert ev.within_factor_2(3.9, 2.0) == 1.0 and ev.within_factor_2(4.0, 2.0) == 0.0
-    assert ev.within_factor_2(1.01, 2.0) == 1.0 and ev.within_factor_2(None, 2.0) == 0.0
+    assert metrics.mra(1.4, 2.0) == pytest.approx(0.4)
+    assert metrics.mra(5.0, 2.0) == 0.0 and metrics.mra(None, 2.0) == 0.0
+    assert metrics.within_factor_2(3.9, 2.0) == 1.0 and metrics.within_factor_2(4.0, 2.0) == 0.0
+    assert metrics.within_factor_2(1.01, 2.0) == 1.0 and metrics.within_factor_2(None, 2.0) == 0.0
 
 
 def test_score_answer():
     num = {"answer_type": "number", "value": 2.0, "unit": "m", "answer": "2.0 m"}
-    assert ev.score_answer(num, "200 cm") == 1.0 and ev.score_answer(num, "2 kg") == 0.0
+    assert metrics.score_answer(num, "200 cm") == 1.0 and metrics.score_answer(num, "2 kg") == 0.0
     ch = {"answer_type": "choice", "answer": "red cube"}
-    assert ev.score_answer(ch, " Red cube. ") == 1.0 and ev.score_answer(ch, "red sphere") == 0.0
-    assert ev.score_answer({"answer_type": "integer", "answer": "3"}, "3") == 1.0
-    assert ev.score_answer({"answer_type": "yesno", "answer": "yes"}, None) == 0.0
+    assert metrics.score_answer(ch, " Red cube. ") == 1.0 and metrics.score_answer(ch, "red sphere") == 0.0
+    assert metrics.score_answer({"answer_type": "integer", "answer": "3"}, "3") == 1.0
+    assert metrics.score_answer({"answer_type": "yesno", "answer": "yes"}, None) == 0.0
 
 
 def test_chance_scorer():
@@ -49,7 +53,7 @@ def test_chance_scorer():
               "answer_type": "yesno"} for a in ["yes", "yes", "no"]]
     train += [{"kind": "size", "question": f"How tall is the {c} cube, in centimeters?", "answer": "", "value": v,
                "answer_type": "number", "unit": "cm"} for c, v in [("red", 40), ("blue", 50), ("green", 90)]]
-    score = ev.chance_scorer(train)
+    score = metrics.chance_scorer(train)
     assert score({"kind": "relation_left", "question": "Is the green cylinder to the left of the red sphere?",
                   "answer": "yes", "answer_type": "yesno"}) == 1.0
     assert score({"kind": "size", "question": "How tall is the white sphere, in centimeters?", "value": 50,
@@ -64,7 +68,7 @@ def test_depth_metrics_by_hand():
     pred[0, 0, 0] = 3.0  # one pixel of object 2 is 50% off
     pred[0, :, 2] = 2.2  # object 3 is 10% off everywhere
     pred[0, :, 3] = 99.0  # background is not scored
-    m = ev.depth_metrics(pred, true, seg)
+    m = metrics.depth_metrics(pred, true, seg)
     assert m["depth_absrel"] == pytest.approx((0.5 + 0.1 * 2) / 6)
     assert m["depth_absrel_median"] == pytest.approx(0.05)  # of (0, 0, 0, 0.1, 0.1, 0.5)
     assert m["depth_delta1"] == pytest.approx(5 / 6)
@@ -76,7 +80,7 @@ def test_depth_metrics_skip_pixels_with_no_true_reading():
     true = np.array([[[2.0, np.nan, 2.0, np.nan]]])  # holes in a real depth file load as NaN
     seg = np.array([[[2, 2, 2, 3]]])  # object 3 is all hole: not scored at all
     pred = np.array([[[2.2, 50.0, 2.6, 9.0]]])
-    m = ev.depth_metrics(pred, true, seg)
+    m = metrics.depth_metrics(pred, true, seg)
     assert m["depth_absrel"] == pytest.approx((0.1 + 0.3) / 2)
     assert m["object_depth_absrel"] == pytest.approx(0.2)  # median(2.2, 2.6) / 2 - 1
 
@@ -85,18 +89,18 @@ def test_seg_miou_by_hand_with_absent_classes():
     true = np.array([[[2, 2, 3, 3], [0, 1, 1, 1]]])
     pred = np.array([[[2, 3, 3, 3], [0, 1, 1, 4]]])  # id 4 absent from the truth: not scored
     # object 2: inter 1, union 2 -> .5; object 3: inter 2, union 3 -> 2/3
-    assert ev.seg_miou(pred, true) == pytest.approx((0.5 + 2 / 3) / 2)
-    assert math.isnan(ev.seg_miou(np.zeros((1, 2, 2)), np.ones((1, 2, 2))))
+    assert metrics.seg_miou(pred, true) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert math.isnan(metrics.seg_miou(np.zeros((1, 2, 2)), np.ones((1, 2, 2))))
 
 
 def test_seg_miou_matched_ignores_colour_order_but_not_shape():
     true = np.array([[[2, 2, 3, 3], [0, 1, 1, 1]]])
     swapped = np.where(true == 2, 3, np.where(true == 3, 2, true))  # right shapes, colours exchanged
-    assert ev.seg_miou(swapped, true) == 0.0 and ev.seg_miou_matched(swapped, true) == 1.0
+    assert metrics.seg_miou(swapped, true) == 0.0 and metrics.seg_miou_matched(swapped, true) == 1.0
     # one predicted object covering both: it matches one of them (IoU 1/2), the other gets nothing
-    assert ev.seg_miou_matched(np.where(true >= 2, 5, true), true) == pytest.approx(0.25)
+    assert metrics.seg_miou_matched(np.where(true >= 2, 5, true), true) == pytest.approx(0.25)
     pred = np.array([[[2, 3, 3, 3], [0, 1, 1, 4]]])  # the by-hand case above: already the best matching
-    assert ev.seg_miou_matched(pred, true) == pytest.approx(ev.seg_miou(pred, true))
+    assert metrics.seg_miou_matched(pred, true) == pytest.approx(metrics.seg_miou(pred, true))
 
 
 def fake_scores(acc_by_cat, n=20):
@@ -164,7 +168,7 @@ def tiny_data_and_vq(tmp_path):
     torch.manual_seed(0)
     vq_path = str(tmp_path / "vq.pt")
     trainer.save_checkpoint(vq_path, {"model_args": asdict(mc), "model": vqgan.VQModel(mc).state_dict(), "depth_encoding": "log"})
-    vqgan.ensure_codes(d, vq_path)
+    prepare.ensure_codes(d, vq_path)
     return d, vq_path, tokenizer.build_tokenizer(d, 300, mc.codebook_size), mc
 
 
@@ -193,7 +197,7 @@ def test_answer_given_forces_the_true_map_then_its_reading(tmp_path):
     for upto, (tool_reply, plain_reply) in by.items():
         parts = tok.parse_reply(tool_reply)[0]
         drawn = next(p["image"] for p in parts if "image" in p)
-        assert np.array_equal(np.asarray(drawn), ev.scene_codes(codes, with_tool["scene"])[with_tool["tool"]])
+        assert np.array_equal(np.asarray(drawn), batches.scene_codes(codes, with_tool["scene"])[with_tool["tool"]])
         assert (reading in [p.get("think") for p in parts]) == (upto == "reading")
         assert (plain_reading in [p.get("think") for p in tok.parse_reply(plain_reply)[0]]) == (upto == "reading")
     # the model writes on from what was forced: right after the forced reading it opens its answer
@@ -213,7 +217,7 @@ def test_eval_script_writes_the_report_and_workers_agree(tmp_path):
 
     import trainer
     d, vq_path, tok, mc = tiny_data_and_vq(tmp_path)
-    cfg = dict(trainer.LOOP_DEFAULTS, n_layer=1, n_head=2, n_embd=32, block_size=640, attn_impl="sdpa", init_from="scratch")
+    cfg = dict(loop_driver.LOOP, n_layer=1, n_head=2, n_embd=32, block_size=640, attn_impl="sdpa", init_from="scratch")
     for seed_root in ("s1", "s2"):
         for stage in {a[0] for a in ev.ARMS.values()}:
             torch.manual_seed(len(stage) + len(seed_root))

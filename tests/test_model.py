@@ -225,10 +225,7 @@ def test_sdpa_and_math_agree_on_outputs_and_gradients(tok):
 
 
 def test_triton_matches_sdpa(tok):
-    try:
-        import kernels  # noqa: F401  (written concurrently; runs under TRITON_INTERPRET on CPU)
-    except ImportError as e:
-        pytest.skip(f"kernels.py cannot be imported yet: {e}")
+    pytest.importorskip("triton")  # on CPU the kernels run under TRITON_INTERPRET (conftest.py)
     _backends_agree(tok, "sdpa", "triton")
 
 
@@ -269,21 +266,23 @@ def test_overfits_one_batch_of_text_and_images(tok):
     assert first > 3.0 and loss.item() < 0.05, (first, loss.item(), step)
 
 
-def test_optimizer_groups_and_flops(tok):
+def test_optimizer_groups(tok):
     model = tiny_model(tok)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    c = model.config
-    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe_")))
-    n_norm = sum(p.numel() for p in model.parameters() if p.dim() == 1)
-    assert model.get_num_params() == n_matmul + n_norm
-    assert model.flops_per_token(0) == 6 * model.get_num_params()
-    assert model.flops_per_token(100) - model.flops_per_token(50) == 6 * c.n_layer * c.n_embd * 50
-    mfu = model.estimate_mfu(fwdbwd_per_iter=4, dt=0.5, peak_flops=1e9, seq_len=100)
-    assert mfu == pytest.approx(model.flops_per_token(100) * 400 / 0.5 / 1e9)
+
+
+def test_flops_per_token_by_hand():
+    """2 layers, 32 wide, 2 heads, vocab 100, counted by hand. A block has 2·32 (its RMSNorms) +
+    2·16 (q/k norms) + 32·96 + 32·32 (attention) + 32·128 + 128·32 (MLP) = 12,384 weights; with
+    ln_f (32) and the head (100·32) that is 28,000 (embedding tables are lookups, not counted).
+    At T = 64: 6·28,000 for the matmuls + 6·L·C·T = 6·2·32·64 for causal attention = 192,576."""
+    model = GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=32, n_image_tokens=16))
+    assert model.get_num_params() == 28_000
+    assert model.flops_per_token(64) == 192_576
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+import metrics
 import rl
 import sampler
 import tokenizer
 import trainer
 from model import GPT, GPTConfig
+from tests import loop_driver
 
 N = 4  # image codes per map in these tests
 QUESTIONS = ["How far is the red cube from the camera, in meters?", "What color is the sphere?",
@@ -418,7 +420,7 @@ def test_grpo_on_the_training_loop_logs_rewards_and_resumes_exactly(tok, tmp_pat
     qs = [DIST, COLOR, COUNT, ORDER]
 
     def run_loop(name, init="scratch", crash_after=None):
-        loop_cfg = dict(trainer.LOOP_DEFAULTS, out_dir=str(tmp_path / name), max_iters=4, init_from=init,
+        loop_cfg = dict(loop_driver.LOOP, out_dir=str(tmp_path / name), max_iters=4, init_from=init,
                         n_layer=2, n_head=2, n_embd=32, block_size=96, batch_size=8, warmup_iters=1,
                         learning_rate=1e-2, log_interval=1, eval_interval=2, eval_iters=0, peak_tflops=1.0, attn_impl="sdpa")
         torch.manual_seed(0)
@@ -454,7 +456,7 @@ def test_grpo_on_the_training_loop_logs_rewards_and_resumes_exactly(tok, tmp_pat
 
 def test_paired_change_by_hand():
     """Scores of four questions before and after: differences 0, +1, 0, −0.5."""
-    out = rl.paired_change([1, 0, 0, 1], [1, 1, 0, 0.5])
+    out = metrics.paired_change([1, 0, 0, 1], [1, 1, 0, 0.5])
     d = np.array([0, 1, 0, -0.5])
     assert out["acc_change"] == pytest.approx(0.125)
     assert out["acc_change_se"] == pytest.approx(np.sqrt(((d - 0.125) ** 2).sum() / 3) / 2)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import batches
 import data
 import tokenizer
 import train_stage1 as s1
@@ -31,7 +32,7 @@ def spans(tok, row):
 
 def test_base_mixture_is_plain_vqa_only(setup):
     tok, codes, qs = setup
-    x, y, m = s1.stage1_batch(tok, codes, qs, np.random.default_rng(0), 32, 512, {"vqa": 1.0, "depth": 0, "seg": 0, "chain": 0})
+    x, y, m = batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 32, 512, {"vqa": 1.0, "depth": 0, "seg": 0, "chain": 0})
     for b in range(len(x)):
         row = torch.cat([x[b, :1], y[b]])
         sp = spans(tok, row)
@@ -53,7 +54,7 @@ def test_stage1_mixture_masks(setup):
     tok, codes, qs = setup
     kinds = set()
     for seed in range(12):
-        x, y, m = s1.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 512, {"vqa": 1, "depth": 1, "seg": 1, "chain": 1})
+        x, y, m = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 512, {"vqa": 1, "depth": 1, "seg": 1, "chain": 1})
         assert len({len(spans(tok, torch.cat([x[b, :1], y[b]]))) for b in range(len(x))}) == 1  # one kind per batch
         kinds |= _check_masks(tok, x, y, m)
     assert kinds == {1, 2, 3}  # vqa; depth or seg generation; the chain
@@ -82,7 +83,7 @@ def test_scenes_without_a_true_map_never_draw_it(setup):
     used = {kind: set() for kind in ("vqa", "depth", "seg", "chain")}
     for kind in used:
         for seed in range(6):
-            x, y, _ = s1.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 8, 1024, {kind: 1.0}, scenes)
+            x, y, _ = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 8, 1024, {kind: 1.0}, scenes)
             for b in range(len(x)):
                 rgb = spans(tok, torch.cat([x[b, :1], y[b]]))[0].numpy()
                 used[kind] |= {s for s in range(len(codes)) if (codes[s, 0] == rgb).all()}
@@ -91,13 +92,13 @@ def test_scenes_without_a_true_map_never_draw_it(setup):
     assert used["chain"] and not used["chain"] & set(range(15))
     assert used["vqa"] & set(range(15))  # plain VQA still uses them
     with pytest.raises(ValueError, match="set depth_weight=0"):
-        s1.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"depth": 1.0}, [{"has_depth": False}] * len(codes))
+        batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"depth": 1.0}, [{"has_depth": False}] * len(codes))
 
 
 def test_too_long_example_fails_clearly(setup):
     tok, codes, qs = setup
     with pytest.raises(ValueError, match="does not fit block_size 20"):
-        s1.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 20, {"vqa": 1.0})
+        batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 20, {"vqa": 1.0})
 
 
 @pytest.mark.parametrize("arg,msg", [("--max_iter=5", "unknown config key 'max_iter'"),

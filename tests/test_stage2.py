@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+import batches
 import conversations
 import data
 import eval as ev
+import metrics
 import tokenizer
-import trainer
 import train_stage1 as s1
 import train_stage2 as s2
+import trainer
 from model import GPT, GPTConfig
+from tests import loop_driver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 16  # image codes per map in these tests
@@ -43,7 +46,7 @@ def first(traces, kind):
 def test_trace_masks_forced_zero_generated_one(setup, image_loss):
     tok, codes, split = setup
     t = first(conversations.build_traces(split), "distance")
-    ids, mask = tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]), image_loss=image_loss)
+    ids, mask = tok.render_conversation(t["conversation"], batches.scene_codes(codes, t["scene"]), image_loss=image_loss)
     a = ids.index(tok.assistant)
     assert sum(mask[:a + 1]) == 0  # RGB, question, <|assistant|>: the user's
     reply, m = ids[a + 1:], mask[a + 1:]
@@ -57,7 +60,7 @@ def test_trace_masks_forced_zero_generated_one(setup, image_loss):
     want[s + N + 2:s + N + 2 + r] = [0] * r  # the reflection prompt: forced
     assert m == want
     g = first(conversations.build_traces(split), "general")  # text only: the whole reply is the model's
-    ids, mask = tok.render_conversation(g["conversation"], ev.scene_codes(codes, g["scene"]))
+    ids, mask = tok.render_conversation(g["conversation"], batches.scene_codes(codes, g["scene"]))
     assert mask[ids.index(tok.assistant) + 1:] == [1] * len(reply_of(tok, ids)) and tok.image_start not in reply_of(tok, ids)
 
 
@@ -67,7 +70,7 @@ def test_every_trace_parses_back(setup, tools):
     traces = conversations.build_traces(split, tools)
     assert len(traces) == len(split["questions"]) > 100
     for t, q in zip(traces, split["questions"]):
-        ids, _ = tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]))
+        ids, _ = tok.render_conversation(t["conversation"], batches.scene_codes(codes, t["scene"]))
         parts, error = tok.parse_reply(reply_of(tok, ids))
         assert error is None, (error, t["conversation"])
         want = t["conversation"][-1]["content"]
@@ -86,17 +89,17 @@ def test_tool_use_statistics_by_hand(setup):
     qs = split["questions"]
     reply = {}
     for t, q in zip(traces, qs):
-        reply.setdefault(q["kind"], (q, reply_of(tok, tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]))[0])))
+        reply.setdefault(q["kind"], (q, reply_of(tok, tok.render_conversation(t["conversation"], batches.scene_codes(codes, t["scene"]))[0])))
     (qd, rd), (qc, rc), (qg, rg) = reply["distance"], reply["counting"], reply["general"]
     questions = [qd, qc, qg, qg, qd]
     replies = [rd, rc, rg, rc, rd[:-1]]  # right; right; right; segmentation for colour; no <|eos|>
-    s = ev.tool_use(tok, questions, replies)
+    s = metrics.tool_use(tok, questions, replies)
     assert s["format_valid"] == pytest.approx(4 / 5)
     assert s["tool_pattern"] == pytest.approx(4 / 5)  # the cut-off reply still called the right tool
     assert s["use_seg_general"] == 0.5 and s["use_none_general"] == 0.5 and s["pattern_general"] == 0.5
     assert s["use_depth_distance"] == 1.0 and s["use_none_distance"] == 0.0 and s["pattern_counting"] == 1.0
     broken = rd[:rd.index(tok.tool_close["depth"])] + [tok.end_think, tok.eos]  # a call closed by the wrong tag
-    s = ev.tool_use(tok, [qd], [broken])
+    s = metrics.tool_use(tok, [qd], [broken])
     assert s["format_valid"] == 0.0 and s["use_depth_distance"] == 1.0 and s["tool_pattern"] == 1.0
 
 
@@ -108,7 +111,7 @@ def test_tiny_model_follows_the_tool_loop(setup, tmp_path):
     qs = [split["questions"][i] for t in balanced for i, q in enumerate(split["questions"])
           if q["scene"] == t["scene"] and q["kind"] == t["kind"]][:len(balanced)]
     assert sorted(q["kind"] for q in qs) == sorted(t["kind"] for t in balanced)
-    cfg = dict(trainer.LOOP_DEFAULTS, out_dir=str(tmp_path), n_layer=2, n_head=2, n_embd=64, block_size=512,
+    cfg = dict(loop_driver.LOOP, out_dir=str(tmp_path), n_layer=2, n_head=2, n_embd=64, block_size=512,
                batch_size=8, max_iters=120, warmup_iters=10, learning_rate=3e-3, min_lr=3e-4, log_interval=1000,
                eval_interval=1000, eval_iters=1, attn_impl="sdpa", peak_tflops=1.0)
     torch.manual_seed(0)
@@ -118,14 +121,14 @@ def test_tiny_model_follows_the_tool_loop(setup, tmp_path):
     torch.set_num_threads(1)  # a model this small gains nothing from two, and loses a lot on a busy machine
     try:
         last = trainer.train(cfg, run, model, opt, start,
-                             lambda split_, rng: s2.stage2_batch(tok, codes, balanced, rng, 8, 512))
+                             lambda split_, rng: batches.stage2_batch(tok, codes, balanced, rng, 8, 512))
         model.eval()
         replies = ev.answer(model, tok, qs, codes, N, mode="interleaved", temperature=0.0)
         no_tools = ev.answer(model, tok, qs, codes, N, mode="interleaved", tools=False, temperature=0.0)
     finally:
         torch.set_num_threads(threads)
     assert last["loss"] < 0.5
-    stats = ev.tool_use(tok, qs, replies)
+    stats = metrics.tool_use(tok, qs, replies)
     assert stats["format_valid"] == 1.0 and stats["tool_pattern"] == 1.0, [tok.decode(r) for r in replies]
     for q, r in zip(qs, replies):  # a tool's map is exactly N codes, then the forced reflection prompt
         parts, _ = tok.parse_reply(r)
@@ -158,9 +161,9 @@ def test_trace_loss_normalises_text_and_codes_apart(setup):
     model = GPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32,
                           image_offset=tok.image_offset, n_image_tokens=N))
     ts = [t for t in conversations.build_traces(split) if any("tool" in p for p in t["conversation"][1]["content"])][:3]
-    rows = [tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"])) for t in ts]
-    text_rows = [tok.render_conversation(t["conversation"], ev.scene_codes(codes, t["scene"]), image_loss=False) for t in ts]
-    batch, text_batch = s1.make_batch(tok, rows, 512), s1.make_batch(tok, text_rows, 512)
+    rows = [tok.render_conversation(t["conversation"], batches.scene_codes(codes, t["scene"])) for t in ts]
+    text_rows = [tok.render_conversation(t["conversation"], batches.scene_codes(codes, t["scene"]), image_loss=False) for t in ts]
+    batch, text_batch = batches.make_batch(tok, rows, 512), batches.make_batch(tok, text_rows, 512)
     loss0, parts = s2.trace_loss(model, batch, tok.image_offset, 0.0)
     torch.testing.assert_close(loss0, model(*text_batch)[1])
     x, y, m = batch

@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import manifest
+import prepare
 import vqgan
 
 TINY = vqgan.VQConfig(image_size=64, channels=32, n_res_blocks=1, codebook_size=64)
@@ -144,7 +145,7 @@ def test_train_refuses_images_of_another_size(tiny_data, tmp_path):
 
 def test_code_files_round_trip(tiny_data, tmp_path):
     ckpt = tiny_checkpoint(str(tmp_path / "ckpt.pt"))
-    paths = vqgan.ensure_codes(tiny_data, ckpt)
+    paths = prepare.ensure_codes(tiny_data, ckpt)
     model = vqgan.load_vqgan(ckpt)
     split, images = vqgan.load_pseudo_images(tiny_data, "val")
     codes = vqgan.load_codes(tiny_data, "val")
@@ -156,10 +157,10 @@ def test_code_files_round_trip(tiny_data, tmp_path):
     assert meta["grid"] == [16, 16] and meta["modalities"] == list(data.MODALITIES)
     # up-to-date codes are left alone; a different checkpoint makes them stale
     mtime = os.path.getmtime(paths["val"])
-    vqgan.ensure_codes(tiny_data, ckpt)
+    prepare.ensure_codes(tiny_data, ckpt)
     assert os.path.getmtime(paths["val"]) == mtime
     tiny_checkpoint(ckpt, seed=1)
-    vqgan.ensure_codes(tiny_data, ckpt)
+    prepare.ensure_codes(tiny_data, ckpt)
     assert not np.array_equal(vqgan.load_codes(tiny_data, "val"), codes)
 
 

@@ -1,0 +1,75 @@
+"""
+From a split's codes and conversations to the token batches every stage trains on.
+
+A scene's three images live as VQ codes, (N, 3, h*w) per split (vqgan.encode_split); a
+conversation (conversations.py) names the images it shows. `scene_codes` pairs the two,
+`tok.render_conversation` turns them into (ids, loss_mask), and `make_batch` pads rows into the
+(idx, targets, loss_mask) tensors of the training loop. Stage 1 draws from a mixture of example
+kinds (`stage1_batch`), stage 2 from the balanced interleaved traces (`stage2_batch`); RL builds
+its own rows from rollouts (rl.rollout_tensors).
+"""
+import numpy as np
+import torch
+
+import conversations
+import data
+
+
+def scene_codes(codes, i):
+    """Scene i's codes as {modality: (h*w,) codes}, the `images` a conversation is rendered with."""
+    return dict(zip(data.MODALITIES, codes[i]))
+
+
+def make_batch(tok, rows, block_size):
+    """[(ids, mask)] -> right-padded (idx, targets, loss_mask) tensors, trimmed to the longest row."""
+    longest = max(len(ids) for ids, _ in rows)
+    if longest > block_size + 1:
+        raise ValueError(f"an example of {longest} tokens does not fit block_size {block_size}: raise block_size")
+    x = torch.full((len(rows), longest), tok.pad, dtype=torch.long)
+    m = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
+        x[r, :len(ids)], m[r, :len(mask)] = torch.tensor(ids), torch.tensor(mask)
+    return x[:, :-1], x[:, 1:], m[:, 1:]  # the mask belongs to the token being predicted
+
+
+def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None):
+    """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
+    batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
+    them within a batch would spend half the compute on padding. Over iterations the mixture holds.
+    scenes (the split's scene records) say which scenes lack a true depth or seg map (real data,
+    manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it."""
+    kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
+    kind = rng.choice(kinds, p=np.array(w) / sum(w))
+    has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
+    if kind == "vqa":
+        pool = questions
+    elif kind == "chain":
+        pool = [q for q in questions if has(q["scene"], "depth") and has(q["scene"], "seg")]
+    else:
+        pool = [i for i in range(len(codes)) if has(i, kind)]
+    if not pool:
+        raise ValueError(f"no scene has the maps stage-1 {kind} examples need: set {kind}_weight=0")
+    rows = []
+    for _ in range(batch_size):
+        pick = pool[rng.integers(len(pool))]
+        if kind in ("vqa", "chain"):
+            scene = pick["scene"]
+            conv = conversations.vqa_conversation(pick) if kind == "vqa" else conversations.perception_chain(pick)
+        else:
+            scene, conv = pick, conversations.map_request(kind)
+        rows.append(tok.render_conversation(conv, scene_codes(codes, scene)))
+    return make_batch(tok, rows, block_size)
+
+
+def load_traces(data_dir, split, tools, seed=0):
+    """The balanced trace set of a split (conversations.build_traces, balance_traces) and its statistics."""
+    traces = conversations.balance_traces(conversations.build_traces(data.load_split(data_dir, split), tools), seed)
+    return traces, conversations.trace_stats(traces)
+
+
+def stage2_batch(tok, codes, traces, rng, batch_size, block_size):
+    """A batch of traces, rendered with their scene's codes (the true maps stand in for the ones
+    the model will draw)."""
+    rows = [tok.render_conversation(traces[i]["conversation"], scene_codes(codes, traces[i]["scene"]))
+            for i in rng.integers(len(traces), size=batch_size)]
+    return make_batch(tok, rows, block_size)
