@@ -140,6 +140,16 @@ def seg_miou_matched(pred, true):
 # --- replies ---------------------------------------------------------------------------------------
 
 
+def question_scores(tok, questions, replies):
+    """Per question: its category, score, and δ<2 for numbers."""
+    out = []
+    for q, r in zip(questions, replies):
+        text = tok.answer_of(tok.parse_reply(r)[0])
+        d2 = within_factor_2(parse_number(text, q["unit"]), q["value"]) if q["answer_type"] == "number" else None
+        out.append({"category": q["category"], "score": score_answer(q, text), "delta2": d2})
+    return out
+
+
 def vqa_accuracy(tok, questions, replies, chance=None):
     """Per-category mean score of the replies' answers (and of the chance baseline), plus the mean
     over categories."""
@@ -176,16 +186,6 @@ def tool_use(tok, questions, replies):
     for c in sorted(use):
         out[f"pattern_{c}"] = float(np.mean(follows[c]))
         out.update({f"use_{t}_{c}": float(np.mean(v)) for t, v in use[c].items()})
-    return out
-
-
-def question_scores(tok, questions, replies):
-    """Per question: its category, score, and δ<2 for numbers."""
-    out = []
-    for q, r in zip(questions, replies):
-        text = tok.answer_of(tok.parse_reply(r)[0])
-        d2 = within_factor_2(parse_number(text, q["unit"]), q["value"]) if q["answer_type"] == "number" else None
-        out.append({"category": q["category"], "score": score_answer(q, text), "delta2": d2})
     return out
 
 

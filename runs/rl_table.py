@@ -14,8 +14,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import metrics  # noqa: E402
 from report import line_chart  # noqa: E402
-from rl import paired_change  # noqa: E402
 
 
 def load(run):
@@ -47,7 +47,7 @@ def main():
     print("| --- | --- | --- | --- | --- | --- |")
     for r in runs:
         for it, e in r["evals"].items():
-            ch = paired_change(r["scores"][0], r["scores"][it]) if it else None
+            ch = metrics.paired_change(r["scores"][0], r["scores"][it]) if it else None
             change = f"{100 * ch['acc_change']:+.1f} ± {100 * ch['acc_change_se']:.1f}" if ch else ""
             print(f"| {r['name']} | {it} | {e['heldout_vqa_acc']:.3f} | {change} | {e.get('heldout_sampled_acc', nan):.3f} "
                   f"| {e.get('heldout_reward', nan):.3f} |")
