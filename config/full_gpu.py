@@ -1,5 +1,5 @@
 # Eight GPUs with torchrun, 256×256 images, a ~200M-parameter transformer, real data through manifests.
-#   python data.py config/full_gpu.py          # imports real/{train,val,test}.jsonl (see README: manifest format)
+#   python data.py config/full_gpu.py          # imports real/{train,val,test}.jsonl (README, "Real data": the manifest format)
 #   python tokenizer.py config/full_gpu.py && python vqgan.py config/full_gpu.py
 #   torchrun --standalone --nproc_per_node=8 train_stage1.py config/full_gpu.py
 #   torchrun --standalone --nproc_per_node=8 train_stage2.py config/full_gpu.py

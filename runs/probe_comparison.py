@@ -2,7 +2,7 @@
 Can the tiny model learn to compare two depths it has read? A text-only probe, no images: the
 question of each depth-order trace plus the trace's true reading ("(A) is at 6.1 m; (B) is at
 2.9 m, nearer.") -> the answer letter. The full pipeline's COOPER answered every depth-order
-question with one letter, even with the true reading forced into its reply (README, "Longer RL,
+question with one letter, even with the true reading forced into its reply (docs/experiments.md, "Longer RL,
 and what limits COOPER"); this says whether the skill is learnable at all and how much signal it
 takes. --reading=plain drops the reading's last clause (", nearer"), as traces were before it:
 then only the letter is trained; with the clause, its word is trained too.
