@@ -32,12 +32,13 @@ def make_batch(tok, rows, block_size):
     return x[:, :-1], x[:, 1:], m[:, 1:]  # the mask belongs to the token being predicted
 
 
-def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None):
+def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
     scenes (the split's scene records) say which scenes lack a true depth or seg map (real data,
-    manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it."""
+    manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it.
+    blind=True shows VQA questions without their image (the blind baseline)."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -54,7 +55,7 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         pick = pool[rng.integers(len(pool))]
         if kind in ("vqa", "chain"):
             scene = pick["scene"]
-            conv = conversations.vqa_conversation(pick) if kind == "vqa" else conversations.perception_chain(pick)
+            conv = conversations.vqa_conversation(pick, image=not blind) if kind == "vqa" else conversations.perception_chain(pick)
         else:
             scene, conv = pick, conversations.map_request(kind)
         rows.append(tok.render_conversation(conv, scene_codes(codes, scene)))

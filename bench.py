@@ -3,6 +3,7 @@ Benchmarks. Speed and memory targets live here, never in timed unit tests.
 
     python bench.py data            # one section
     python bench.py data model      # several
+    python bench.py learn --minutes=5 --arm=maps   # learning against compute (see bench_learn)
 
 Each section prints a table of its figures and merges them into bench.json (flat keys, so a later
 run of one section keeps the others' figures). The last line is `final: {json}` with this run's figures.
@@ -221,21 +222,163 @@ def bench_sampler():
             "sampler_threads": torch.get_num_threads()}
 
 
+# --- learn: does a fresh model learn the task, and against what baselines? ----------------------
+# python bench.py learn --arm=maps --minutes=5: every key below is a --key=value override.
+LEARN = dict(
+    data_dir="data/learn",  # the tiny preset's scenes with 600 val scenes (~570 questions a category)
+    vq_ckpt="out/vqgan/ckpt.pt",  # the tiny preset's VQ (trained first if missing)
+    out_dir="out/learn",
+    arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1)
+    blind=True,  # also train the blind baseline: the same VQA batches without the image
+    minutes=20.0,  # the arm's training budget (evaluations and the blind baseline come on top)
+    tokens=0,  # > 0: the budget in tokens instead
+    evals=4,  # evaluations along the way
+    per_category=400,  # val questions a category at each evaluation (s.e. <= 2.5 points)
+    map_scenes=32,  # val scenes whose generated maps are scored (arm=maps)
+    vqa_weight=1.0, depth_weight=0.5, seg_weight=0.5, chain_weight=0.5,  # stage 1's mixture (arm=maps)
+    n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
+    batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
+    beta1=0.9, beta2=0.95, grad_clip=1.0, seed=1337, device="auto", compile=False, log_interval=20,
+    eval_iters=0, peak_tflops=0.0, init_from="scratch",
+)
+
+
+def bench_learn(argv=()):
+    """Train a fresh model from scratch for a fixed budget and measure, at `evals` points, val
+    accuracy per category (direct answers, eval.direct_scores) against that category's chance
+    (metrics.chance_scorer: majority or median of the train answers, uniform over choices) and a
+    blind baseline trained on the same VQA batches with the image removed: the floor that answer
+    priors alone reach. Writes out_dir/learn_curve.png and the learn_* figures."""
+    import numpy as np
+    import torch
+
+    import batches
+    import data
+    import eval as ev
+    import metrics
+    import prepare
+    import trainer
+    from configurator import configure
+    from report import line_chart
+    cfg = configure(dict(LEARN), section="learn", argv=list(argv))
+    if cfg["arm"] not in ("rgb", "maps"):
+        raise SystemExit(f"config error: arm must be rgb or maps, got {cfg['arm']!r}")
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1))))
+    t_start = time.time()
+    if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
+        data.build_dataset(cfg["data_dir"], 4000, 600, 200, data.SceneConfig(image_size=48), seed=0)
+    tok, vq, codes, questions, _ = prepare.stage_data(cfg["data_dir"], cfg["vq_ckpt"])
+    scenes = {s: data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
+    n_image = codes["train"].shape[-1]
+    chance = metrics.chance_scorer(questions["train"])
+    cats = sorted({q["category"] for q in questions["val"]})
+    eval_qs = ev.balanced_sample(questions["val"], cfg["per_category"] * len(cats))
+    by_cat = {c: [k for k, q in enumerate(eval_qs) if q["category"] == c] for c in cats}
+    weights = {"vqa": cfg["vqa_weight"]}
+    if cfg["arm"] == "maps":
+        weights.update(depth=cfg["depth_weight"], seg=cfg["seg_weight"], chain=cfg["chain_weight"])
+    run = trainer.setup_run(cfg["device"])
+    val_split = data.load_split(cfg["data_dir"], "val") if cfg["arm"] == "maps" else None
+
+    def train_arm(name, blind, max_iters):
+        """Train one model; returns its curve [{iter, tokens, acc_<cat>}] and last evaluation."""
+        c = dict(cfg, out_dir=os.path.join(cfg["out_dir"], name), max_iters=max_iters,
+                 eval_interval=max(1, max_iters // cfg["evals"]))
+        w = {"vqa": 1.0} if blind else weights
+        seen = {"tokens": 0}
+
+        def get_batch(split, rng):
+            x, y, m = batches.stage1_batch(tok, codes[split], questions[split], rng, c["batch_size"], c["block_size"],
+                                           w, scenes[split], blind=blind)
+            if split == "train":
+                seen["tokens"] += x.numel()
+            return x, y, m
+
+        curve = []
+
+        def evaluate(model, it):
+            model.eval()
+            sc = ev.direct_scores(model, tok, eval_qs, codes["val"], n_image, blind=blind)
+            out = {f"acc_{cat}": float(np.mean([sc[k] for k in ks])) for cat, ks in by_cat.items()}
+            out["vqa_acc"] = float(np.mean(list(out.values())))
+            if not blind and cfg["arm"] == "maps":
+                maps, _ = ev.map_quality(model, tok, vq, val_split, codes["val"], range(cfg["map_scenes"]), n_image, **ev.DECODE)
+                out.update(map_object_depth_absrel=maps["object_depth_absrel"], map_seg_miou_matched=maps["seg_miou_matched"])
+            model.train()
+            curve.append({"iter": it, "tokens": seen["tokens"], **out})
+            return out
+
+        torch.manual_seed(c["seed"])
+        model, optimizer, start = trainer.init_model(c, run, tok, n_image)
+        last = trainer.train(c, run, model, optimizer, start, get_batch, evaluate)
+        return curve, last, model, optimizer
+
+    # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
+    rng = np.random.default_rng([cfg["seed"], 9])
+    probe = [batches.stage1_batch(tok, codes["train"], questions["train"], rng, cfg["batch_size"], cfg["block_size"],
+                                  weights, scenes["train"]) for _ in range(20)]
+    per_iter = np.mean([b[0].numel() for b in probe]) * cfg["grad_accum"]
+    if cfg["tokens"] > 0:
+        max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))
+    else:
+        torch.manual_seed(cfg["seed"])
+        model, optimizer, _ = trainer.init_model(dict(cfg, out_dir=cfg["out_dir"]), run, tok, n_image)
+        t0 = time.time()
+        for x, y, m in probe[:6]:
+            model(x.to(run.device), y.to(run.device), m.to(run.device))[1].backward()
+            optimizer.zero_grad(set_to_none=True)
+        step = (time.time() - t0) / 6 * cfg["grad_accum"]
+        max_iters = max(cfg["evals"], round(cfg["minutes"] * 60 / step))
+        del model, optimizer
+    print(f"learn: arm {cfg['arm']}, {max_iters} iterations (~{max_iters * per_iter / 1e6:.2f}M tokens), "
+          f"{len(eval_qs)} val questions ({cfg['per_category']} a category)")
+    curve, last, _, _ = train_arm(cfg["arm"], False, max_iters)
+    minutes = (time.time() - t_start) / 60
+    blind_last = {}
+    if cfg["blind"]:  # as many VQA batches as the arm saw
+        vqa_share = cfg["vqa_weight"] / sum(weights.values())
+        _, blind_last, _, _ = train_arm("blind", True, max(cfg["evals"], round(max_iters * vqa_share)))
+
+    out = {"learn_arm": cfg["arm"], "learn_tokens": last["tokens"], "learn_iters": max_iters,
+           "learn_minutes": round(minutes, 2), "learn_questions_per_category": min(len(v) for v in by_cat.values())}
+    print(f"\n{'category':<18}{'chance':>8}{'blind':>8}{'arm':>8}   (val, direct answers)")
+    for cat in cats:
+        ch = float(np.mean([chance(eval_qs[k]) for k in by_cat[cat]]))
+        out[f"learn_{cat}"] = round(last[f"acc_{cat}"], 4)
+        out[f"learn_chance_{cat}"] = round(ch, 4)
+        if blind_last:
+            out[f"learn_blind_{cat}"] = round(blind_last[f"acc_{cat}"], 4)
+        print(f"{cat:<18}{ch:>8.3f}{blind_last.get(f'acc_{cat}', float('nan')):>8.3f}{last[f'acc_{cat}']:>8.3f}")
+    for k in ("map_object_depth_absrel", "map_seg_miou_matched"):
+        if k in last:
+            out[f"learn_{k}"] = round(last[k], 4)
+    out["learn_curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in curve]
+    series = {cat: [(r["tokens"] / 1e6, r[f"acc_{cat}"] - out[f"learn_chance_{cat}"]) for r in curve] for cat in cats}
+    png = os.path.join(cfg["out_dir"], "learn_curve.png")
+    line_chart(png, series, f"{cfg['arm']}: accuracy - chance by M tokens", size=(480, 260))
+    print(f"wrote {png}")
+    return out
+
+
 SECTIONS = {"data": bench_data, "vqgan": bench_vqgan, "kernels": bench_kernels,
-            "model": bench_model, "sampler": bench_sampler}
+            "model": bench_model, "sampler": bench_sampler, "learn": bench_learn}
 
 
 def main(argv):
-    names = argv or ["--help"]
-    if names[0] in ("-h", "--help") or any(n not in SECTIONS for n in names):
-        bad = [n for n in names if n not in SECTIONS and not n.startswith("-")]
+    names = [a for a in argv if not a.startswith("-")]
+    options = [a for a in argv if a.startswith("-")]  # --key=value (or --help) for the learn section
+    bad = [n for n in names if n not in SECTIONS]
+    if not names or bad or (options and names != ["learn"]):
         if bad:
             print(f"unknown section(s): {', '.join(bad)}")
-        print(f"usage: python bench.py SECTION [SECTION ...]   sections: {', '.join(SECTIONS)}")
-        return 0 if not bad else 2
+        elif options and names:
+            print("--key=value options (and --help) go with the learn section alone")
+        print(f"usage: python bench.py SECTION [SECTION ...]   sections: {', '.join(SECTIONS)}\n"
+              f"       python bench.py learn [--key=value ...]   (python bench.py learn --help lists the keys)")
+        return 0 if not names and options in ([], ["--help"], ["-h"]) else 2
     results = {}
     for name in names:
-        figures = SECTIONS[name]()
+        figures = SECTIONS[name](options) if name == "learn" else SECTIONS[name]()
         print(f"\n== {name} ==")
         width = max(len(k) for k in figures)
         for k, v in figures.items():

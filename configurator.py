@@ -13,7 +13,8 @@ Use it from a script, after the config globals are defined:
     config = configure(globals(), section="stage1")
 
 A config file is plain Python assignments. Top-level names set the running script's keys; a
-dict named after a script's section (data, tokenizer, vqgan, stage1, stage2, rl, eval) sets that
+dict named after a script's section (data, tokenizer, vqgan, stage1, stage2, rl, eval, and learn
+for `python bench.py learn`) sets that
 script's keys and is ignored by the others, so one preset file can configure the whole pipeline:
 
     _data_dir = "data/tiny"                     # "_" names are the file's own helpers
@@ -44,7 +45,7 @@ def _literal(raw):
 
 # A pipeline preset (config/tiny_cpu.py) configures every script at once: one dict per script,
 # named by its section. Names starting with "_" are the file's own helpers.
-SECTIONS = ("data", "tokenizer", "vqgan", "stage1", "stage2", "rl", "eval")
+SECTIONS = ("data", "tokenizer", "vqgan", "stage1", "stage2", "rl", "eval", "learn")
 
 
 def _file_settings(path, section):

@@ -33,9 +33,10 @@ def map_request(tool):
             {"role": "assistant", "content": [{"image": tool}]}]
 
 
-def vqa_conversation(q, answer=True):
-    """RGB, question -> a direct answer (the Base arm's and stage 1's plain VQA)."""
-    conv = [{"role": "user", "content": [{"image": "rgb"}, {"text": q["question"]}]}]
+def vqa_conversation(q, answer=True, image=True):
+    """RGB, question -> a direct answer (the Base arm's and stage 1's plain VQA). image=False
+    leaves the picture out: the blind baseline, which can only learn answer priors."""
+    conv = [{"role": "user", "content": [{"image": "rgb"}] * image + [{"text": q["question"]}]}]
     return conv + [{"role": "assistant", "content": [{"answer": q["answer"]}]}] if answer else conv
 
 

@@ -154,6 +154,34 @@ def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batc
     return replies
 
 
+@torch.no_grad()
+def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, batch_size=64):
+    """Each question's score for a direct answer, cheaply: a choice, yes/no or count is right when,
+    with the true answer in context, the model's argmax is the target at every answer token
+    (<answer>, the text, </answer>, <|eos|>), i.e. greedy decoding would write exactly it: one
+    forward pass instead of a decode (a lower bound on `answer`'s greedy score: the sampler's
+    grammar masks can only remove wrong tokens). Numbers need the value the model writes, so
+    they are decoded greedily and scored by MRA. blind=True asks without the image."""
+    scores = [0.0] * len(questions)
+    forced = [i for i, q in enumerate(questions) if q["answer_type"] != "number"]
+    for chunk in _chunks(forced, batch_size):
+        rows = [tok.render_conversation(conversations.vqa_conversation(questions[i], image=not blind),
+                                        batches.scene_codes(codes, questions[i]["scene"])) for i in chunk]
+        x, y, m = batches.make_batch(tok, rows, model.config.block_size)
+        logits, _ = model(x.to(next(model.parameters()).device))
+        wrong = ((logits.argmax(-1).cpu() != y) & m.bool()).any(dim=1)
+        for i, w in zip(chunk, wrong.tolist()):
+            scores[i] = float(not w)
+    numbers = [i for i, q in enumerate(questions) if q["answer_type"] == "number"]
+    for chunk in _chunks(numbers, batch_size):
+        prompts = [tok.render_prompt(conversations.vqa_conversation(questions[i], answer=False, image=not blind),
+                                     batches.scene_codes(codes, questions[i]["scene"])) for i in chunk]
+        gen = sampler.generate(model, tok, prompts, 24, n_image_tokens, temperature=0.0, tools=False)
+        for b, i in enumerate(chunk):
+            scores[i] = metrics.score_answer(questions[i], tok.answer_of(tok.parse_reply(gen.row(b))[0]))
+    return scores
+
+
 def balanced_sample(questions, n, seed=0):
     """Up to n questions, the same number from each category, in a fixed order."""
     rng = np.random.default_rng(seed)

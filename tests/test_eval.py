@@ -240,3 +240,27 @@ def test_eval_script_writes_the_report_and_workers_agree(tmp_path):
         assert (report / "maps_pe.png").exists()
     assert set(finals[0]) == set(ev.ARMS) and all(f["seeds"] == 2 for f in finals[0].values())
     assert finals[0] == finals[1]
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_direct_scores_equal_greedy_answers(tmp_path, blind):
+    """direct_scores' one forward pass scores every question as decoding greedily and scoring the
+    answer does: a model that always answers "yes" is right exactly on the yes questions."""
+    from tests.test_model import BigramMock
+    import vqgan
+    d, _, tok, _ = tiny_data_and_vq(tmp_path)
+    codes = vqgan.load_codes(d, "test").astype(np.int64)
+    qs = [q for s in ("train", "val", "test") for q in data.load_questions(d, s) if q["scene"] < len(codes)]
+    model = BigramMock(tok, block_size=1024)
+    model.prefer(tok.assistant, tok.answer)
+    prev = tok.answer
+    for t in tok.encode("yes"):
+        model.prefer(prev, t)
+        prev = t
+    model.prefer(prev, tok.end_answer)
+    model.prefer(tok.end_answer, tok.eos)
+    fast = ev.direct_scores(model, tok, qs, codes, codes.shape[-1], blind=blind, batch_size=5)
+    greedy = [metrics.score_answer(q, tok.answer_of(tok.parse_reply(r)[0]))
+              for q, r in zip(qs, ev.answer(model, tok, qs, codes, codes.shape[-1], temperature=0.0))]
+    assert fast == greedy
+    assert fast == [float(q["answer"] == "yes") for q in qs] and 0 < sum(fast) < len(qs)

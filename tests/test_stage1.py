@@ -50,6 +50,17 @@ def _question_ids(tok, row):
     return row[end + 1:row.index(tok.assistant)]
 
 
+def test_blind_batches_are_the_same_questions_without_the_image(setup):
+    """The blind baseline's batch: the same draws of questions and answers, no image tokens."""
+    tok, codes, qs = setup
+    w = {"vqa": 1.0}
+    seen, blind = (batches.stage1_batch(tok, codes, qs, np.random.default_rng(3), 8, 512, w, blind=b) for b in (False, True))
+    assert (seen[0] >= tok.image_offset).any() and not (blind[0] >= tok.image_offset).any()
+    assert not (blind[0] == tok.image_start).any()
+    for b in range(8):  # what is supervised (the answer) is the same tokens in both
+        assert torch.equal(seen[1][b][seen[2][b].bool()], blind[1][b][blind[2][b].bool()])
+
+
 def test_stage1_mixture_masks(setup):
     tok, codes, qs = setup
     kinds = set()
