@@ -381,7 +381,7 @@ def save_recon_grid(images, recon, path, n=6, scale=2):
     from PIL import Image
     rows = []
     for m in images:
-        pairs = [np.concatenate([images[m][i], recon[m][i].numpy()], axis=1) for i in range(n)]
+        pairs = [np.concatenate([images[m][i], recon[m][i].numpy()], axis=1) for i in range(min(n, len(images[m])))]
         rows.append(np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in pairs], axis=1))
     grid = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
