@@ -226,7 +226,7 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
     t0 = time.time()
     stage, mode, use_tools, _ = ARMS[arm]
     vq = vqgan.load_vqgan(vq_ckpt)
-    tok = tokenizer.Tokenizer.load(prepare.tokenizer_path(data_dir), vq.cfg.codebook_size)
+    tok = tokenizer.Tokenizer.load(tokenizer.tokenizer_path(data_dir), vq.cfg.codebook_size)
     test = data.load_split(data_dir, "test")
     codes = vqgan.load_codes(data_dir, "test").astype(np.int64)
     n_image = codes.shape[-1]

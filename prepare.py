@@ -23,10 +23,6 @@ import vqgan
 BPE_VOCAB = 1024  # text ids of a tokenizer built here (tokenizer.py's default)
 
 
-def tokenizer_path(data_dir):
-    return os.path.join(data_dir, "tokenizer.tiktoken")
-
-
 def codes_fresh(data_dir, split, sha):
     """Whether a split's codes exist and came from the checkpoint whose sha256 is sha."""
     meta_path = os.path.join(data_dir, split, "codes.json")
@@ -34,12 +30,12 @@ def codes_fresh(data_dir, split, sha):
         and json.load(open(meta_path)).get("checkpoint_sha256") == sha
 
 
-def ensure_codes(data_dir, ckpt_path, force=False):
-    """Encode every split whose codes are missing or came from another checkpoint (force: all).
+def ensure_codes(data_dir, ckpt_path):
+    """Encode every split whose codes are missing or came from another checkpoint.
     Returns {split: path of codes.npy}."""
     model, sha, paths = None, vqgan.sha256(ckpt_path), {}
     for split in data.SPLITS:
-        if force or not codes_fresh(data_dir, split, sha):
+        if not codes_fresh(data_dir, split, sha):
             model = model or vqgan.load_vqgan(ckpt_path)
             t0 = time.time()
             paths[split] = vqgan.encode_split(model, data_dir, split, ckpt_path)
@@ -52,8 +48,9 @@ def ensure_codes(data_dir, ckpt_path, force=False):
 def prepare(data_dir="data/tiny", vq_ckpt="out/vqgan/ckpt.pt"):
     """Build whatever of dataset, BPE, VQ and codes is missing (the tiny preset's settings)."""
     size = data.prepare(data_dir)["config"]["image_size"]
-    if not os.path.exists(tokenizer_path(data_dir)):
-        print(f"no tokenizer at {tokenizer_path(data_dir)}: training one (python tokenizer.py)")
+    tok_path = tokenizer.tokenizer_path(data_dir)
+    if not os.path.exists(tok_path):
+        print(f"no tokenizer at {tok_path}: training one (python tokenizer.py)")
         tokenizer.build_tokenizer(data_dir, BPE_VOCAB, vqgan.VQConfig().codebook_size)
     if not os.path.exists(vq_ckpt):
         if os.path.basename(vq_ckpt) != "ckpt.pt":
@@ -68,8 +65,9 @@ def stage_data(data_dir, vq_ckpt, splits=("train", "val")):
     questions by split, refs: the paths a checkpoint records)."""
     prepare(data_dir, vq_ckpt)
     vq = vqgan.load_vqgan(vq_ckpt)
-    tok = tokenizer.Tokenizer.load(tokenizer_path(data_dir), vq.cfg.codebook_size)
+    tok_path = tokenizer.tokenizer_path(data_dir)
+    tok = tokenizer.Tokenizer.load(tok_path, vq.cfg.codebook_size)
     codes = {s: vqgan.load_codes(data_dir, s).astype(np.int64) for s in splits}
     questions = {s: data.load_questions(data_dir, s) for s in splits}
-    refs = {"tokenizer": tokenizer_path(data_dir), "vq": vq_ckpt, "data_dir": data_dir}
+    refs = {"tokenizer": tok_path, "vq": vq_ckpt, "data_dir": data_dir}
     return tok, vq, codes, questions, refs

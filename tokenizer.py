@@ -265,8 +265,13 @@ class Tokenizer:
         return cls(ranks, codebook_size)
 
 
+def tokenizer_path(data_dir):
+    """Where a data directory's BPE lives (tokenizer.py writes it, every stage reads it)."""
+    return os.path.join(data_dir, "tokenizer.tiktoken")
+
+
 def build_tokenizer(data_dir, vocab_size, codebook_size, path=None):
-    path = path or os.path.join(data_dir, "tokenizer.tiktoken")
+    path = path or tokenizer_path(data_dir)
     tok = Tokenizer(train_bpe(corpus_texts(data_dir), vocab_size), codebook_size)
     tok.save(path)
     return tok

@@ -6,6 +6,7 @@ import numpy as np
 
 import data
 import prepare
+import tokenizer
 import vqgan
 
 
@@ -21,8 +22,8 @@ def test_prepare_builds_what_is_missing_once(tmp_path, monkeypatch, capsys):
     assert "no tokenizer" in said and "no VQ tokenizer" in said and said.count("encoded ") == 3
     assert tok.codebook_size == vq.cfg.codebook_size == 32 and tok.vocab_size == tok.image_offset + 32
     assert codes["train"].shape == (4, 3, 64) and len(questions["val"]) > 0
-    assert refs == {"tokenizer": prepare.tokenizer_path(d), "vq": ckpt, "data_dir": d}
-    built = {p: os.path.getmtime(p) for p in (prepare.tokenizer_path(d), ckpt, vqgan.codes_path(d, "test"))}
+    assert refs == {"tokenizer": tokenizer.tokenizer_path(d), "vq": ckpt, "data_dir": d}
+    built = {p: os.path.getmtime(p) for p in (tokenizer.tokenizer_path(d), ckpt, vqgan.codes_path(d, "test"))}
     again = prepare.stage_data(d, ckpt)
     assert capsys.readouterr().out == ""  # nothing left to build
     assert all(os.path.getmtime(p) == t for p, t in built.items())
