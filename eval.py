@@ -92,7 +92,7 @@ def interleaved_budget(tok, n_image_tokens, text_tokens=256, tools=True):
 
 @torch.no_grad()
 def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_size=64, max_answer_tokens=None,
-           tools=True, **sampling):
+           tools=True, blind=False, **sampling):
     """Reply to each question; returns the reply ids of each. Modes:
     direct       RGB + question -> answer (Base, stage 1)
     chain        the PE arm the paper's way: the model generates depth, then segmentation, then answers
@@ -100,7 +100,8 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
     interleaved  RGB + question -> the model's own reasoning, tool calls and maps (stage 2, RL); the
                  budget is max_answer_tokens of text plus room for MAX_TURNS-1 maps. tools=False
                  masks the tool calls (the text-only RE arm)
-    max_answer_tokens (of text) defaults to 24, or 256 in interleaved mode, where it covers the thinking."""
+    max_answer_tokens (of text) defaults to 24, or 256 in interleaved mode, where it covers the thinking.
+    blind=True asks direct and interleaved questions without the image (the blind baseline)."""
     replies, sampling = [], one_stream(model, sampling)
     for chunk in _chunks(questions, batch_size):
         images = [batches.scene_codes(codes, q["scene"]) for q in chunk]
@@ -112,7 +113,7 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
                                            batch_size=batch_size, **sampling)
                 images = [dict(im, **{tool: d}) for im, d in zip(images, drawn)]
         elif mode in ("direct", "interleaved"):
-            convs = [conversations.vqa_conversation(q, answer=False) for q in chunk]
+            convs = [conversations.vqa_conversation(q, answer=False, image=not blind) for q in chunk]
         else:
             raise ValueError(f"unknown answer mode {mode!r}")
         prompts = [tok.render_prompt(c, im) for c, im in zip(convs, images)]
@@ -173,12 +174,10 @@ def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, bat
         for i, w in zip(chunk, wrong.tolist()):
             scores[i] = float(not w)
     numbers = [i for i, q in enumerate(questions) if q["answer_type"] == "number"]
-    for chunk in _chunks(numbers, batch_size):
-        prompts = [tok.render_prompt(conversations.vqa_conversation(questions[i], answer=False, image=not blind),
-                                     batches.scene_codes(codes, questions[i]["scene"])) for i in chunk]
-        gen = sampler.generate(model, tok, prompts, 24, n_image_tokens, temperature=0.0, tools=False)
-        for b, i in enumerate(chunk):
-            scores[i] = metrics.score_answer(questions[i], tok.answer_of(tok.parse_reply(gen.row(b))[0]))
+    asked = [questions[i] for i in numbers]
+    replies = answer(model, tok, asked, codes, n_image_tokens, batch_size=batch_size, blind=blind, temperature=0.0)
+    for i, s in zip(numbers, metrics.question_scores(tok, asked, replies)):
+        scores[i] = s["score"]
     return scores
 
 

@@ -261,6 +261,6 @@ def test_direct_scores_equal_greedy_answers(tmp_path, blind):
     model.prefer(tok.end_answer, tok.eos)
     fast = ev.direct_scores(model, tok, qs, codes, codes.shape[-1], blind=blind, batch_size=5)
     greedy = [metrics.score_answer(q, tok.answer_of(tok.parse_reply(r)[0]))
-              for q, r in zip(qs, ev.answer(model, tok, qs, codes, codes.shape[-1], temperature=0.0))]
+              for q, r in zip(qs, ev.answer(model, tok, qs, codes, codes.shape[-1], blind=blind, temperature=0.0))]
     assert fast == greedy
     assert fast == [float(q["answer"] == "yes") for q in qs] and 0 < sum(fast) < len(qs)
