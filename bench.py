@@ -265,8 +265,7 @@ def bench_learn(argv=()):
         raise SystemExit(f"config error: arm must be rgb or maps, got {cfg['arm']!r}")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1))))
     t_start = time.time()
-    if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
-        data.build_dataset(cfg["data_dir"], 4000, 600, 200, data.SceneConfig(image_size=48), seed=0)
+    data.prepare(cfg["data_dir"], n_val=600, n_test=200)  # built once: the tiny preset with more val scenes
     tok, vq, codes, questions, _ = prepare.stage_data(cfg["data_dir"], cfg["vq_ckpt"])
     scenes = {s: data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     n_image = codes["train"].shape[-1]
@@ -281,7 +280,7 @@ def bench_learn(argv=()):
     val_split = data.load_split(cfg["data_dir"], "val") if cfg["arm"] == "maps" else None
 
     def train_arm(name, blind, max_iters):
-        """Train one model; returns its curve [{iter, tokens, acc_<cat>}] and last evaluation."""
+        """Train one model; returns its curve [{iter, tokens, acc_<cat>}] and the loop's last metrics."""
         c = dict(cfg, out_dir=os.path.join(cfg["out_dir"], name), max_iters=max_iters,
                  eval_interval=max(1, max_iters // cfg["evals"]))
         w = {"vqa": 1.0} if blind else weights
@@ -310,8 +309,7 @@ def bench_learn(argv=()):
 
         torch.manual_seed(c["seed"])
         model, optimizer, start = trainer.init_model(c, run, tok, n_image)
-        last = trainer.train(c, run, model, optimizer, start, get_batch, evaluate)
-        return curve, last, model, optimizer
+        return curve, trainer.train(c, run, model, optimizer, start, get_batch, evaluate)
 
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
     rng = np.random.default_rng([cfg["seed"], 9])
@@ -332,12 +330,12 @@ def bench_learn(argv=()):
         del model, optimizer
     print(f"learn: arm {cfg['arm']}, {max_iters} iterations (~{max_iters * per_iter / 1e6:.2f}M tokens), "
           f"{len(eval_qs)} val questions ({cfg['per_category']} a category)")
-    curve, last, _, _ = train_arm(cfg["arm"], False, max_iters)
+    curve, last = train_arm(cfg["arm"], False, max_iters)
     minutes = (time.time() - t_start) / 60
     blind_last = {}
     if cfg["blind"]:  # as many VQA batches as the arm saw
         vqa_share = cfg["vqa_weight"] / sum(weights.values())
-        _, blind_last, _, _ = train_arm("blind", True, max(cfg["evals"], round(max_iters * vqa_share)))
+        _, blind_last = train_arm("blind", True, max(cfg["evals"], round(max_iters * vqa_share)))
 
     out = {"learn_arm": cfg["arm"], "learn_tokens": last["tokens"], "learn_iters": max_iters,
            "learn_minutes": round(minutes, 2), "learn_questions_per_category": min(len(v) for v in by_cat.values())}
