@@ -238,7 +238,7 @@ LEARN = dict(
     vqa_weight=1.0, depth_weight=0.5, seg_weight=0.5, chain_weight=0.5,  # stage 1's mixture (arm=maps)
     n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
-    beta1=0.9, beta2=0.95, grad_clip=1.0, seed=1337, device="auto", compile=False, log_interval=20,
+    beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="adamw", muon_lr=0.02, seed=1337, device="auto", compile=False, log_interval=20,
     eval_iters=0, peak_tflops=0.0, init_from="scratch",
 )
 

@@ -66,6 +66,8 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
+optimizer = "adamw"  # or "muon": Muon for the blocks' matrices at muon_lr (model.Muon)
+muon_lr = 0.02
 # logging and evaluation
 log_interval = 10
 eval_interval = 250

@@ -162,10 +162,15 @@ def init_model(cfg, run, tok, n_image_tokens):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(run.device)
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), run.device_type)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                           run.device_type, cfg["optimizer"], cfg["muon_lr"])
     start = {"iter": 0, "tokens": 0}  # where the loop starts: iteration and tokens trained so far
     if init == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:
+            raise SystemExit(f"cannot resume {cfg['out_dir']}/ckpt.pt with optimizer={cfg['optimizer']}: its optimizer "
+                             f"state does not fit ({e}); resume with the optimizer it was trained with") from None
         start = {"iter": ckpt["iter_num"], "tokens": ckpt["tokens_seen"]}
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if run.device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
@@ -237,7 +242,7 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
     for it in range(start_iter, cfg["max_iters"]):
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         # a pure function of the step: exact resume
         batches = [batch("train", [0, it, run.rank * accum + micro]) for micro in range(accum)]
         loss_vals, stats_sum = [], {}

@@ -1,5 +1,5 @@
 """A tiny run of trainer.train on synthetic token sequences, for the loop's tests (DDP, resume).
-    python tests/loop_driver.py OUT_DIR MAX_ITERS GRAD_ACCUM [INIT_FROM]
+    python tests/loop_driver.py OUT_DIR MAX_ITERS GRAD_ACCUM [INIT_FROM [OPTIMIZER]]
     torchrun --standalone --nproc_per_node=2 tests/loop_driver.py ..."""
 import os
 import sys
@@ -22,7 +22,7 @@ CORPUS = torch.tensor(np.tile(_rng.integers(0, VOCAB, (256, 4)), (1, T // 4 + 1)
 LOOP = dict(out_dir="out/run", init_from="scratch", seed=1337, device="auto", compile=False,
             n_layer=4, n_head=4, n_embd=256, block_size=512, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
             max_iters=500, batch_size=16, grad_accum=1,
-            learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+            learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="adamw", muon_lr=0.02,
             log_interval=10, eval_interval=100, eval_iters=10, peak_tflops=0.0)
 
 
@@ -34,15 +34,15 @@ def get_batch(split, rng, batch_size=4):
     return seq[:, :-1], seq[:, 1:], mask
 
 
-def config(out_dir, max_iters, grad_accum, init_from="scratch"):
-    return dict(LOOP, out_dir=out_dir, max_iters=max_iters, grad_accum=grad_accum, init_from=init_from,
+def config(out_dir, max_iters, grad_accum, init_from="scratch", optimizer="adamw"):
+    return dict(LOOP, out_dir=out_dir, max_iters=max_iters, grad_accum=grad_accum, init_from=init_from, optimizer=optimizer,
                 n_layer=2, n_head=2, n_embd=32, block_size=T, batch_size=4, warmup_iters=2, learning_rate=3e-3,
                 log_interval=1, eval_interval=max(1, max_iters // 2), eval_iters=2, peak_tflops=1.0, attn_impl="sdpa")
 
 
-def main(out_dir, max_iters, grad_accum, init_from="scratch"):
+def main(out_dir, max_iters, grad_accum, init_from="scratch", optimizer="adamw"):
     torch.manual_seed(0)
-    cfg = config(out_dir, int(max_iters), int(grad_accum), init_from)
+    cfg = config(out_dir, int(max_iters), int(grad_accum), init_from, optimizer)
     run = trainer.setup_run("cpu")
     model, opt, start = trainer.init_model(cfg, run, TOK, 0)
     trainer.train(cfg, run, model, opt, start, get_batch)

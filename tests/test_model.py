@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import model as model_module
 import tokenizer
 from model import GPT, GPTConfig, KVCache, image_grid_index
 from sampler import generate
@@ -245,7 +246,8 @@ def _backends_agree(tok, impl_a, impl_b):
         torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_overfits_one_batch_of_text_and_images(tok):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_overfits_one_batch_of_text_and_images(tok, optimizer):
     """Loss on a fixed batch of 4 mixed sequences falls below 0.05 nats within 150 steps."""
     model = tiny_model(tok, n_embd=64, n_head=4).train()
     rendered = [mixed_sequence(tok, s, n_codes=8) for s in range(4)]
@@ -253,7 +255,7 @@ def test_overfits_one_batch_of_text_and_images(tok):
     idx = torch.tensor([ids[:T] for ids, _ in rendered])
     loss_mask = torch.tensor([mask[1:T] for _, mask in rendered])
     assert (idx[:, 1:][loss_mask.bool()] >= tok.image_offset).any()  # supervised image codes too
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu", optimizer=optimizer)
     first = None
     for step in range(150):
         _, loss = model(idx[:, :-1], idx[:, 1:], loss_mask)
@@ -273,6 +275,42 @@ def test_optimizer_groups(tok):
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_muon_groups_cover_every_parameter_once(tok):
+    model = tiny_model(tok)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", optimizer="muon", muon_lr=0.02)
+    muon, decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert muon["muon"] and muon["lr_scale"] == pytest.approx(20.0)
+    assert {names[id(p)].split(".")[-2] for p in muon["params"]} == {"c_attn", "c_proj", "c_fc"}
+    assert {names[id(p)] for p in decay["params"]} == {"wte.weight", "wpe_image.weight", "lm_head.weight"}
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(map(id, model.parameters()))
+
+
+def test_newton_schulz_gives_singular_values_near_one():
+    torch.manual_seed(0)
+    g = torch.randn(96, 32) @ torch.diag(torch.logspace(-2, 0, 32))  # singular values spread over ~100x
+    for m in (g, g.T):
+        s = torch.linalg.svdvals(model_module.newton_schulz(m))
+        assert s.min() > 0.5 and s.max() < 1.3, s
+
+
+def test_muon_optimizer_without_muon_groups_is_adamw(tok):
+    """Muon's AdamW half, written out, takes the same steps as torch's AdamW."""
+    a, b = tiny_model(tok), tiny_model(tok)
+    b.load_state_dict(a.state_dict())
+    groups = lambda m: [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                        {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opts = [torch.optim.AdamW(groups(a), lr=1e-2, betas=(0.9, 0.95)), model_module.Muon(groups(b), lr=1e-2, betas=(0.9, 0.95))]
+    idx = torch.randint(0, tok.vocab_size, (2, 16))
+    for _ in range(3):
+        for model, opt in zip((a, b), opts):
+            model(idx[:, :-1], idx[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_flops_per_token_by_hand():

@@ -17,8 +17,8 @@ def losses(out_dir):
     return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))) if "loss" in r]
 
 
-def run_driver(tmp_path, name, iters, accum, init="scratch"):
-    loop_driver.main(str(tmp_path / name), iters, accum, init)
+def run_driver(tmp_path, name, iters, accum, init="scratch", optimizer="adamw"):
+    loop_driver.main(str(tmp_path / name), iters, accum, init, optimizer)
     return str(tmp_path / name)
 
 
@@ -43,8 +43,9 @@ class Crash(Exception):
     pass
 
 
-def test_kill_and_resume_is_exact(tmp_path, monkeypatch):
-    straight = run_driver(tmp_path, "straight", 8, 2)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_and_resume_is_exact(tmp_path, monkeypatch, optimizer):
+    straight = run_driver(tmp_path, "straight", 8, 2, optimizer=optimizer)
     # the same run, crashing in the first batch after the iteration-4 checkpoint
     calls = {"n": 0}
     real = loop_driver.get_batch
@@ -58,10 +59,12 @@ def test_kill_and_resume_is_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop_driver, "get_batch", crashing)
     with pytest.raises(Crash):
-        run_driver(tmp_path, "resumed", 8, 2)
+        run_driver(tmp_path, "resumed", 8, 2, optimizer=optimizer)
     assert torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)["iter_num"] == 4
     monkeypatch.setattr(loop_driver, "get_batch", real)
-    run_driver(tmp_path, "resumed", 8, 2, "resume")
+    with pytest.raises(SystemExit, match="optimizer"):  # another optimizer's state does not fit
+        run_driver(tmp_path, "resumed", 8, 2, "resume", {"adamw": "muon", "muon": "adamw"}[optimizer])
+    run_driver(tmp_path, "resumed", 8, 2, "resume", optimizer)
     assert losses(straight) == losses(str(tmp_path / "resumed"))  # bit for bit, and no duplicate lines
     wa = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     wb = torch.load(str(tmp_path / "resumed" / "ckpt.pt"), weights_only=True)
