@@ -11,7 +11,9 @@ buys several answers:
     point       "Where is the red cube?"   left / middle / right (the object's centre column)
 
 Options say what the model reads (--input=codes: the VQ code embeddings, as every stage;
---input=conv: plus a two-layer conv stem over the true pixels, added to the codes) and where the
+--input=table: plus a projection of each code's mean pixel patch over the train images, a fixed
+function of the code that a generated code has too; --input=conv: plus a two-layer conv stem
+over the true pixels) and where the
 question goes (--layout=question_first puts the first question before the image, so each image
 token can read it; one question an image then makes sense). It prints val accuracy (teacher-
 forced exact match of every answer token, which is greedy decoding's) against the majority
@@ -19,7 +21,7 @@ answer of each question on train, and the tokens it took to reach 90% (or the be
 
     python runs/ladder.py --rung=exist --colors=1 --minutes=3      # one colour: learns in ~100 steps
     python runs/ladder.py --rung=exist --input=conv --minutes=7
-    python runs/ladder.py --rung=exist_text --minutes=4
+    python runs/ladder.py --rung=exist_text --minutes=4 --optimizer=muon
 
 Uses `python bench.py learn`'s data (data/learn, built here if missing). Ends with `final: {json}`.
 """
@@ -42,7 +44,7 @@ from model import GPT, GPTConfig  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--rung", default="exist", choices=("exist", "exist_text", "colour", "point"))
 parser.add_argument("--colors", type=int, default=len(data.COLORS), help="exist: ask about the first k colours only")
-parser.add_argument("--input", default="codes", choices=("codes", "conv"))
+parser.add_argument("--input", default="codes", choices=("codes", "table", "conv"))
 parser.add_argument("--layout", default="image_first", choices=("image_first", "question_first"))
 parser.add_argument("--per_image", type=int, default=8, help="questions packed after one image")
 parser.add_argument("--minutes", type=float, default=5.0)
@@ -53,6 +55,8 @@ parser.add_argument("--n_head", type=int, default=4)
 parser.add_argument("--n_embd", type=int, default=128)
 parser.add_argument("--batch_size", type=int, default=16)
 parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
+parser.add_argument("--muon_lr", type=float, default=0.02)
 parser.add_argument("--warmup", type=int, default=50)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--data_dir", default="data/learn")
@@ -153,15 +157,36 @@ class ConvStem(nn.Module):
         return tok_emb + add
 
 
+class CodeTable(nn.Module):
+    """Each code id's mean pixel patch over the train images (a fixed table), projected and added
+    to the code's embedding: what a code looks like, without having to learn it code by code."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        patch, k = size // side, tok.vocab_size - tok.image_offset
+        rgb = splits["train"]["rgb"].reshape(-1, side, patch, side, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+        rgb = rgb.reshape(-1, patch * patch * 3).astype(np.float32) / 127.5 - 1
+        ids = codes["train"][:, 0].reshape(-1)
+        table, count = np.zeros((k, rgb.shape[1]), np.float32), np.bincount(ids, minlength=k)
+        np.add.at(table, ids, rgb)
+        self.register_buffer("table", torch.from_numpy((table / np.maximum(count, 1)[:, None]).astype(np.float32)))
+        self.proj = nn.Linear(rgb.shape[1], n_embd, bias=False)
+
+    def forward(self, idx, tok_emb, pixels):
+        is_code = (idx >= tok.image_offset).unsqueeze(-1)
+        return tok_emb + self.proj(self.table[(idx - tok.image_offset).clamp(min=0)]) * is_code
+
+
 config = GPTConfig(block_size=1024, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                    n_embd=args.n_embd, image_offset=tok.image_offset, n_image_tokens=side * side, grid_prior=6.0)
 model = GPT(config)
-stem = ConvStem(args.n_embd) if args.input == "conv" else None
+stem = {"codes": None, "table": CodeTable, "conv": ConvStem}[args.input]
+stem = stem and stem(args.n_embd)
 if stem is not None:  # the stem's output joins the token embeddings through a forward hook on wte
     state = {}
     model.wte.register_forward_hook(lambda mod, inp, out: stem(inp[0], out, state["pixels"]))
     model.add_module("stem", stem)
-optimizer = model.configure_optimizers(0.1, args.lr, (0.9, 0.95), "cpu")
+optimizer = model.configure_optimizers(0.1, args.lr, (0.9, 0.95), "cpu", args.optimizer, args.muon_lr)
 
 
 def forward(x, y, m, pixels):
@@ -213,7 +238,8 @@ def majority():
 
 
 base = majority()
-print(f"ladder: rung {args.rung}, input {args.input}, {args.layout}, {args.per_image} a scene; majority {base:.3f}")
+print(f"ladder: rung {args.rung}, input {args.input}, {args.layout}, {args.per_image} a scene, {args.optimizer}; "
+      f"majority {base:.3f}")
 rng, n_train = np.random.default_rng(args.seed), len(codes["train"])
 t0, it, tokens, answers, curve = time.time(), 0, 0, 0, []
 while True:
@@ -225,7 +251,7 @@ while True:
     if done:
         break
     for group in optimizer.param_groups:
-        group["lr"] = args.lr * min(1.0, (it + 1) / args.warmup)
+        group["lr"] = args.lr * group.get("lr_scale", 1.0) * min(1.0, (it + 1) / args.warmup)
     x, y, m, pixels, per_row = batch("train", rng.integers(n_train, size=args.batch_size), rng)
     _, loss = forward(x, y, m, pixels)
     loss.backward()
@@ -238,6 +264,7 @@ reached = next((r for r in curve if r["acc"] >= 0.9), None)
 best = max(curve, key=lambda r: r["acc"])
 print(f"tokens to 90%: {reached['tokens'] if reached else 'not reached'} (best {best['acc']:.3f} at {best['tokens']} tokens)")
 print("final: " + json.dumps({"rung": args.rung, "input": args.input, "layout": args.layout, "colors": args.colors,
+                              "optimizer": args.optimizer,
                               "majority": round(base, 4), "acc": curve[-1]["acc"], "best": best["acc"],
                               "tokens": tokens, "answers": answers, "iters": it, "val_answers": n_val,
                               "tokens_to_90": reached["tokens"] if reached else None,
