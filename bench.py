@@ -237,6 +237,7 @@ LEARN = dict(
     map_scenes=32,  # val scenes whose generated maps are scored (arm=maps)
     vqa_weight=1.0, depth_weight=0.5, seg_weight=0.5, chain_weight=0.5,  # stage 1's mixture (arm=maps)
     n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
+    code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="adamw", muon_lr=0.02, seed=1337, device="auto", compile=False, log_interval=20,
     eval_iters=0, peak_tflops=0.0, init_from="scratch",
@@ -267,6 +268,7 @@ def bench_learn(argv=()):
     t_start = time.time()
     data.prepare(cfg["data_dir"], n_val=600, n_test=200)  # built once: the tiny preset with more val scenes
     tok, vq, codes, questions, _ = prepare.stage_data(cfg["data_dir"], cfg["vq_ckpt"])
+    patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     scenes = {s: data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     n_image = codes["train"].shape[-1]
     chance = metrics.chance_scorer(questions["train"])
@@ -308,7 +310,7 @@ def bench_learn(argv=()):
             return out
 
         torch.manual_seed(c["seed"])
-        model, optimizer, start = trainer.init_model(c, run, tok, n_image)
+        model, optimizer, start = trainer.init_model(c, run, tok, n_image, patches)
         return curve, trainer.train(c, run, model, optimizer, start, get_batch, evaluate)
 
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
@@ -320,7 +322,7 @@ def bench_learn(argv=()):
         max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))
     else:
         torch.manual_seed(cfg["seed"])
-        model, optimizer, _ = trainer.init_model(dict(cfg, out_dir=cfg["out_dir"]), run, tok, n_image)
+        model, optimizer, _ = trainer.init_model(dict(cfg, out_dir=cfg["out_dir"]), run, tok, n_image, patches)
         t0 = time.time()
         for x, y, m in probe[:6]:
             model(x.to(run.device), y.to(run.device), m.to(run.device))[1].backward()

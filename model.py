@@ -46,6 +46,7 @@ class GPTConfig:
     grid_prior: float = 0.0  # > 0: map codes' attention starts on the aligned place (see "Grid prior" below)
     image_offset: int = 0  # tok.image_offset: ids >= this are image codes
     n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
+    code_patch_dim: int = 0  # > 0: each code's mean pixel patch (vqgan.code_patches) joins its embedding
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +264,13 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.n_image_tokens:
             self.wpe_image = nn.Embedding(config.n_image_tokens, config.n_embd)  # a code's place in the grid
+        if config.code_patch_dim:
+            # What a code looks like, as a fixed table (set from data, saved with the weights) and a
+            # learned projection: a code id tells the model nothing until its embedding has been
+            # trained, and one colour's patches spread over hundreds of ids, each seen a few times.
+            # The table is a function of the id alone, so codes the model writes have it too.
+            self.register_buffer("code_patches", torch.zeros(config.vocab_size - config.image_offset, config.code_patch_dim))
+            self.code_proj = nn.Linear(config.code_patch_dim, config.n_embd, bias=False)
         self.grid_side = math.isqrt(config.n_image_tokens)
         grid_rope = config.grid_rope and config.n_image_tokens > 0
         assert not grid_rope or self.grid_side ** 2 == config.n_image_tokens, "grid RoPE needs a square grid"
@@ -310,6 +318,10 @@ class GPT(nn.Module):
             mask = torch.arange(n_keys, device=idx.device) <= pos[:, :, None]
             cache = (kv_cache, pos, mask.unsqueeze(1))
         x = self.wte(idx)
+        if self.config.code_patch_dim:
+            is_code = idx >= self.config.image_offset
+            patches = self.code_patches[(idx - self.config.image_offset).clamp(min=0)]
+            x = x + self.code_proj(patches) * is_code.unsqueeze(-1).to(x.dtype)
         place = None
         if self.config.n_image_tokens:
             place = self.grid_place(idx, pos, kv_cache)

@@ -71,3 +71,10 @@ def stage_data(data_dir, vq_ckpt, splits=("train", "val")):
     questions = {s: data.load_questions(data_dir, s) for s in splits}
     refs = {"tokenizer": tok_path, "vq": vq_ckpt, "data_dir": data_dir}
     return tok, vq, codes, questions, refs
+
+
+def code_patches(data_dir, vq, train_codes):
+    """Each code's mean pixel patch over the train split's three pseudo-images (vqgan.code_patches),
+    for a model from scratch with code_patches=True."""
+    _, images = vqgan.load_pseudo_images(data_dir, "train", vq.depth_encoding)
+    return vqgan.code_patches(train_codes, images, vq.cfg.codebook_size)

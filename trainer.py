@@ -134,10 +134,12 @@ def load_model(path, device="cpu", attn_impl=None):
     return model.to(device).eval(), ckpt
 
 
-def init_model(cfg, run, tok, n_image_tokens):
+def init_model(cfg, run, tok, n_image_tokens, code_patches=None):
     """(model, optimizer, start) from init_from: scratch, resume (out_dir/ckpt.pt), or the
     path of a previous stage's checkpoint (weights only; a fresh optimizer and schedule). The
-    tokenizer and the codes per image fix the vocabulary and the image layout."""
+    tokenizer and the codes per image fix the vocabulary and the image layout. code_patches
+    (vqgan.code_patches) gives a model from scratch what each code looks like; a checkpoint
+    carries its own."""
     ckpt, init = None, cfg["init_from"]
     if init == "resume":
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), run.device)
@@ -151,7 +153,8 @@ def init_model(cfg, run, tok, n_image_tokens):
                              "it starts from a previous stage's checkpoint")
         model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
-                          image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
+                          image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
+                          code_patch_dim=0 if code_patches is None else code_patches.shape[1])
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():
         if model_args.get(key) != value:
@@ -161,6 +164,8 @@ def init_model(cfg, run, tok, n_image_tokens):
     model = GPT(GPTConfig(**model_args))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    elif code_patches is not None:
+        model.code_patches.copy_(torch.as_tensor(code_patches))
     model.to(run.device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            run.device_type, cfg["optimizer"], cfg["muon_lr"])

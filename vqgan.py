@@ -469,6 +469,25 @@ def load_codes(data_dir, split):
     return np.load(codes_path(data_dir, split))
 
 
+def code_patches(codes, images, codebook_size):
+    """What each code looks like: (codebook_size, p*p*3) float32, the mean pixel patch (in [-1, 1])
+    at every place the code was chosen, over the given pseudo-images {modality: (N, H, W, 3)
+    uint8} and their codes (N, len(data.MODALITIES), h*w). A code never chosen gets zeros. The
+    transformer adds a projection of this row to the code's embedding (GPTConfig.code_patch_dim)."""
+    n, _, places = codes.shape
+    side = math.isqrt(places)
+    size = images["rgb"].shape[1]
+    p = size // side
+    total = torch.zeros(codebook_size, p * p * 3, dtype=torch.float64)
+    count = torch.zeros(codebook_size, dtype=torch.float64)
+    for m, modality in enumerate(data.MODALITIES):
+        x = images[modality].reshape(n, side, p, side, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p * 3)
+        ids = torch.from_numpy(codes[:, m].reshape(-1).astype(np.int64))
+        total.index_add_(0, ids, torch.from_numpy(x.astype(np.float64) / 127.5 - 1))
+        count += torch.bincount(ids, minlength=codebook_size).double()
+    return (total / count.clamp(min=1)[:, None]).float().numpy()
+
+
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

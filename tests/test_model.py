@@ -138,6 +138,24 @@ def test_grid_embedding_reaches_only_image_codes(tok):
     assert (after[:, first] - before[:, first]).abs().max() > 1e-3
 
 
+def test_code_patches_reach_only_image_codes_and_travel_with_the_weights(tok):
+    """The code table changes the logits from the first image code on, never before, and a
+    model loaded from the state dict computes the same logits."""
+    model = tiny_model(tok, code_patch_dim=6)
+    ids, _ = mixed_sequence(tok, 0)
+    idx = torch.tensor([ids])
+    first = ids.index(next(t for t in ids if t >= tok.image_offset))
+    before, _ = model(idx)
+    with torch.no_grad():
+        model.code_patches.copy_(torch.randn_like(model.code_patches))
+    after, _ = model(idx)
+    torch.testing.assert_close(after[:, :first], before[:, :first], atol=0, rtol=0)
+    assert (after[:, first] - before[:, first]).abs().max() > 1e-3
+    loaded = tiny_model(tok, seed=1, code_patch_dim=6)
+    loaded.load_state_dict(model.state_dict())
+    torch.testing.assert_close(loaded(idx)[0], after, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("grid_prior", [0.0, 6.0])
 def test_kv_cache_prefill_and_decode_equal_full_forward(tok, grid_prior):
     model = tiny_model(tok, grid_prior=grid_prior)

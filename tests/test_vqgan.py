@@ -174,3 +174,18 @@ def test_photo_of_arbitrary_size_encodes_and_decodes(tmp_path):
     codes = model.encode(photo["rgb"])
     assert codes.shape == (1, 16, 16)
     assert model.decode(codes).shape == (1, 64, 64, 3)
+
+
+def test_code_patches_are_each_codes_mean_patch():
+    """2×2 codes on 4×4 images: a code's row is the mean of the 2×2×3 patches it was chosen for,
+    over all three modalities; a code never chosen has zeros."""
+    rng = np.random.default_rng(0)
+    images = {m: rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8) for m in data.MODALITIES}
+    codes = rng.integers(0, 5, (3, len(data.MODALITIES), 4))
+    table = vqgan.code_patches(codes, images, codebook_size=6)
+    assert table.shape == (6, 12) and table.dtype == np.float32
+    for c in range(6):
+        patches = [images[m][i, 2 * (k // 2):2 * (k // 2) + 2, 2 * (k % 2):2 * (k % 2) + 2].reshape(-1)
+                   for i in range(3) for j, m in enumerate(data.MODALITIES) for k in range(4) if codes[i, j, k] == c]
+        expect = np.mean(patches, axis=0) / 127.5 - 1 if patches else np.zeros(12)
+        np.testing.assert_allclose(table[c], expect, atol=1e-5)
