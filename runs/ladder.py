@@ -11,8 +11,8 @@ buys several answers:
     point       "Where is the red cube?"   left / middle / right (the object's centre column)
 
 Options say what the model reads (--input=codes: the VQ code embeddings, as every stage;
---input=table: plus a projection of each code's mean pixel patch over the train images, a fixed
-function of the code that a generated code has too; --input=conv: plus a two-layer conv stem
+--input=table: plus a projection of each code's mean pixel patch, the model's code_patches,
+a fixed function of the code that a generated code has too; --input=conv: plus a two-layer conv stem
 over the true pixels) and where the
 question goes (--layout=question_first puts the first question before the image, so each image
 token can read it; one question an image then makes sense). It prints val accuracy (teacher-
@@ -66,7 +66,7 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 torch.manual_seed(args.seed)
 
 data.prepare(args.data_dir, n_val=600, n_test=200)
-tok, _, codes, _, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+tok, vq, codes, _, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
 splits = {s: data.load_split(args.data_dir, s) for s in ("train", "val")}
 size = splits["train"]["rgb"].shape[1]
 side = int(np.sqrt(codes["train"].shape[-1]))  # codes per image side
@@ -157,31 +157,14 @@ class ConvStem(nn.Module):
         return tok_emb + add
 
 
-class CodeTable(nn.Module):
-    """Each code id's mean pixel patch over the train images (a fixed table), projected and added
-    to the code's embedding: what a code looks like, without having to learn it code by code."""
-
-    def __init__(self, n_embd):
-        super().__init__()
-        patch, k = size // side, tok.vocab_size - tok.image_offset
-        rgb = splits["train"]["rgb"].reshape(-1, side, patch, side, patch, 3).transpose(0, 1, 3, 2, 4, 5)
-        rgb = rgb.reshape(-1, patch * patch * 3).astype(np.float32) / 127.5 - 1
-        ids = codes["train"][:, 0].reshape(-1)
-        table, count = np.zeros((k, rgb.shape[1]), np.float32), np.bincount(ids, minlength=k)
-        np.add.at(table, ids, rgb)
-        self.register_buffer("table", torch.from_numpy((table / np.maximum(count, 1)[:, None]).astype(np.float32)))
-        self.proj = nn.Linear(rgb.shape[1], n_embd, bias=False)
-
-    def forward(self, idx, tok_emb, pixels):
-        is_code = (idx >= tok.image_offset).unsqueeze(-1)
-        return tok_emb + self.proj(self.table[(idx - tok.image_offset).clamp(min=0)]) * is_code
-
-
+patches = prepare.code_patches(args.data_dir, vq, codes["train"]) if args.input == "table" else None
 config = GPTConfig(block_size=1024, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
-                   n_embd=args.n_embd, image_offset=tok.image_offset, n_image_tokens=side * side, grid_prior=6.0)
+                   n_embd=args.n_embd, image_offset=tok.image_offset, n_image_tokens=side * side, grid_prior=6.0,
+                   code_patch_dim=0 if patches is None else patches.shape[1])
 model = GPT(config)
-stem = {"codes": None, "table": CodeTable, "conv": ConvStem}[args.input]
-stem = stem and stem(args.n_embd)
+if patches is not None:  # the model's own code_patches (model.py)
+    model.code_patches.copy_(torch.from_numpy(patches))
+stem = ConvStem(args.n_embd) if args.input == "conv" else None
 if stem is not None:  # the stem's output joins the token embeddings through a forward hook on wte
     state = {}
     model.wte.register_forward_hook(lambda mod, inp, out: stem(inp[0], out, state["pixels"]))
