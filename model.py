@@ -373,17 +373,15 @@ class GPT(nn.Module):
         with AdamW at learning_rate; the schedule scales both alike (each group's lr_scale)."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"unknown optimizer {optimizer!r}: use adamw or muon")
+        to_muon = lambda name, p: optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        if optimizer == "muon":
-            matrices = [p for n, p in named if n.startswith("blocks.") and p.dim() == 2]
-            rest = [(n, p) for n, p in named if not (n.startswith("blocks.") and p.dim() == 2)]
-            groups = [{"params": matrices, "muon": True, "lr_scale": muon_lr / learning_rate, "weight_decay": 0.0},
-                      {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                      {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
-            return Muon(groups, lr=learning_rate, betas=betas)
-        groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        rest = [p for n, p in named if not to_muon(n, p)]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        if optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        matrices = {"params": [p for n, p in named if to_muon(n, p)], "muon": True, "lr_scale": muon_lr / learning_rate}
+        return Muon([matrices] + groups, lr=learning_rate, betas=betas)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs (forward + backward) per token at sequence length seq_len. 6 per weight

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import batches  # noqa: E402
 import data  # noqa: E402
 import prepare  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -71,6 +72,7 @@ splits = {s: data.load_split(args.data_dir, s) for s in ("train", "val")}
 size = splits["train"]["rgb"].shape[1]
 side = int(np.sqrt(codes["train"].shape[-1]))  # codes per image side
 COLORS = list(data.COLORS)[:args.colors]
+BLOCK_SIZE = 1024
 
 
 def visible(o, g):
@@ -128,13 +130,9 @@ def batch(split, scene_ids, rng):
         if r is not None:
             rows.append(r)
             keep.append(i)
-    longest = max(len(r[0]) for r in rows)
-    x = torch.full((len(rows), longest), tok.pad, dtype=torch.long)
-    m = torch.zeros((len(rows), longest), dtype=torch.long)
-    for k, (ids, mask, _) in enumerate(rows):
-        x[k, :len(ids)], m[k, :len(mask)] = torch.tensor(ids), torch.tensor(mask)
+    x, y, m = batches.make_batch(tok, [(ids, mask) for ids, mask, _ in rows], BLOCK_SIZE)
     pixels = torch.from_numpy(splits[split]["rgb"][keep]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x[:, :-1], x[:, 1:], m[:, 1:], pixels, [r[2] for r in rows]
+    return x, y, m, pixels, [r[2] for r in rows]
 
 
 class ConvStem(nn.Module):
@@ -158,7 +156,7 @@ class ConvStem(nn.Module):
 
 
 patches = prepare.code_patches(args.data_dir, vq, codes["train"]) if args.input == "table" else None
-config = GPTConfig(block_size=1024, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+config = GPTConfig(block_size=BLOCK_SIZE, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                    n_embd=args.n_embd, image_offset=tok.image_offset, n_image_tokens=side * side, grid_prior=6.0,
                    code_patch_dim=0 if patches is None else patches.shape[1])
 model = GPT(config)
@@ -180,17 +178,8 @@ def forward(x, y, m, pixels):
 
 def answer_spans(mask_row):
     """[(start, end)] of each answer's supervised run in a row's loss mask."""
-    spans, t, mm = [], 0, mask_row.tolist()
-    while t < len(mm):
-        if mm[t]:
-            u = t
-            while u < len(mm) and mm[u]:
-                u += 1
-            spans.append((t, u))
-            t = u
-        else:
-            t += 1
-    return spans
+    edges = np.diff(np.concatenate([[0], mask_row.numpy(), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
 
 
 @torch.no_grad()
