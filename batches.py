@@ -8,6 +8,8 @@ conversation (conversations.py) names the images it shows. `scene_codes` pairs t
 kinds (`stage1_batch`), stage 2 from the balanced interleaved traces (`stage2_batch`); RL builds
 its own rows from rollouts (rl.rollout_tensors).
 """
+import collections
+
 import numpy as np
 import torch
 
@@ -32,13 +34,14 @@ def make_batch(tok, rows, block_size):
     return x[:, :-1], x[:, 1:], m[:, 1:]  # the mask belongs to the token being predicted
 
 
-def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False):
+def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
     scenes (the split's scene records) say which scenes lack a true depth or seg map (real data,
     manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it.
-    blind=True shows VQA questions without their image (the blind baseline)."""
+    blind=True shows VQA questions without their image (the blind baseline). per_image > 1 packs up
+    to that many of a VQA scene's questions after its one image (conversations.packed_vqa)."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -50,12 +53,20 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         pool = [i for i in range(len(codes)) if has(i, kind)]
     if not pool:
         raise ValueError(f"no scene has the maps stage-1 {kind} examples need: set {kind}_weight=0")
+    by_scene = collections.defaultdict(list)
+    for q in questions if kind == "vqa" and per_image > 1 else ():
+        by_scene[q["scene"]].append(q)
     rows = []
     for _ in range(batch_size):
         pick = pool[rng.integers(len(pool))]
-        if kind in ("vqa", "chain"):
-            scene = pick["scene"]
-            conv = conversations.vqa_conversation(pick, image=not blind) if kind == "vqa" else conversations.perception_chain(pick)
+        if kind == "vqa":
+            scene, qs = pick["scene"], [pick]
+            if per_image > 1:  # the picked question first, then others of its scene in random order
+                others = [q for q in by_scene[scene] if q is not pick]
+                qs += [others[j] for j in rng.permutation(len(others))[:per_image - 1]]
+            conv = conversations.packed_vqa(qs, image=not blind)
+        elif kind == "chain":
+            scene, conv = pick["scene"], conversations.perception_chain(pick)
         else:
             scene, conv = pick, conversations.map_request(kind)
         rows.append(tok.render_conversation(conv, scene_codes(codes, scene)))

@@ -236,6 +236,7 @@ LEARN = dict(
     per_category=400,  # val questions a category at each evaluation (s.e. <= 2.5 points)
     map_scenes=32,  # val scenes whose generated maps are scored (arm=maps)
     vqa_weight=1.0, depth_weight=0.5, seg_weight=0.5, chain_weight=0.5,  # stage 1's mixture (arm=maps)
+    questions_per_image=1,  # > 1: up to this many of a scene's questions after its one image (training only)
     n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
@@ -290,7 +291,7 @@ def bench_learn(argv=()):
 
         def get_batch(split, rng):
             x, y, m = batches.stage1_batch(tok, codes[split], questions[split], rng, c["batch_size"], c["block_size"],
-                                           w, scenes[split], blind=blind)
+                                           w, scenes[split], blind=blind, per_image=c["questions_per_image"])
             if split == "train":
                 seen["tokens"] += x.numel()
             return x, y, m
@@ -316,7 +317,7 @@ def bench_learn(argv=()):
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
     rng = np.random.default_rng([cfg["seed"], 9])
     probe = [batches.stage1_batch(tok, codes["train"], questions["train"], rng, cfg["batch_size"], cfg["block_size"],
-                                  weights, scenes["train"]) for _ in range(20)]
+                                  weights, scenes["train"], per_image=cfg["questions_per_image"]) for _ in range(20)]
     per_iter = np.mean([b[0].numel() for b in probe]) * cfg["grad_accum"]
     if cfg["tokens"] > 0:
         max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))

@@ -40,6 +40,13 @@ def vqa_conversation(q, answer=True, image=True):
     return conv + [{"role": "assistant", "content": [{"answer": q["answer"]}]}] if answer else conv
 
 
+def packed_vqa(qs, image=True):
+    """Several questions about one scene after one image, each answered in turn. Every answer is
+    supervised, so one image's tokens buy len(qs) answers where vqa_conversation buys one; the
+    first question is asked exactly as vqa_conversation asks it."""
+    return [turn for k, q in enumerate(qs) for turn in vqa_conversation(q, image=image and k == 0)]
+
+
 def perception_chain(q, answer=True):
     """The PE arm, judged the paper's way: generate depth, then segmentation, then answer with both
     maps in context. Stage 1 trains on it with the true maps."""

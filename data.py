@@ -59,6 +59,7 @@ class SceneConfig:
     min_objects: int = 2
     max_objects: int = 6
     min_visible: int = 16  # pixels (at 64×64; scaled by area) for an object to be "clearly visible"
+    far: float = 8.0  # metres: objects stand 2.5..far in front of the camera (nearer: larger in the image)
 
 
 # --- the ray caster ------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def sample_scene(rng, cfg):
     for k in kinds:
         color, shape = list(COLORS)[k // len(SHAPES)], SHAPES[k % len(SHAPES)]
         for _ in range(100):  # rejection sampling of a free footprint in front of the camera
-            z = rng.uniform(2.5, 8.0)
+            z = rng.uniform(2.5, cfg.far)
             x = rng.uniform(-0.45, 0.45) * z
             if shape == "sphere":
                 size = rng.uniform(0.25, 0.6)  # radius
@@ -543,17 +544,18 @@ if __name__ == "__main__":
     out_dir = "data/tiny"
     n_train, n_val, n_test = TINY_PRESET["n_train"], TINY_PRESET["n_val"], TINY_PRESET["n_test"]
     image_size = TINY_PRESET["image_size"]
+    far = SceneConfig.far  # metres: the farthest object; nearer scenes have larger objects
     seed = TINY_PRESET["seed"]
     force = False  # rebuild even if out_dir already holds this dataset
     manifest = ""  # real data instead: JSONL manifests, a path with {split}, e.g. "real/{split}.jsonl"
     from configurator import configure
     configure(globals(), section="data")
     # -----------------------------------------------------------------------------
-    cfg = SceneConfig(image_size=image_size)
+    cfg = SceneConfig(image_size=image_size, far=far)
     meta_path = os.path.join(out_dir, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
     wanted = {"train": n_train, "val": n_val, "test": n_test}
-    if (not force and meta and meta["config"] == asdict(cfg) and meta["seed"] == seed and meta.get("manifest", "") == manifest
+    if (not force and meta and SceneConfig(**meta["config"]) == cfg and meta["seed"] == seed and meta.get("manifest", "") == manifest
             and (manifest or {s: c["scenes"] for s, c in meta["counts"].items()} == wanted)):
         print(f"{out_dir} already holds this dataset: skipping (--force=True rebuilds it)")
     else:

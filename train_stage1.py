@@ -45,6 +45,7 @@ vqa_weight = 1.0
 depth_weight = 0.5
 seg_weight = 0.5
 chain_weight = 0.5
+questions_per_image = 1  # > 1: a VQA example asks up to this many of its scene's questions after one image
 # model
 n_layer = 4
 n_head = 4
@@ -91,7 +92,8 @@ if __name__ == "__main__":
                "chain": chain_weight if aux else 0}
 
     def get_batch(split, rng):
-        return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split])
+        return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
+                                    per_image=questions_per_image)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]

@@ -40,14 +40,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
 import data  # noqa: E402
 import prepare  # noqa: E402
+import vqgan  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--rung", default="exist", choices=("exist", "exist_text", "colour", "point"))
 parser.add_argument("--colors", type=int, default=len(data.COLORS), help="exist: ask about the first k colours only")
-parser.add_argument("--input", default="codes", choices=("codes", "table", "conv"))
+parser.add_argument("--input", default="codes", choices=("codes", "table", "conv", "decoded", "mosaic"))
 parser.add_argument("--layout", default="image_first", choices=("image_first", "question_first"))
 parser.add_argument("--per_image", type=int, default=8, help="questions packed after one image")
+parser.add_argument("--stem", default="patch", choices=("patch", "grid", "deep"),
+                    help="grid: the conv stem adds a 3x3 conv over the patch grid, so each place sees its neighbours "
+                         "both ways; deep: also two 3x3 convs over the pixels before the patch conv")
+parser.add_argument("--dense", type=float, default=0.0,
+                    help="> 0: weight of a per-patch loss naming the object (colour and shape) at each image place")
+parser.add_argument("--dense_map", action="store_true",
+                    help="after the answers, the model draws the scene's object map (each place's colour-and-shape class "
+                         "as an image code), the dense signal as generated tokens instead of a head")
 parser.add_argument("--minutes", type=float, default=5.0)
 parser.add_argument("--eval_every", type=int, default=100)
 parser.add_argument("--val_scenes", type=int, default=300)
@@ -104,7 +113,7 @@ def rung_questions(g, rng):
 
 
 def render(split, i, rng):
-    """(ids, loss mask, number of answers) of scene i's packed questions, or None if it has none."""
+    """(ids, loss mask, its questions) of scene i's packed questions, or None if it has none."""
     g = splits[split]["scenes"][i]
     qa = rung_questions(g, rng)
     if not qa:
@@ -118,12 +127,16 @@ def render(split, i, rng):
         elif k == 0:
             parts = parts + [{"image": "rgb"}] if args.layout == "question_first" else [{"image": "rgb"}] + parts
         conv += [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"answer": a}]}]
-    ids, mask = tok.render_conversation(conv, {"rgb": codes[split][i, 0]})
-    return ids, mask, len(qa)
+    images = {"rgb": codes[split][i, 0]}
+    if args.dense_map:  # drawn after every answer, so no answer can read it
+        conv += [{"role": "user", "content": [{"tool": "seg"}]}, {"role": "assistant", "content": [{"image": "seg"}]}]
+        images["seg"] = class_codes[labels[split][i].numpy()]
+    ids, mask = tok.render_conversation(conv, images)
+    return ids, mask, [q for q, _ in qa]
 
 
 def batch(split, scene_ids, rng):
-    """(idx, targets, mask, pixels of each row's scene, answers a row)."""
+    """(idx, targets, mask, pixels of each row's scene, each row's questions, patch labels or None)."""
     rows, keep = [], []
     for i in scene_ids:
         r = render(split, i, rng)
@@ -131,8 +144,26 @@ def batch(split, scene_ids, rng):
             rows.append(r)
             keep.append(i)
     x, y, m = batches.make_batch(tok, [(ids, mask) for ids, mask, _ in rows], BLOCK_SIZE)
-    pixels = torch.from_numpy(splits[split]["rgb"][keep]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, y, m, pixels, [r[2] for r in rows]
+    pixels = torch.from_numpy(stem_pixels[split][keep]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, y, m, pixels, [r[2] for r in rows], None if labels is None else labels[split][keep]
+
+
+def patch_labels(split):
+    """(N, side²) int64: at each image place, 1 + colour*3 + shape of the object covering most of its
+    pixels (at least a quarter of them), else 0."""
+    seg = splits[split]["seg"]
+    n, p = len(seg), size // side
+    blocks = seg.reshape(n, side, p, side, p).transpose(0, 1, 3, 2, 4).reshape(n, side * side, p * p)
+    counts = np.stack([(blocks == k).sum(-1) for k in range(16)], -1)  # seg ids 0..15
+    counts[..., :2] = 0  # sky and ground
+    best = counts.argmax(-1)
+    lut = np.zeros((n, 16), dtype=np.int64)
+    for i, g in enumerate(splits[split]["scenes"]):
+        for o in g["objects"]:
+            lut[i, o["id"]] = 1 + list(data.COLORS).index(o["color"]) * 3 + data.SHAPES.index(o["shape"])
+    labels = np.take_along_axis(lut, best, 1)
+    labels[counts.max(-1) < p * p // 4] = 0
+    return torch.from_numpy(labels)
 
 
 class ConvStem(nn.Module):
@@ -142,7 +173,13 @@ class ConvStem(nn.Module):
     def __init__(self, n_embd):
         super().__init__()
         patch = size // side
-        self.net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.GELU(), nn.Conv2d(64, n_embd, patch, stride=patch))
+        layers = [nn.Conv2d(3, 64, 3, padding=1), nn.GELU()]
+        if args.stem == "deep":
+            layers = [nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, padding=1), nn.GELU()]
+        layers += [nn.Conv2d(64, n_embd, patch, stride=patch)]
+        if args.stem in ("grid", "deep"):
+            layers += [nn.GELU(), nn.Conv2d(n_embd, n_embd, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, idx, tok_emb, pixels):
         feats = self.net(pixels).flatten(2).transpose(1, 2)  # (B, side², C)
@@ -155,25 +192,60 @@ class ConvStem(nn.Module):
         return tok_emb + add
 
 
-patches = prepare.code_patches(args.data_dir, vq, codes["train"]) if args.input == "table" else None
+patches = prepare.code_patches(args.data_dir, vq, codes["train"]) if args.input in ("table", "mosaic") else None
+
+
+def mosaic(code_ids):
+    """(N, side², ) codes -> (N, H, W, 3) uint8: each code's mean patch in its place."""
+    p = size // side
+    tiles = patches[code_ids].reshape(len(code_ids), side, side, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    return ((tiles.reshape(len(code_ids), size, size, 3) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+# what the conv stem sees: the true pixels, or only what the codes say (a generated image has those too)
+stem_pixels = {s: (splits[s]["rgb"] if args.input in ("conv", "codes", "table") else
+            vqgan.batched(vq.decode, torch.from_numpy(codes[s][:, 0])).numpy() if args.input == "decoded" else
+            mosaic(codes[s][:, 0])) for s in splits}
 config = GPTConfig(block_size=BLOCK_SIZE, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                    n_embd=args.n_embd, image_offset=tok.image_offset, n_image_tokens=side * side, grid_prior=6.0,
-                   code_patch_dim=0 if patches is None else patches.shape[1])
+                   code_patch_dim=patches.shape[1] if args.input == "table" else 0)
 model = GPT(config)
-if patches is not None:  # the model's own code_patches (model.py)
+if args.input == "table":  # the model's own code_patches (model.py)
     model.code_patches.copy_(torch.from_numpy(patches))
-stem = ConvStem(args.n_embd) if args.input == "conv" else None
+stem = ConvStem(args.n_embd) if args.input in ("conv", "decoded", "mosaic") else None
+state = {}
 if stem is not None:  # the stem's output joins the token embeddings through a forward hook on wte
-    state = {}
     model.wte.register_forward_hook(lambda mod, inp, out: stem(inp[0], out, state["pixels"]))
     model.add_module("stem", stem)
+labels = {s: patch_labels(s) for s in splits} if args.dense > 0 or args.dense_map else None
+# the object map's 25 classes drawn as the 25 codes the RGB images use least (an RGB code means nothing else here)
+class_codes = np.argsort(np.bincount(codes["train"][:, 0].ravel(), minlength=vq.cfg.codebook_size), kind="stable")[:25]
+code_class = torch.zeros(vq.cfg.codebook_size, dtype=torch.long)
+code_class[torch.from_numpy(class_codes)] = torch.arange(25)
+if args.dense > 0:  # the per-patch head reads the final hidden states through a hook on ln_f
+    model.add_module("dense_head", nn.Linear(args.n_embd, 1 + 3 * len(data.COLORS)))
+    model.ln_f.register_forward_hook(lambda mod, inp, out: state.__setitem__("hidden", out))
 optimizer = model.configure_optimizers(0.1, args.lr, (0.9, 0.95), "cpu", args.optimizer, args.muon_lr)
 
 
-def forward(x, y, m, pixels):
+def first_image(idx):
+    """(rows, positions) of the first image's codes in each row, in grid order."""
+    is_code = idx >= tok.image_offset
+    return (is_code & (is_code.long().cumsum(1) <= side * side)).nonzero(as_tuple=True)
+
+
+def forward(x, y, m, pixels, patch_y=None):
+    """(logits, loss, dense logits at the first image's places or None); patch_y adds the dense loss."""
     if stem is not None:
         state["pixels"] = pixels
-    return model(x, y, m)
+    logits, loss = model(x, y, m)
+    if args.dense == 0:
+        return logits, loss, None
+    b, t = first_image(x)
+    dense = model.dense_head(state["hidden"][b, t]).view(len(x), side * side, -1)
+    if patch_y is not None:
+        loss = loss + args.dense * nn.functional.cross_entropy(dense.flatten(0, 1), patch_y.flatten())
+    return logits, loss, dense
 
 
 def answer_spans(mask_row):
@@ -185,16 +257,27 @@ def answer_spans(mask_row):
 @torch.no_grad()
 def evaluate():
     model.eval()
-    rng, right, n = np.random.default_rng(123), 0, 0
+    rng, hits = np.random.default_rng(123), collections.defaultdict(list)
     for start in range(0, args.val_scenes, 32):
-        x, y, m, pixels, _ = batch("val", range(start, min(args.val_scenes, start + 32)), rng)
-        ok = (forward(x, None, None, pixels)[0].argmax(-1) == y) | (m == 0)
+        x, y, m, pixels, qs, patch_y = batch("val", range(start, min(args.val_scenes, start + 32)), rng)
+        logits, _, dense = forward(x, None, None, pixels)
+        ok = (logits.argmax(-1) == y) | (m == 0)
+        if args.dense_map:  # the drawn map's object places, read back through the class codes
+            drawn = torch.zeros_like(patch_y)
+            for b in range(len(x)):
+                s, e = answer_spans(m[b])[-2]  # <|image|> and the codes; <|/image|> is forced, <|eos|> its own run
+                drawn[b] = code_class[(logits[b, s + 1:e].argmax(-1) - tok.image_offset).clamp(0)]
+            dense = nn.functional.one_hot(drawn, 25)
+        if dense is not None:  # the dense head on object places: colour and shape read apart
+            on, guess = patch_y > 0, dense.argmax(-1)
+            hits["patch colour"] += ((guess[on] - 1) // 3 == (patch_y[on] - 1) // 3).tolist()
+            hits["patch shape"] += ((guess[on] - 1) % 3 == (patch_y[on] - 1) % 3).tolist()
         for b in range(len(x)):
-            for s, e in answer_spans(m[b]):
-                right += bool(ok[b, s:e].all())
-                n += 1
+            for (s, e), q in zip(answer_spans(m[b]), qs[b]):
+                hits[" ".join(q.split()[:3])].append(bool(ok[b, s:e].all()))  # by kind: "What shape is"
     model.train()
-    return right / n, n
+    every = sum((v for k, v in hits.items() if not k.startswith("patch")), [])
+    return float(np.mean(every)), len(every), {k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())}
 
 
 def majority():
@@ -217,27 +300,28 @@ t0, it, tokens, answers, curve = time.time(), 0, 0, 0, []
 while True:
     done = time.time() - t0 > args.minutes * 60
     if it % args.eval_every == 0 or done:
-        acc, n_val = evaluate()
-        curve.append({"iter": it, "tokens": tokens, "answers": answers, "acc": round(acc, 4)})
-        print(f"iter {it:5d} | {tokens / 1e6:5.2f}M tokens | {answers:6d} answers | val acc {acc:.3f} ({n_val})", flush=True)
+        acc, n_val, kinds = evaluate()
+        curve.append({"iter": it, "tokens": tokens, "answers": answers, "acc": round(acc, 4), "kinds": kinds})
+        by_kind = " ".join(f"'{k}' {v:.3f}" for k, v in kinds.items()) if len(kinds) > 1 else ""
+        print(f"iter {it:5d} | {tokens / 1e6:5.2f}M tokens | {answers:6d} answers | val acc {acc:.3f} ({n_val}) {by_kind}", flush=True)
     if done:
         break
     for group in optimizer.param_groups:
         group["lr"] = args.lr * group.get("lr_scale", 1.0) * min(1.0, (it + 1) / args.warmup)
-    x, y, m, pixels, per_row = batch("train", rng.integers(n_train, size=args.batch_size), rng)
-    _, loss = forward(x, y, m, pixels)
+    x, y, m, pixels, per_row, patch_y = batch("train", rng.integers(n_train, size=args.batch_size), rng)
+    _, loss, _ = forward(x, y, m, pixels, patch_y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    it, tokens, answers = it + 1, tokens + x.numel(), answers + sum(per_row)
+    it, tokens, answers = it + 1, tokens + x.numel(), answers + sum(map(len, per_row))
 
 reached = next((r for r in curve if r["acc"] >= 0.9), None)
 best = max(curve, key=lambda r: r["acc"])
 print(f"tokens to 90%: {reached['tokens'] if reached else 'not reached'} (best {best['acc']:.3f} at {best['tokens']} tokens)")
 print("final: " + json.dumps({"rung": args.rung, "input": args.input, "layout": args.layout, "colors": args.colors,
                               "optimizer": args.optimizer,
-                              "majority": round(base, 4), "acc": curve[-1]["acc"], "best": best["acc"],
+                              "majority": round(base, 4), "acc": curve[-1]["acc"], "kinds": curve[-1]["kinds"], "best": best["acc"],
                               "tokens": tokens, "answers": answers, "iters": it, "val_answers": n_val,
                               "tokens_to_90": reached["tokens"] if reached else None,
                               "minutes": round((time.time() - t0) / 60, 2)}))

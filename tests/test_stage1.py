@@ -61,6 +61,26 @@ def test_blind_batches_are_the_same_questions_without_the_image(setup):
         assert torch.equal(seen[1][b][seen[2][b].bool()], blind[1][b][blind[2][b].bool()])
 
 
+def test_packed_vqa_asks_several_questions_of_one_scene_after_one_image(setup):
+    """per_image=k: one image, then up to k of that scene's questions, every answer supervised; the
+    row begins exactly as the one-question row of its first question."""
+    tok, codes, qs = setup
+    one = batches.stage1_batch(tok, codes, qs, np.random.default_rng(4), 8, 1024, {"vqa": 1.0})
+    packed = batches.stage1_batch(tok, codes, qs, np.random.default_rng(4), 8, 1024, {"vqa": 1.0}, per_image=3)
+    single = torch.cat([one[0][0, :1], one[1][0]])  # the same first draw
+    n = int((single != tok.pad).sum())
+    assert torch.equal(torch.cat([packed[0][0, :1], packed[1][0]])[:n], single[:n])
+    for b in range(8):
+        row = torch.cat([packed[0][b, :1], packed[1][b]])
+        assert len(spans(tok, row)) == 1
+        scene = next(s for s in range(len(codes)) if (spans(tok, row)[0].numpy() == codes[s, 0]).all())
+        own = [q for q in qs if q["scene"] == scene]
+        answers = int((packed[1][b][packed[2][b] == 1] == tok.answer).sum())
+        assert answers == min(3, len(own)) and answers > 1
+        asked = tok.decode(row.tolist()).split("?")[:answers]
+        assert all(any(q["question"].split("?")[0] in a for q in own) for a in asked)
+
+
 def test_stage1_mixture_masks(setup):
     tok, codes, qs = setup
     kinds = set()
