@@ -34,14 +34,17 @@ def make_batch(tok, rows, block_size):
     return x[:, :-1], x[:, 1:], m[:, 1:]  # the mask belongs to the token being predicted
 
 
-def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1):
+def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
+                 objects=None):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
     scenes (the split's scene records) say which scenes lack a true depth or seg map (real data,
     manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it.
     blind=True shows VQA questions without their image (the blind baseline). per_image > 1 packs up
-    to that many of a VQA scene's questions after its one image (conversations.packed_vqa)."""
+    to that many of a VQA scene's questions after its one image (conversations.packed_vqa). With
+    objects (the split's data.place_objects) the batch gains a fourth tensor, each row's object
+    classes for the model's object head (-1 for a blind row)."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -56,7 +59,7 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     by_scene = collections.defaultdict(list)
     for q in questions if kind == "vqa" and per_image > 1 else ():
         by_scene[q["scene"]].append(q)
-    rows = []
+    rows, row_scenes = [], []
     for _ in range(batch_size):
         pick = pool[rng.integers(len(pool))]
         if kind == "vqa":
@@ -70,7 +73,11 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         else:
             scene, conv = pick, conversations.map_request(kind)
         rows.append(tok.render_conversation(conv, scene_codes(codes, scene)))
-    return make_batch(tok, rows, block_size)
+        row_scenes.append(scene)
+    if objects is None:
+        return make_batch(tok, rows, block_size)
+    labels = torch.from_numpy(objects[row_scenes]) if not (blind and kind == "vqa") else torch.full((batch_size, objects.shape[1]), -1)
+    return (*make_batch(tok, rows, block_size), labels)
 
 
 def load_traces(data_dir, split, tools, seed=0):

@@ -317,6 +317,31 @@ def pseudo_images(split):
 
 
 # --- questions with exact answers ----------------------------------------------------------------
+N_OBJECT_CLASSES = 1 + len(COLORS) * len(SHAPES)  # 0: no object; 1 + colour index * 3 + shape index
+
+
+def place_objects(seg, scenes, side):
+    """(N, side²) int64: at each place of a side×side grid over the (N, H, W) segmentations, the
+    class (1 + colour * 3 + shape) of the object covering most of its pixels, if that is at least a
+    quarter of them, else 0; -1 for a scene whose objects carry no colour and shape (manifest data).
+    The object head's targets (model.py)."""
+    n, p = len(seg), seg.shape[1] // side
+    blocks = seg.reshape(n, side, p, side, p).transpose(0, 1, 3, 2, 4).reshape(n, side * side, p * p)
+    counts = np.stack([(blocks == k).sum(-1) for k in range(len(SEG_PALETTE))], -1)
+    counts[..., :2] = 0  # sky and ground
+    lut = np.zeros((n, len(SEG_PALETTE)), dtype=np.int64)
+    for i, g in enumerate(scenes):
+        objs = g.get("objects")
+        if objs is None or any(o.get("color") not in COLORS or o.get("shape") not in SHAPES for o in objs):
+            lut[i] = -1
+            continue
+        for o in objs:
+            lut[i, o["id"]] = 1 + list(COLORS).index(o["color"]) * len(SHAPES) + SHAPES.index(o["shape"])
+    labels = np.take_along_axis(lut, counts.argmax(-1), 1)
+    labels[(counts.max(-1) < p * p / 4) & (lut.min(1, keepdims=True) >= 0)] = 0
+    return labels
+
+
 def name(obj):
     return f"{obj['color']} {obj['shape']}"
 

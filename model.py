@@ -47,8 +47,18 @@ class GPTConfig:
     image_offset: int = 0  # tok.image_offset: ids >= this are image codes
     n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
     code_patch_dim: int = 0  # > 0: each code's mean pixel patch (vqgan.code_patches) joins its embedding
+    object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (see "Object head")
 
 
+# ---------------------------------------------------------------------------------------------
+# Object head. A question's answer is one token, so "which object is the red cube?" is learned from
+# one bit per question, through a lookup that forms late (the grounding plateau). With
+# object_classes > 0, a linear head on the final hidden state of each place of a row's first image
+# (the RGB in every training layout) predicts the class of the object covering it (data.place_objects:
+# colour and shape, 0 for none), and its cross entropy joins the loss: a label at every place, read
+# from the image alone. A map the model draws is no substitute: teacher-forced, each map code can be
+# copied from the codes before it, so little of its signal reaches the image's places.
+#
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
 # only on the difference of the two tokens' positions. It also lets the sampler give every row its
@@ -271,6 +281,8 @@ class GPT(nn.Module):
             # The table is a function of the id alone, so codes the model writes have it too.
             self.register_buffer("code_patches", torch.zeros(config.vocab_size - config.image_offset, config.code_patch_dim))
             self.code_proj = nn.Linear(config.code_patch_dim, config.n_embd, bias=False)
+        if config.object_classes:
+            self.object_head = nn.Linear(config.n_embd, config.object_classes)
         self.grid_side = math.isqrt(config.n_image_tokens)
         grid_rope = config.grid_rope and config.n_image_tokens > 0
         assert not grid_rope or self.grid_side ** 2 == config.n_image_tokens, "grid RoPE needs a square grid"
@@ -299,10 +311,12 @@ class GPT(nn.Module):
             n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
         return n
 
-    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None):
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, objects=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions
         where loss_mask is 1 (all positions if no mask), or None without targets. With kv_cache,
-        idx continues each row of the cache (see KVCache)."""
+        idx continues each row of the cache (see KVCache). objects (B, n_image_tokens), the class
+        at each place of a row's first image (-1: none asked), adds the object head's mean cross
+        entropy to the loss (see "Object head")."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
@@ -331,14 +345,33 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope_q, rope_k, cache, prior)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        logits = self.lm_head(x)
         if targets is None:
             return logits, None
         nll = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), reduction="none").view(B, T)
         if loss_mask is None:
-            return logits, nll.mean()
-        loss_mask = loss_mask.to(nll.dtype)
-        return logits, (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+            loss = nll.mean()
+        else:
+            loss_mask = loss_mask.to(nll.dtype)
+            loss = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        if objects is not None:
+            loss = loss + self.object_loss(x, idx, objects)
+        return logits, loss
+
+    def object_loss(self, hidden, idx, objects):
+        """The object head's cross entropy over the places of each row's first image (rows without an
+        image, or with objects -1, count for nothing)."""
+        n = self.config.n_image_tokens
+        is_code = idx >= self.config.image_offset
+        first = is_code & (is_code.long().cumsum(1) <= n)  # the first n codes of a row: its first image
+        target = torch.full_like(idx, -1)
+        has = first.sum(1) == n
+        target[first & has[:, None]] = objects[has].reshape(-1)
+        logits = self.object_head(hidden[target >= 0])
+        if logits.numel() == 0:
+            return hidden.sum() * 0
+        return F.cross_entropy(logits.float(), target[target >= 0])
 
     def grid_place(self, idx, pos, kv_cache):
         """(B, T) the place of idx's image codes in their image, -1 for other tokens. With a KV

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
+
 from model import GPT, GPTConfig
 
 # --- the run: devices, ranks, precision ------------------------------------------------------------
@@ -154,7 +156,8 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None):
         model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
-                          code_patch_dim=0 if code_patches is None else code_patches.shape[1])
+                          code_patch_dim=0 if code_patches is None else code_patches.shape[1],
+                          object_classes=data.N_OBJECT_CLASSES if cfg.get("object_head") else 0)
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():
         if model_args.get(key) != value:
@@ -192,9 +195,10 @@ class NonFiniteLoss(RuntimeError):
 
 # --- the loop ------------------------------------------------------------------------------------
 def lm_loss(model, batch):
-    """The default objective: masked next-token cross entropy, no extra statistics."""
-    x, y, m = batch
-    return model(x, y, m)[1], {}
+    """The default objective: masked next-token cross entropy (plus the object head's, when the
+    batch brings object classes as a fourth tensor), no extra statistics."""
+    x, y, m, *objects = batch
+    return model(x, y, m, objects=objects[0] if objects else None)[1], {}
 
 
 def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None, loss_fn=lm_loss, steps_per_batch=1):

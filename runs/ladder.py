@@ -44,7 +44,8 @@ import vqgan  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--rung", default="exist", choices=("exist", "exist_text", "colour", "point"))
+parser.add_argument("--rung", default="exist", choices=("exist", "exist_text", "colour", "point", "real"))
+parser.add_argument("--blind", action="store_true", help="leave the image out: the floor that answer priors reach")
 parser.add_argument("--colors", type=int, default=len(data.COLORS), help="exist: ask about the first k colours only")
 parser.add_argument("--input", default="codes", choices=("codes", "table", "conv", "decoded", "mosaic"))
 parser.add_argument("--layout", default="image_first", choices=("image_first", "question_first"))
@@ -52,8 +53,8 @@ parser.add_argument("--per_image", type=int, default=8, help="questions packed a
 parser.add_argument("--stem", default="patch", choices=("patch", "grid", "deep"),
                     help="grid: the conv stem adds a 3x3 conv over the patch grid, so each place sees its neighbours "
                          "both ways; deep: also two 3x3 convs over the pixels before the patch conv")
-parser.add_argument("--dense", type=float, default=0.0,
-                    help="> 0: weight of a per-patch loss naming the object (colour and shape) at each image place")
+parser.add_argument("--object_head", action="store_true",
+                    help="the model's object head: a loss naming the object (colour and shape) at each image place")
 parser.add_argument("--dense_map", action="store_true",
                     help="after the answers, the model draws the scene's object map (each place's colour-and-shape class "
                          "as an image code), the dense signal as generated tokens instead of a head")
@@ -72,6 +73,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--data_dir", default="data/learn")
 parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
 args = parser.parse_args()
+if args.blind and (args.object_head or args.dense_map):
+    parser.error("--blind has no image for --object_head or --dense_map to name")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 torch.manual_seed(args.seed)
 
@@ -89,42 +92,48 @@ def visible(o, g):
 
 
 def rung_questions(g, rng):
-    """[(question, answer)] about scene graph g for this rung, at most per_image, shuffled."""
+    """[(question, answer, kind)] about scene graph g for this rung, at most per_image, shuffled; the
+    kind (a question's first three words, or a real question's category) groups the accuracies."""
     objs, out = g["objects"], []
     if args.rung.startswith("exist"):
         for c in COLORS:
             group = [o for o in objs if o["color"] == c]
             if not any(0 < o["visible_pixels"] < g["min_visible"] for o in group):  # no half-visible ones
-                out.append((f"Is there a {c} object?", "yes" if any(visible(o, g) for o in group) else "no"))
+                out.append((f"Is there a {c} object?", "yes" if any(visible(o, g) for o in group) else "no", "Is there a"))
     elif args.rung == "colour":
         for attr, values in (("shape", data.SHAPES), ("color", data.COLORS)):
             for v in values:
                 group = [o for o in objs if o[attr] == v]
                 if len(group) == 1 and visible(group[0], g):
-                    out.append((f"What color is the {v}?", group[0]["color"]) if attr == "shape"
-                               else (f"What shape is the {v} object?", group[0]["shape"]))
-    else:
+                    out.append((f"What color is the {v}?", group[0]["color"], "What color is") if attr == "shape"
+                               else (f"What shape is the {v} object?", group[0]["shape"], "What shape is"))
+    elif args.rung == "point":
         for o in objs:
             if visible(o, g):
                 column = ("left", "middle", "right")[min(2, int(3 * o["centroid"][0] / size))]
-                out.append((f"Where is the {data.name(o)}?", column))
+                out.append((f"Where is the {data.name(o)}?", column, "Where is the"))
+    else:  # every question data.py writes for the scene (numbers too, scored by exact match here)
+        for category, qs in data.candidate_questions(g).items():
+            for q in qs:
+                q = data.lettered(q, rng) if "options" in q else q
+                out.append((q["question"], q["answer"], category))
     order = rng.permutation(len(out))
     return [out[i] for i in order[:args.per_image]]
 
 
 def render(split, i, rng):
-    """(ids, loss mask, its questions) of scene i's packed questions, or None if it has none."""
+    """(ids, loss mask, its questions' kinds) of scene i's packed questions, or None if it has none."""
     g = splits[split]["scenes"][i]
     qa = rung_questions(g, rng)
     if not qa:
         return None
     conv = []
-    for k, (q, a) in enumerate(qa):
+    for k, (q, a, _) in enumerate(qa):
         parts = [{"text": q}]
         if k == 0 and args.rung == "exist_text":
             seen = [c for c in data.COLORS if any(visible(o, g) for o in g["objects"] if o["color"] == c)]
             parts = [{"text": "Objects: " + " ".join(seen[j] for j in rng.permutation(len(seen))) + "."}] + parts
-        elif k == 0:
+        elif k == 0 and not args.blind:
             parts = parts + [{"image": "rgb"}] if args.layout == "question_first" else [{"image": "rgb"}] + parts
         conv += [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"answer": a}]}]
     images = {"rgb": codes[split][i, 0]}
@@ -132,11 +141,11 @@ def render(split, i, rng):
         conv += [{"role": "user", "content": [{"tool": "seg"}]}, {"role": "assistant", "content": [{"image": "seg"}]}]
         images["seg"] = class_codes[labels[split][i].numpy()]
     ids, mask = tok.render_conversation(conv, images)
-    return ids, mask, [q for q, _ in qa]
+    return ids, mask, [kind for _, _, kind in qa]
 
 
 def batch(split, scene_ids, rng):
-    """(idx, targets, mask, pixels of each row's scene, each row's questions, patch labels or None)."""
+    """(idx, targets, mask, pixels of each row's scene, each row's question kinds, patch labels or None)."""
     rows, keep = [], []
     for i in scene_ids:
         r = render(split, i, rng)
@@ -146,24 +155,6 @@ def batch(split, scene_ids, rng):
     x, y, m = batches.make_batch(tok, [(ids, mask) for ids, mask, _ in rows], BLOCK_SIZE)
     pixels = torch.from_numpy(stem_pixels[split][keep]).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, y, m, pixels, [r[2] for r in rows], None if labels is None else labels[split][keep]
-
-
-def patch_labels(split):
-    """(N, side²) int64: at each image place, 1 + colour*3 + shape of the object covering most of its
-    pixels (at least a quarter of them), else 0."""
-    seg = splits[split]["seg"]
-    n, p = len(seg), size // side
-    blocks = seg.reshape(n, side, p, side, p).transpose(0, 1, 3, 2, 4).reshape(n, side * side, p * p)
-    counts = np.stack([(blocks == k).sum(-1) for k in range(16)], -1)  # seg ids 0..15
-    counts[..., :2] = 0  # sky and ground
-    best = counts.argmax(-1)
-    lut = np.zeros((n, 16), dtype=np.int64)
-    for i, g in enumerate(splits[split]["scenes"]):
-        for o in g["objects"]:
-            lut[i, o["id"]] = 1 + list(data.COLORS).index(o["color"]) * 3 + data.SHAPES.index(o["shape"])
-    labels = np.take_along_axis(lut, best, 1)
-    labels[counts.max(-1) < p * p // 4] = 0
-    return torch.from_numpy(labels)
 
 
 class ConvStem(nn.Module):
@@ -208,7 +199,8 @@ stem_pixels = {s: (splits[s]["rgb"] if args.input in ("conv", "codes", "table") 
             mosaic(codes[s][:, 0])) for s in splits}
 config = GPTConfig(block_size=BLOCK_SIZE, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                    n_embd=args.n_embd, image_offset=tok.image_offset, n_image_tokens=side * side, grid_prior=6.0,
-                   code_patch_dim=patches.shape[1] if args.input == "table" else 0)
+                   code_patch_dim=patches.shape[1] if args.input == "table" else 0,
+                   object_classes=data.N_OBJECT_CLASSES if args.object_head else 0)
 model = GPT(config)
 if args.input == "table":  # the model's own code_patches (model.py)
     model.code_patches.copy_(torch.from_numpy(patches))
@@ -217,13 +209,14 @@ state = {}
 if stem is not None:  # the stem's output joins the token embeddings through a forward hook on wte
     model.wte.register_forward_hook(lambda mod, inp, out: stem(inp[0], out, state["pixels"]))
     model.add_module("stem", stem)
-labels = {s: patch_labels(s) for s in splits} if args.dense > 0 or args.dense_map else None
-# the object map's 25 classes drawn as the 25 codes the RGB images use least (an RGB code means nothing else here)
-class_codes = np.argsort(np.bincount(codes["train"][:, 0].ravel(), minlength=vq.cfg.codebook_size), kind="stable")[:25]
+labels = ({s: torch.from_numpy(data.place_objects(splits[s]["seg"], splits[s]["scenes"], side)) for s in splits}
+          if args.object_head or args.dense_map else None)
+# the object map's classes drawn as the codes the RGB images use least (an RGB code means nothing else here)
+class_codes = np.argsort(np.bincount(codes["train"][:, 0].ravel(), minlength=vq.cfg.codebook_size),
+                         kind="stable")[:data.N_OBJECT_CLASSES]
 code_class = torch.zeros(vq.cfg.codebook_size, dtype=torch.long)
-code_class[torch.from_numpy(class_codes)] = torch.arange(25)
-if args.dense > 0:  # the per-patch head reads the final hidden states through a hook on ln_f
-    model.add_module("dense_head", nn.Linear(args.n_embd, 1 + 3 * len(data.COLORS)))
+code_class[torch.from_numpy(class_codes)] = torch.arange(data.N_OBJECT_CLASSES)
+if args.object_head:  # to score the head, its input (the final hidden states) through a hook on ln_f
     model.ln_f.register_forward_hook(lambda mod, inp, out: state.__setitem__("hidden", out))
 optimizer = model.configure_optimizers(0.1, args.lr, (0.9, 0.95), "cpu", args.optimizer, args.muon_lr)
 
@@ -235,17 +228,15 @@ def first_image(idx):
 
 
 def forward(x, y, m, pixels, patch_y=None):
-    """(logits, loss, dense logits at the first image's places or None); patch_y adds the dense loss."""
+    """(logits, loss, the object head's logits at the first image's places or None); patch_y, the
+    object classes, adds the head's loss (model.py)."""
     if stem is not None:
         state["pixels"] = pixels
-    logits, loss = model(x, y, m)
-    if args.dense == 0:
+    logits, loss = model(x, y, m, objects=patch_y if args.object_head else None)
+    if not args.object_head:
         return logits, loss, None
     b, t = first_image(x)
-    dense = model.dense_head(state["hidden"][b, t]).view(len(x), side * side, -1)
-    if patch_y is not None:
-        loss = loss + args.dense * nn.functional.cross_entropy(dense.flatten(0, 1), patch_y.flatten())
-    return logits, loss, dense
+    return logits, loss, model.object_head(state["hidden"][b, t]).view(len(x), side * side, -1)
 
 
 def answer_spans(mask_row):
@@ -267,34 +258,36 @@ def evaluate():
             for b in range(len(x)):
                 s, e = answer_spans(m[b])[-2]  # <|image|> and the codes; <|/image|> is forced, <|eos|> its own run
                 drawn[b] = code_class[(logits[b, s + 1:e].argmax(-1) - tok.image_offset).clamp(0)]
-            dense = nn.functional.one_hot(drawn, 25)
+            dense = nn.functional.one_hot(drawn, data.N_OBJECT_CLASSES)
         if dense is not None:  # the dense head on object places: colour and shape read apart
             on, guess = patch_y > 0, dense.argmax(-1)
             hits["patch colour"] += ((guess[on] - 1) // 3 == (patch_y[on] - 1) // 3).tolist()
             hits["patch shape"] += ((guess[on] - 1) % 3 == (patch_y[on] - 1) % 3).tolist()
         for b in range(len(x)):
             for (s, e), q in zip(answer_spans(m[b]), qs[b]):
-                hits[" ".join(q.split()[:3])].append(bool(ok[b, s:e].all()))  # by kind: "What shape is"
+                hits[q].append(bool(ok[b, s:e].all()))
     model.train()
     every = sum((v for k, v in hits.items() if not k.startswith("patch")), [])
     return float(np.mean(every)), len(every), {k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())}
 
 
 def majority():
-    """Accuracy on the val questions of the most common train answer to the same question."""
+    """Accuracy on the val questions of the most common train answer to the same question: overall
+    and by kind."""
     rng, counts = np.random.default_rng(5), collections.defaultdict(collections.Counter)
     for g in splits["train"]["scenes"]:
-        for q, a in rung_questions(g, rng):
+        for q, a, _ in rung_questions(g, rng):
             counts[q][a] += 1
-    rng, hits = np.random.default_rng(123), []
+    rng, hits = np.random.default_rng(123), collections.defaultdict(list)
     for g in splits["val"]["scenes"][:args.val_scenes]:
-        hits += [bool(counts[q]) and counts[q].most_common(1)[0][0] == a for q, a in rung_questions(g, rng)]
-    return float(np.mean(hits))
+        for q, a, kind in rung_questions(g, rng):
+            hits[kind].append(bool(counts[q]) and counts[q].most_common(1)[0][0] == a)
+    return float(np.mean(sum(hits.values(), []))), {k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())}
 
 
-base = majority()
+base, base_kinds = majority()
 print(f"ladder: rung {args.rung}, input {args.input}, {args.layout}, {args.per_image} a scene, {args.optimizer}; "
-      f"majority {base:.3f}")
+      f"majority {base:.3f}" + (f" ({' '.join(f'{k!r} {v:.3f}' for k, v in base_kinds.items())})" if len(base_kinds) > 1 else ""))
 rng, n_train = np.random.default_rng(args.seed), len(codes["train"])
 t0, it, tokens, answers, curve = time.time(), 0, 0, 0, []
 while True:
@@ -321,7 +314,7 @@ best = max(curve, key=lambda r: r["acc"])
 print(f"tokens to 90%: {reached['tokens'] if reached else 'not reached'} (best {best['acc']:.3f} at {best['tokens']} tokens)")
 print("final: " + json.dumps({"rung": args.rung, "input": args.input, "layout": args.layout, "colors": args.colors,
                               "optimizer": args.optimizer,
-                              "majority": round(base, 4), "acc": curve[-1]["acc"], "kinds": curve[-1]["kinds"], "best": best["acc"],
+                              "majority": round(base, 4), "majority_kinds": base_kinds, "acc": curve[-1]["acc"], "kinds": curve[-1]["kinds"], "best": best["acc"],
                               "tokens": tokens, "answers": answers, "iters": it, "val_answers": n_val,
                               "tokens_to_90": reached["tokens"] if reached else None,
                               "minutes": round((time.time() - t0) / 60, 2)}))

@@ -322,3 +322,22 @@ def test_prepare_is_a_no_op_on_a_complete_dataset(dataset, capsys):
     meta = data.prepare(dataset)
     assert meta["counts"]["train"]["scenes"] == 60
     assert "building" not in capsys.readouterr().out
+
+
+def test_place_objects_names_the_object_covering_most_of_each_place():
+    """On a hand-made 2×2 grid of 4×4-pixel places: a place mostly covered by the red sphere gets its
+    class, a place where an object covers under a quarter gets 0, and a scene whose objects have no
+    colour and shape (manifest data) gets -1 everywhere."""
+    seg = np.ones((2, 8, 8), dtype=np.uint8)  # ground
+    seg[:, :4, :4] = 2  # place 0: object 2 everywhere
+    seg[:, :3, 4] = 3  # place 1: object 3 on 3 of 16 pixels
+    seg[:, 4:, :4] = 0  # place 2: sky
+    seg[:, 4:, 4:6] = 3  # place 3: object 3 on 8 of 16
+    scenes = [{"objects": [{"id": 2, "color": "red", "shape": "sphere"}, {"id": 3, "color": "white", "shape": "cube"}]},
+              {"image": "real.png"}]
+    labels = data.place_objects(seg, scenes, 2)
+    red_sphere = 1 + list(data.COLORS).index("red") * 3 + data.SHAPES.index("sphere")
+    white_cube = 1 + list(data.COLORS).index("white") * 3 + data.SHAPES.index("cube")
+    assert labels[0].tolist() == [red_sphere, 0, 0, white_cube]
+    assert labels[1].tolist() == [-1] * 4
+    assert labels.max() < data.N_OBJECT_CLASSES

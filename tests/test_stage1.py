@@ -81,6 +81,24 @@ def test_packed_vqa_asks_several_questions_of_one_scene_after_one_image(setup):
         assert all(any(q["question"].split("?")[0] in a for q in own) for a in asked)
 
 
+def test_object_classes_follow_each_rows_scene(setup):
+    """With objects, a batch brings each row's scene's object classes (any kind of example), and -1
+    rows for the blind baseline, whose rows show no image; the three token tensors are unchanged."""
+    tok, codes, qs = setup
+    objects = np.arange(20)[:, None] * 10 + np.arange(N)  # a different row of classes for each scene
+    w = {"vqa": 1, "depth": 1, "seg": 1, "chain": 1}
+    for seed in range(6):
+        plain = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w)
+        x, y, m, labels = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w, objects=objects)
+        assert all(torch.equal(a, b) for a, b in zip(plain, (x, y, m)))
+        for b in range(4):
+            first = spans(tok, torch.cat([x[b, :1], y[b]]))[0].numpy()
+            scene = int(labels[b, 0]) // 10
+            assert (codes[scene, 0] == first).all() and labels[b].tolist() == objects[scene].tolist()
+    *_, blind = batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"vqa": 1}, blind=True, objects=objects)
+    assert (blind == -1).all()
+
+
 def test_stage1_mixture_masks(setup):
     tok, codes, qs = setup
     kinds = set()
