@@ -240,6 +240,7 @@ LEARN = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=False,  # True: a head names the object at each RGB place, its loss added (model.py)
+    image_reader=False,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="adamw", muon_lr=0.02, seed=1337, device="auto", compile=False, log_interval=20,
     eval_iters=0, peak_tflops=0.0, init_from="scratch",
@@ -317,7 +318,7 @@ def bench_learn(argv=()):
             return out
 
         torch.manual_seed(c["seed"])
-        model, optimizer, start = trainer.init_model(c, run, tok, n_image, patches)
+        model, optimizer, start = trainer.init_model(c, run, tok, n_image, patches, vq)
         return curve, trainer.train(c, run, model, optimizer, start, get_batch, evaluate)
 
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
@@ -329,7 +330,7 @@ def bench_learn(argv=()):
         max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))
     else:
         torch.manual_seed(cfg["seed"])
-        model, optimizer, _ = trainer.init_model(dict(cfg, out_dir=cfg["out_dir"]), run, tok, n_image, patches)
+        model, optimizer, _ = trainer.init_model(dict(cfg, out_dir=cfg["out_dir"]), run, tok, n_image, patches, vq)
         t0 = time.time()
         for x, y, m in probe[:6]:
             model(x.to(run.device), y.to(run.device), m.to(run.device))[1].backward()

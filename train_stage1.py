@@ -58,6 +58,7 @@ grid_rope = True  # image codes' rotations follow their grid place (model.py)
 grid_prior = 6.0  # map codes' attention starts on the aligned place (model.py)
 code_patches = False  # True: each code's mean pixel patch joins its embedding (model.py, GPTConfig.code_patch_dim)
 object_head = False  # True: a head names the object at each RGB place, its loss added (model.py, "Object head")
+image_reader = False  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
 max_iters = 250
 token_budget = 0  # > 0: set max_iters so the run trains on about this many tokens
@@ -105,7 +106,7 @@ if __name__ == "__main__":
         config["max_iters"] = max_iters = max(1, round(token_budget / (np.mean(probe) * grad_accum)))
         print(f"token budget {token_budget:,}: {max_iters} iterations")
     patches = prepare.code_patches(data_dir, vq, codes["train"]) if code_patches and init_from == "scratch" else None
-    model, optimizer, start = trainer.init_model(config, run, tok, n_image, patches)
+    model, optimizer, start = trainer.init_model(config, run, tok, n_image, patches, vq)
     val = data.load_split(data_dir, "val")
     chance = metrics.chance_scorer(questions["train"])
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)

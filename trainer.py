@@ -136,12 +136,13 @@ def load_model(path, device="cpu", attn_impl=None):
     return model.to(device).eval(), ckpt
 
 
-def init_model(cfg, run, tok, n_image_tokens, code_patches=None):
+def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
     """(model, optimizer, start) from init_from: scratch, resume (out_dir/ckpt.pt), or the
     path of a previous stage's checkpoint (weights only; a fresh optimizer and schedule). The
     tokenizer and the codes per image fix the vocabulary and the image layout. code_patches
-    (vqgan.code_patches) gives a model from scratch what each code looks like; a checkpoint
-    carries its own."""
+    (vqgan.code_patches) gives a model from scratch what each code looks like, and with
+    image_reader=True the VQ tokenizer vq gives it the decoder its image reader reads through; a
+    checkpoint carries both."""
     ckpt, init = None, cfg["init_from"]
     if init == "resume":
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), run.device)
@@ -150,6 +151,8 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None):
         ckpt = load_checkpoint(init, run.device)
         model_args = ckpt["model_args"]
     else:
+        if cfg.get("image_reader") and vq is None:
+            raise ValueError("image_reader=True reads images through the VQ decoder: pass init_model the VQ tokenizer (vq=)")
         if "n_layer" not in cfg:
             raise SystemExit("init_from=scratch: this script sets no model shape (n_layer, …); "
                              "it starts from a previous stage's checkpoint")
@@ -157,7 +160,8 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None):
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],
-                          object_classes=data.N_OBJECT_CLASSES if cfg.get("object_head") else 0)
+                          object_classes=data.N_OBJECT_CLASSES if cfg.get("object_head") else 0,
+                          reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None)
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():
         if model_args.get(key) != value:
@@ -167,8 +171,11 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None):
     model = GPT(GPTConfig(**model_args))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    elif code_patches is not None:
-        model.code_patches.copy_(torch.as_tensor(code_patches))
+    else:
+        if code_patches is not None:
+            model.code_patches.copy_(torch.as_tensor(code_patches))
+        if model.config.reader_vq:
+            model.reader.load_vq(vq)
     model.to(run.device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            run.device_type, cfg["optimizer"], cfg["muon_lr"])

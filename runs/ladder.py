@@ -9,19 +9,24 @@ buys several answers:
                 ("Objects: red cyan."): the lookup without vision, the defect check for the rest
     colour      "What color is the cube?" / "What shape is the red object?" (one hop)
     point       "Where is the red cube?"   left / middle / right (the object's centre column)
+    real        every question data.py writes for the scene (numbers by exact match), by category
 
-Options say what the model reads (--input=codes: the VQ code embeddings, as every stage;
---input=table: plus a projection of each code's mean pixel patch, the model's code_patches,
-a fixed function of the code that a generated code has too; --input=conv: plus a two-layer conv stem
-over the true pixels) and where the
-question goes (--layout=question_first puts the first question before the image, so each image
-token can read it; one question an image then makes sense). It prints val accuracy (teacher-
-forced exact match of every answer token, which is greedy decoding's) against the majority
-answer of each question on train, and the tokens it took to reach 90% (or the best reached).
+Options say what the model reads: --input=codes, the VQ code embeddings, as every stage;
+--input=table, plus a projection of each code's mean pixel patch (the model's code_patches, a
+fixed function of the code that a generated code has too); --input=conv, plus a conv stem over the
+true pixels (--stem=grid adds a 3×3 conv over the patch grid, --stem=deep also two more over the
+pixels); --input=decoded and --input=mosaic, the same stem over what the codes alone say (the VQ
+decoder's image, or each code's mean patch in its place), which a generated map has too; --blind,
+no image at all. --object_head adds the model's per-place object loss (model.py), --dense_map
+makes the model draw the same classes as a map after its answers instead. --layout=question_first
+puts the first question before the image. It prints val accuracy (teacher-forced exact match of
+every answer token, which is greedy decoding's), overall and by kind, against the majority answer
+of each question on train, and the tokens it took to reach 90% (or the best reached).
 
     python runs/ladder.py --rung=exist --colors=1 --minutes=3      # one colour: learns in ~100 steps
-    python runs/ladder.py --rung=exist --input=conv --minutes=7
-    python runs/ladder.py --rung=exist_text --minutes=4 --optimizer=muon
+    python runs/ladder.py --rung=exist --input=conv --optimizer=muon --minutes=9
+    python runs/ladder.py --rung=colour --input=conv --stem=grid --object_head --optimizer=muon --muon_lr=0.05 --minutes=12
+    python runs/ladder.py --rung=real --blind --optimizer=muon --muon_lr=0.05 --minutes=15
 
 Uses `python bench.py learn`'s data (data/learn, built here if missing). Ends with `final: {json}`.
 """
@@ -44,7 +49,8 @@ import vqgan  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--rung", default="exist", choices=("exist", "exist_text", "colour", "point", "real"))
+parser.add_argument("--rung", default="exist",
+                    help="exist, exist_text, colour, point or real; several joined by commas ask each rung's questions of every scene")
 parser.add_argument("--blind", action="store_true", help="leave the image out: the floor that answer priors reach")
 parser.add_argument("--colors", type=int, default=len(data.COLORS), help="exist: ask about the first k colours only")
 parser.add_argument("--input", default="codes", choices=("codes", "table", "conv", "decoded", "mosaic"))
@@ -73,6 +79,9 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--data_dir", default="data/learn")
 parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
 args = parser.parse_args()
+RUNGS = args.rung.split(",")
+if not set(RUNGS) <= {"exist", "exist_text", "colour", "point", "real"} or ("exist_text" in RUNGS and len(RUNGS) > 1):
+    parser.error(f"--rung: {args.rung!r} is not a comma list of exist, colour, point, real (or exist_text alone)")
 if args.blind and (args.object_head or args.dense_map):
     parser.error("--blind has no image for --object_head or --dense_map to name")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -92,22 +101,30 @@ def visible(o, g):
 
 
 def rung_questions(g, rng):
-    """[(question, answer, kind)] about scene graph g for this rung, at most per_image, shuffled; the
-    kind (a question's first three words, or a real question's category) groups the accuracies."""
+    """[(question, answer, kind)] about scene graph g: at most per_image of each rung's, shuffled
+    together; the kind (a question's first three words, or a real question's category) groups the
+    accuracies."""
+    if len(RUNGS) == 1:
+        return one_rung(RUNGS[0], g, rng)
+    qa = [x for rung in RUNGS for x in one_rung(rung, g, rng)]
+    return [qa[i] for i in rng.permutation(len(qa))]
+
+
+def one_rung(rung, g, rng):
     objs, out = g["objects"], []
-    if args.rung.startswith("exist"):
+    if rung.startswith("exist"):
         for c in COLORS:
             group = [o for o in objs if o["color"] == c]
             if not any(0 < o["visible_pixels"] < g["min_visible"] for o in group):  # no half-visible ones
                 out.append((f"Is there a {c} object?", "yes" if any(visible(o, g) for o in group) else "no", "Is there a"))
-    elif args.rung == "colour":
+    elif rung == "colour":
         for attr, values in (("shape", data.SHAPES), ("color", data.COLORS)):
             for v in values:
                 group = [o for o in objs if o[attr] == v]
                 if len(group) == 1 and visible(group[0], g):
                     out.append((f"What color is the {v}?", group[0]["color"], "What color is") if attr == "shape"
                                else (f"What shape is the {v} object?", group[0]["shape"], "What shape is"))
-    elif args.rung == "point":
+    elif rung == "point":
         for o in objs:
             if visible(o, g):
                 column = ("left", "middle", "right")[min(2, int(3 * o["centroid"][0] / size))]

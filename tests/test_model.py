@@ -246,6 +246,43 @@ def test_object_loss_is_the_head_cross_entropy_at_the_first_image_places(tok):
     torch.testing.assert_close(ignored, plain)
 
 
+TINY_VQ = dict(image_size=8, downsample=4, channels=16, n_res_blocks=1, codebook_size=16, code_dim=4)  # a 2×2 grid
+
+
+def test_image_reader_reads_the_first_image_through_the_vq_decoder(tok):
+    """The reader's pixels are the VQ's own decode; its features reach the logits from the first
+    image's codes on, never before, travel with the weights, and a cache prefilled past the first
+    image then decoding token by token gives the full forward's logits."""
+    import vqgan
+    vq = vqgan.VQModel(vqgan.VQConfig(**TINY_VQ)).eval()
+    model = tiny_model(tok, reader_vq=TINY_VQ)
+    model.reader.load_vq(vq)
+    codes = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
+    z = model.reader.codebook[codes].view(2, 2, 2, -1).permute(0, 3, 1, 2)
+    pixels = vqgan.tensor_to_images(model.reader.decoder(z))
+    assert torch.equal(pixels, vq.decode(codes))
+    ids, _ = mixed_sequence(tok, 0)
+    idx = torch.tensor([ids])
+    codes_at = [i for i, t in enumerate(ids) if t >= tok.image_offset]
+    before, _ = model(idx)
+    with torch.no_grad():
+        model.reader.stem[-1].bias.add_(1.0)
+    after, _ = model(idx)
+    torch.testing.assert_close(after[:, :codes_at[0]], before[:, :codes_at[0]], atol=0, rtol=0)
+    assert (after[:, codes_at[0]] - before[:, codes_at[0]]).abs().max() > 1e-3
+    loaded = tiny_model(tok, seed=1, reader_vq=TINY_VQ)
+    loaded.load_state_dict(model.state_dict())
+    torch.testing.assert_close(loaded(idx)[0], after, atol=0, rtol=0)
+    split = codes_at[N_IMAGE] + 1  # inside the generated map
+    cache = KVCache(model.config, 1, idx.size(1))
+    pieces = [model(idx[:, :split], kv_cache=cache)[0]]
+    cache.lengths += split
+    for t in range(split, idx.size(1)):
+        pieces.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+        cache.lengths += 1
+    torch.testing.assert_close(torch.cat(pieces, dim=1), after, atol=1e-5, rtol=0)
+
+
 def test_too_long_fails_clearly(tok):
     model = tiny_model(tok, seed=1, block_size=32)  # seed 1: greedy does not stop at once
     with pytest.raises(ValueError, match=r"length 33.*block_size 32"):
