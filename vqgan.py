@@ -296,6 +296,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
+    object_weight: float = 1.0         # L1 weight of object pixels (seg id >= 2, in all three images) against the rest
     disc_start: int = 1500             # step at which the GAN loss switches on (0 = from the start)
     disc_weight: float = 0.1           # multiplies the adaptive weight
     max_gan_weight: float = 1e4        # clamp of the adaptive weight
@@ -314,11 +315,19 @@ def psnr(a, b):
     return (10 * torch.log10(peak ** 2 / mse)).mean().item()
 
 
-def train_step(model, disc, opt_g, opt_d, x, step, tc):
+def weighted_l1(recon, x, weight=None):
+    """Mean absolute error (L1: sharper than L2 and kind to flat regions), each pixel weighted by
+    weight (B, 1, H, W) and normalised by the mean weight, so a weight of all ones is plain L1."""
+    err = (recon - x).abs()
+    return err.mean() if weight is None else (err * weight).mean() / weight.mean()
+
+
+def train_step(model, disc, opt_g, opt_d, x, step, tc, weight=None):
     """One generator update (reconstruction + VQ, + adaptive-weighted GAN after disc_start), the
-    dead-code restarts, then one discriminator update. Returns a dict of the step's figures."""
+    dead-code restarts, then one discriminator update. weight (B, 1, H, W) weighs each pixel's L1.
+    Returns a dict of the step's figures."""
     recon, codes, vq_loss, z = model(x)
-    rec_loss = (recon - x).abs().mean()  # L1: sharper than L2 and kind to flat regions
+    rec_loss = weighted_l1(recon, x, weight)
     loss = rec_loss + vq_loss
     log = {"rec": rec_loss.item(), "vq": vq_loss.item(), "psnr": psnr(recon, x)}
     gan_on = step >= tc.disc_start
@@ -408,11 +417,15 @@ def train(tc, mc):
     if size != mc.image_size:
         raise ValueError(f"the images in {tc.data_dir} are {size} px but the tokenizer is set up for "
                          f"{mc.image_size} px: pass --image_size={size}")
-    _, train_images = load_pseudo_images(tc.data_dir, "train", encoding)
+    train_split, train_images = load_pseudo_images(tc.data_dir, "train", encoding)
     val_split, val_images = load_pseudo_images(tc.data_dir, "val", encoding)
     # one pool of images: a batch mixes RGB, depth and segmentation, so one codebook learns all three
     pool = torch.as_tensor(np.concatenate([train_images[m] for m in data.MODALITIES]))
     draw = torch.tensor(tc.modality_weights, dtype=torch.float).repeat_interleave(len(pool) // 3)
+    # Most pixels are ground and sky; an object of a few pixels shares a code's 4×4 patch with them, and
+    # plain L1 lets the code keep the background and lose the object's colour. object_weight says how
+    # much more an object pixel counts.
+    objects = torch.from_numpy(train_split["seg"] >= 2).repeat(3, 1, 1)
     print(f"training a {mc.grid}x{mc.grid}-code tokenizer on {len(pool)} images ({encoding} depth), device {device}")
 
     model = VQModel(mc).to(device)
@@ -429,8 +442,10 @@ def train(tc, mc):
     for step in range(tc.max_iters):
         for group in opt_g.param_groups:
             group["lr"] = trainer.lr_at(step, asdict(tc))  # warm-up, then cosine decay (nanoGPT)
-        x = images_to_tensor(pool[torch.multinomial(draw, tc.batch_size, replacement=True)], device)
-        log, codes = train_step(model, disc, opt_g, opt_d, x, step, tc)
+        pick = torch.multinomial(draw, tc.batch_size, replacement=True)
+        x = images_to_tensor(pool[pick], device)
+        weight = None if tc.object_weight == 1 else (1 + (tc.object_weight - 1) * objects[pick, None].float()).to(device)
+        log, codes = train_step(model, disc, opt_g, opt_d, x, step, tc, weight)
         seen += torch.bincount(codes.reshape(-1).cpu(), minlength=mc.codebook_size)
         restarts += log["restarts"]
         if step % tc.log_interval == 0 or step == tc.max_iters - 1:

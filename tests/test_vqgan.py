@@ -136,6 +136,29 @@ def test_train_writes_loadable_checkpoint_and_grid(tiny_data, tmp_path):
     assert not model.training
 
 
+def test_weighted_l1_counts_each_pixel_by_its_weight():
+    """All-ones weights give plain L1; an error where the weight is 0 counts for nothing, and one
+    where it is 8 counts 8 times one where it is 1."""
+    x = torch.zeros(1, 3, 4, 4)
+    recon = x.clone()
+    recon[0, :, 0, 0] = 1.0
+    ones = torch.ones(1, 1, 4, 4)
+    assert vqgan.weighted_l1(recon, x, ones) == vqgan.weighted_l1(recon, x) == (recon - x).abs().mean()
+    off = ones.clone()
+    off[0, 0, 0, 0] = 0
+    assert vqgan.weighted_l1(recon, x, off) == 0
+    heavy = ones.clone()
+    heavy[0, 0, 0, 0] = 8
+    torch.testing.assert_close(vqgan.weighted_l1(recon, x, heavy), 8 * vqgan.weighted_l1(recon, x, ones) / heavy.mean())
+
+
+def test_object_weight_trains(tiny_data, tmp_path):
+    """object_weight != 1 weighs object pixels in training and still writes a working tokenizer."""
+    tc = vqgan.TrainConfig(data_dir=tiny_data, out_dir=str(tmp_path), batch_size=6, max_iters=3, disc_start=10,
+                           log_interval=1, object_weight=8.0)
+    assert np.isfinite(vqgan.train(tc, TINY)["rgb_psnr"])
+
+
 def test_train_refuses_images_of_another_size(tiny_data, tmp_path):
     tc = vqgan.TrainConfig(data_dir=tiny_data, out_dir=str(tmp_path), max_iters=4)
     with pytest.raises(ValueError, match="64 px but the tokenizer is set up for 48 px"):
