@@ -179,15 +179,16 @@ class ImageReader(nn.Module):
 
 def attend(q, k, v, impl, mask=None):
     """softmax(q k^T / sqrt(D)) v on (B, H, T, D). Causal when mask is None; otherwise mask
-    (B, 1, Tq, Tk), True where a query may see a key (the KV-cache path, where keys are the cache).
-    There is no dropout on attention probabilities, so all backends agree exactly in training too."""
+    (B, 1, Tq, Tk) is added to the scores: 0 where a query may see a key, -inf elsewhere (the
+    KV-cache path, where keys are the cache). There is no dropout on attention probabilities, so
+    all backends agree exactly in training too."""
     if impl == "auto":
         impl = "triton" if q.is_cuda else "sdpa"
     if impl == "math":  # the reference: the T x T score matrix, written out
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
         if mask is None:
-            mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-        return att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+            mask = torch.full((q.size(-2), k.size(-2)), float("-inf"), device=q.device).triu(1)
+        return (att + mask).softmax(dim=-1) @ v
     if impl == "triton" and mask is None:
         import kernels  # imported here so the model runs on machines without triton
         return kernels.flash_attention(q, k, v, causal=True)
@@ -195,7 +196,7 @@ def attend(q, k, v, impl, mask=None):
         raise ValueError(f"unknown attn_impl {impl!r}: use sdpa, triton, math or auto")
     # sdpa, and triton's cache path: decoding is one query per row against a ragged cache, which
     # the flash kernel has no mask for and which is memory-bound anyway.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), is_causal=mask is None)
 
 
 class CausalSelfAttention(nn.Module):
@@ -292,13 +293,35 @@ class KVCache:
         return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys]
 
     def select_rows(self, rows):
-        """Rebuild the batch from rows of this one (a row may be repeated): prefill a prompt once,
-        continue it in several rows."""
-        if self.k is not None:
-            self.k, self.v = self.k[:, rows], self.v[:, rows]
-        if self.ids is not None:
-            self.ids = self.ids[rows.to(self.ids.device)]
-        self.lengths = self.lengths[rows.to(self.lengths.device)]
+        """Rebuild the batch from rows of this one. Fan-out (a row may be repeated: prefill a prompt
+        once, continue it in several rows) copies the filled positions into new buffers; dropping
+        rows (rows increasing) moves only the rows that shift down, in place, and keeps a view."""
+        rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
+        filled = int(self.lengths.max()) if len(self.lengths) else 0
+        if all(a < b for a, b in zip(rows, rows[1:])):  # a subset in order: compact in place
+            for j, r in enumerate(rows):
+                if r != j:
+                    for buf in (self.k, self.v):
+                        if buf is not None:
+                            buf[:, j, :, :filled].copy_(buf[:, r, :, :filled])
+                    if self.ids is not None:
+                        self.ids[j, :filled].copy_(self.ids[r, :filled])
+            n = len(rows)
+            if self.k is not None:
+                self.k, self.v = self.k[:, :n], self.v[:, :n]
+            if self.ids is not None:
+                self.ids = self.ids[:n]
+        else:
+            def fan_out(buf, row_dim, time_dim):
+                new = buf.new_zeros(buf.shape[:row_dim] + (len(rows),) + buf.shape[row_dim + 1:])
+                index = torch.tensor(rows, device=buf.device)
+                new.narrow(time_dim, 0, filled).copy_(buf.narrow(time_dim, 0, filled).index_select(row_dim, index))
+                return new
+            if self.k is not None:
+                self.k, self.v = fan_out(self.k, 1, 3), fan_out(self.v, 1, 3)
+            if self.ids is not None:
+                self.ids = fan_out(self.ids, 0, 1)
+        self.lengths = self.lengths[torch.tensor(rows, device=self.lengths.device)]
         self.shape = (self.shape[0], len(rows)) + self.shape[2:]
 
 
@@ -377,8 +400,10 @@ class GPT(nn.Module):
             if n_keys > min(self.config.block_size, kv_cache.max_len):
                 raise ValueError(f"sequence of length {n_keys} is longer than block_size "
                                  f"{self.config.block_size} or the KV cache's {kv_cache.max_len}")
-            # key j is visible to the query at position p iff j <= p: causal, per row
-            mask = torch.arange(n_keys, device=idx.device) <= pos[:, :, None]
+            # key j is visible to the query at position p iff j <= p: causal, per row. An additive
+            # float mask, made once here: sdpa would turn a bool mask into one in every layer
+            visible = torch.arange(n_keys, device=idx.device) <= pos[:, :, None]
+            mask = torch.zeros(visible.shape, device=idx.device).masked_fill_(~visible, float("-inf"))
             cache = (kv_cache, pos, mask.unsqueeze(1))
         x = self.wte(idx)
         if self.config.code_patch_dim:

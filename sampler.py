@@ -136,7 +136,8 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.0, top_k=None,
-             top_p=None, seed=None, generator=None, tools=True, max_turns=MAX_TURNS, image_temperature=None):
+             top_p=None, seed=None, generator=None, tools=True, max_turns=MAX_TURNS, image_temperature=None,
+             share_prefill=True):
     """Continue each prompt (a list of token ids; prompts may differ in length) by up to
     max_new_tokens tokens, all rows in one batch.
 
@@ -150,7 +151,8 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     tokens, so RL can use them as the old policy's. A row's tokens include its final <|eos|>
     (sampled, so RL learns to stop). A row cut off by max_new_tokens or block_size may end
     mid-image or mid-reply. The model's mode is left alone: call model.eval() first if it has
-    dropout.
+    dropout. share_prefill=False prefills every row on its own: the same samples, more compute
+    (the reference the tests and bench.py rl compare the shared prefill to).
     """
     assert n_image_tokens >= 1 and max_new_tokens >= 1
     device = next(model.parameters()).device
@@ -166,8 +168,14 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
 
     # Prefill each distinct prompt once (RL samples a group of G replies to one prompt), right-
     # padded: causality keeps the padding out of the real tokens, and decoding overwrites it.
-    distinct = {}
-    source = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
+    # Then fan each prefilled row out to the rows that continue it.
+    first, distinct = {}, []
+    for b, p in enumerate(prompts):
+        key = tuple(p) if share_prefill else b
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(p)
+    source = torch.tensor([first[tuple(p) if share_prefill else b] for b, p in enumerate(prompts)])
     x = torch.full((len(distinct), max(lengths)), tok.pad, dtype=torch.long)
     for i, p in enumerate(distinct):
         x[i, :len(p)] = torch.tensor(p)
@@ -175,8 +183,9 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     logits, _ = model(x.to(device), kv_cache=cache)
     prompt_len = torch.tensor([len(p) for p in distinct])
     logits = logits[torch.arange(len(distinct)), prompt_len - 1][source.to(device)]  # (B, V)
-    cache.select_rows(source)
-    cache.lengths = prompt_len[source].to(device)
+    cache.lengths = prompt_len.to(device)
+    if len(distinct) < B:
+        cache.select_rows(source)
 
     masks = vocab_masks(tok, vocab_size).to(device)
     rows = [RowState(tok, n_image_tokens) for _ in range(B)]

@@ -208,6 +208,28 @@ def test_kv_cache_rows_of_different_lengths(tok):
         torch.testing.assert_close(torch.stack(decoded[b]), full[0, n:], atol=1e-5, rtol=0)
 
 
+def test_kv_cache_select_rows_drops_in_place_and_fans_out(tok):
+    """Dropping rows compacts the buffers in place (no new allocation); fanning out copies rows.
+    Either way every kept row's filled positions, ids and length are those of its source row."""
+    model = tiny_model(tok)
+    x = torch.stack([torch.tensor(mixed_sequence(tok, s)[0][:30]) for s in range(4)])
+    cache = KVCache(model.config, 4, 40)
+    model(x, kv_cache=cache)
+    cache.lengths = torch.tensor([30, 28, 25, 30])
+    k, v, ids = cache.k.clone(), cache.v.clone(), cache.ids.clone()
+    storage = cache.k.untyped_storage().data_ptr()
+    cache.select_rows(torch.tensor([0, 2, 3]))
+    assert cache.k.untyped_storage().data_ptr() == storage and cache.k.shape[1] == 3
+    for j, r in enumerate([0, 2, 3]):
+        assert torch.equal(cache.k[:, j, :, :30], k[:, r, :, :30]) and torch.equal(cache.v[:, j, :, :30], v[:, r, :, :30])
+        assert torch.equal(cache.ids[j, :30], ids[r, :30])
+    assert cache.lengths.tolist() == [30, 25, 30]
+    cache.select_rows(torch.tensor([1, 1, 0, 2, 1]))
+    for j, r in enumerate([2, 2, 0, 3, 2]):
+        assert torch.equal(cache.k[:, j, :, :30], k[:, r, :, :30]) and torch.equal(cache.ids[j, :30], ids[r, :30])
+    assert cache.lengths.tolist() == [25, 25, 30, 30, 25] and cache.k.shape[1] == 5
+
+
 def test_loss_is_mean_over_supervised_positions_and_logprobs_match(tok):
     model = tiny_model(tok)
     ids, mask = mixed_sequence(tok, 3)
@@ -420,6 +442,19 @@ def test_batched_generation_equals_per_row_greedy(tok):
         torch.testing.assert_close(batched.logprobs[b, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0)
     assert batched.row(3) == batched.row(0)
     assert len(set(map(tuple, (batched.row(b) for b in range(3))))) == 3
+
+
+def test_shared_prefill_equals_per_row_prefill_when_sampling(tok):
+    """An RL batch: groups of rows continuing one prompt. Prefilling each prompt once and fanning it
+    out gives the same samples, token for token and log-prob for log-prob, as prefilling every row."""
+    model = tiny_model(tok, seed=4)
+    prompts = [user_prompt(tok, "How far?", 0)] * 4 + [user_prompt(tok, "Which is closer, the cube or the sphere?", 1)] * 4
+    kw = dict(max_new_tokens=40, n_image_tokens=N_IMAGE, temperature=1.0, seed=7)
+    shared, per_row = generate(model, tok, prompts, **kw), generate(model, tok, prompts, share_prefill=False, **kw)
+    assert torch.equal(shared.tokens, per_row.tokens)
+    assert torch.equal(shared.sampled_mask, per_row.sampled_mask) and torch.equal(shared.lengths, per_row.lengths)
+    torch.testing.assert_close(shared.logprobs, per_row.logprobs, atol=1e-5, rtol=0)
+    assert len({tuple(shared.row(b)) for b in range(4)}) > 1  # a group's replies differ: the rows really sample
 
 
 def test_returned_logprobs_are_the_models(tok):
