@@ -222,6 +222,50 @@ def bench_sampler():
             "sampler_threads": torch.get_num_threads()}
 
 
+def bench_rl():
+    """Rollout speed of RL at the tiny preset: the preset's rl settings (config/tiny_cpu.py: 4 train
+    questions x 8 replies at temperature 1, tools on, up to 420 new tokens) drawn by rl.rollouts from
+    the tiny preset's SFT model (out/stage2/ckpt.pt; bash runs/tiny_cpu.sh makes it), over a few
+    iterations' questions. Then the same rollouts with every row prefilled on its own
+    (sampler.generate's share_prefill=False) against one prefill a distinct prompt: the replies must
+    be identical, and the ratio of the two times is what sharing the prefill saves."""
+    import numpy as np
+    import torch
+    import prepare
+    import rl
+    import sampler
+    import trainer
+    from configurator import configure
+    cfg = configure(dict(vars(rl)), section="rl", argv=["config/tiny_cpu.py"])
+    ckpt = rl.SFT_CHECKPOINTS["all"]
+    if not os.path.exists(ckpt):
+        raise SystemExit(f"bench rl times the tiny preset's SFT model {ckpt}: run bash runs/tiny_cpu.sh "
+                         f"(or train_stage2.py) first")
+    tok, _, codes, questions, _ = prepare.stage_data(cfg["data_dir"], cfg["vq_ckpt"], splits=("train",))
+    model = trainer.load_model(ckpt)[0]
+    n_image = codes["train"].shape[-1]
+    rng = np.random.default_rng(0)
+    picks = [[questions["train"][i] for i in rng.integers(len(questions["train"]), size=cfg["prompts_per_batch"])]
+             for _ in range(3)]
+    t0 = time.perf_counter()
+    out = [rl.rollouts(model, tok, picked, codes["train"], n_image, cfg, seed) for seed, picked in enumerate(picks)]
+    dt = time.perf_counter() - t0
+    n_rollouts, n_tokens = sum(len(o[0]) for o in out), sum(int(o[2].lengths.sum()) for o in out)
+    kw = dict(max_new_tokens=cfg["max_new_tokens"], n_image_tokens=n_image, temperature=cfg["temperature"],
+              tools=cfg["tools"] == "all")
+    _, prompts, gen, _, _ = out[0]
+    times = {}
+    for share in (True, False):
+        t0 = time.perf_counter()
+        again = sampler.generate(model, tok, prompts, seed=0, share_prefill=share, **kw)
+        times[share] = time.perf_counter() - t0
+        if not torch.equal(again.tokens, gen.tokens):
+            raise AssertionError(f"share_prefill={share} changed the rollouts")
+    return {"rl_rollouts_per_s": round(n_rollouts / dt, 2), "rl_rollout_tok_per_s": round(n_tokens / dt, 1),
+            "rl_rollout_mean_len": round(n_tokens / n_rollouts, 1),
+            "rl_prefill_speedup": round(times[False] / times[True], 2), "rl_threads": torch.get_num_threads()}
+
+
 # --- learn: does a fresh model learn the task, and against what baselines? ----------------------
 # python bench.py learn --arm=maps --minutes=5: every key below is a --key=value override.
 LEARN = dict(
@@ -369,7 +413,7 @@ def bench_learn(argv=()):
 
 
 SECTIONS = {"data": bench_data, "vqgan": bench_vqgan, "kernels": bench_kernels,
-            "model": bench_model, "sampler": bench_sampler, "learn": bench_learn}
+            "model": bench_model, "sampler": bench_sampler, "rl": bench_rl, "learn": bench_learn}
 
 
 def main(argv):
