@@ -169,13 +169,10 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     # Prefill each distinct prompt once (RL samples a group of G replies to one prompt), right-
     # padded: causality keeps the padding out of the real tokens, and decoding overwrites it.
     # Then fan each prefilled row out to the rows that continue it.
-    first, distinct = {}, []
-    for b, p in enumerate(prompts):
-        key = tuple(p) if share_prefill else b
-        if key not in first:
-            first[key] = len(distinct)
-            distinct.append(p)
-    source = torch.tensor([first[tuple(p) if share_prefill else b] for b, p in enumerate(prompts)])
+    keys = [tuple(p) if share_prefill else b for b, p in enumerate(prompts)]
+    first = {}
+    source = torch.tensor([first.setdefault(key, len(first)) for key in keys])  # each row's prefilled row
+    distinct = list(dict(zip(keys, prompts)).values())  # one prompt a key, in the order of `first`
     x = torch.full((len(distinct), max(lengths)), tok.pad, dtype=torch.long)
     for i, p in enumerate(distinct):
         x[i, :len(p)] = torch.tensor(p)
