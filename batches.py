@@ -35,14 +35,17 @@ def make_batch(tok, rows, block_size):
 
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
-                 objects=None):
+                 objects=None, practice="file"):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
     scenes (the split's scene records) say which scenes lack a true depth or seg map (real data,
     manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it.
     blind=True shows VQA questions without their image (the blind baseline). per_image > 1 packs up
-    to that many of a VQA scene's questions after its one image (conversations.packed_vqa). With
+    to that many of a VQA scene's questions after its one image (conversations.packed_vqa): the
+    others from the split's question file (practice="file"), or drawn fresh from every question the
+    scene supports (data.practice_questions; "scene"), or those and the grounding drills ("drills");
+    the picked question always comes first, so the question file's category balance holds. With
     objects (the split's data.place_objects) the batch gains a fourth tensor, each row's object
     classes for the model's object head (-1 for a blind row)."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
@@ -54,19 +57,25 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         pool = [q for q in questions if has(q["scene"], "depth") and has(q["scene"], "seg")]
     else:
         pool = [i for i in range(len(codes)) if has(i, kind)]
+    if practice not in ("file", "scene", "drills"):
+        raise ValueError(f"practice must be file, scene or drills, got {practice!r}")
+    if practice != "file" and (scenes is None or any("camera" not in g for g in scenes)):
+        raise ValueError("practice questions are drawn from rendered scene graphs; real (manifest) data needs practice='file'")
     if not pool:
         raise ValueError(f"no scene has the maps stage-1 {kind} examples need: set {kind}_weight=0")
     by_scene = collections.defaultdict(list)
-    for q in questions if kind == "vqa" and per_image > 1 else ():
+    for q in questions if kind == "vqa" and per_image > 1 and practice == "file" else ():
         by_scene[q["scene"]].append(q)
     rows, row_scenes = [], []
     for _ in range(batch_size):
         pick = pool[rng.integers(len(pool))]
         if kind == "vqa":
             scene, qs = pick["scene"], [pick]
-            if per_image > 1:  # the picked question first, then others of its scene in random order
+            if per_image > 1 and practice == "file":  # the picked question first, then others of its scene
                 others = [q for q in by_scene[scene] if q is not pick]
                 qs += [others[j] for j in rng.permutation(len(others))[:per_image - 1]]
+            elif per_image > 1:
+                qs += data.practice_questions(scenes[scene], rng, per_image - 1, practice == "drills", skip=pick)
             conv = conversations.packed_vqa(qs, image=not blind)
         elif kind == "chain":
             scene, conv = pick["scene"], conversations.perception_chain(pick)

@@ -281,6 +281,7 @@ LEARN = dict(
     map_scenes=32,  # val scenes whose generated maps are scored (arm=maps)
     vqa_weight=1.0, depth_weight=0.5, seg_weight=0.5, chain_weight=0.5,  # stage 1's mixture (arm=maps)
     questions_per_image=1,  # > 1: up to this many of a scene's questions after its one image (training only)
+    practice="file",  # packed questions from the question file, drawn fresh from the scene, or with drills (batches.py)
     n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=False,  # True: a head names the object at each RGB place, its loss added (model.py)
@@ -342,7 +343,7 @@ def bench_learn(argv=()):
         def get_batch(split, rng):
             b = batches.stage1_batch(tok, codes[split], questions[split], rng, c["batch_size"], c["block_size"],
                                      w, scenes[split], blind=blind, per_image=c["questions_per_image"],
-                                     objects=None if blind else objects.get(split))
+                                     objects=None if blind else objects.get(split), practice=c["practice"])
             if split == "train":
                 seen["tokens"] += b[0].numel()
             return b
@@ -368,7 +369,8 @@ def bench_learn(argv=()):
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
     rng = np.random.default_rng([cfg["seed"], 9])
     probe = [batches.stage1_batch(tok, codes["train"], questions["train"], rng, cfg["batch_size"], cfg["block_size"],
-                                  weights, scenes["train"], per_image=cfg["questions_per_image"]) for _ in range(20)]
+                                  weights, scenes["train"], per_image=cfg["questions_per_image"], practice=cfg["practice"])
+             for _ in range(20)]
     per_iter = np.mean([b[0].numel() for b in probe]) * cfg["grad_accum"]
     if cfg["tokens"] > 0:
         max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))

@@ -50,7 +50,8 @@ CATEGORIES = ("distance", "size", "depth_order", "relative_distance", "relation"
 # Tool flag per question kind, the rule the CPR reward relies on: depth helps metric and ordering
 # questions, segmentation helps counting and left/right localisation, neither helps colour/shape.
 TOOL_FOR = {"distance": "depth", "size": "depth", "depth_order": "depth", "relative_distance": "depth",
-            "relation_front": "depth", "relation_left": "seg", "counting": "seg", "general": "none"}
+            "relation_front": "depth", "relation_left": "seg", "counting": "seg", "general": "none",
+            "exist": "none", "where": "seg"}  # the last two: training drills (drill_questions)
 
 
 @dataclass
@@ -450,16 +451,65 @@ def candidate_questions(graph):
     return q
 
 
+def pick_question(category, qs, rng):
+    """One of a category's candidates at random, or None. Counting questions whose answer is 0 are
+    passed over most of the time, so counts are not mostly zero."""
+    if category == "counting" and rng.random() < 0.7:
+        qs = [x for x in qs if x["answer"] != "0"] or qs
+    return qs[int(rng.integers(len(qs)))] if qs else None
+
+
 def make_questions(graph, rng):
-    """One question per category (where the scene supports one), drawn at random. Counting
-    questions whose answer is 0 are kept only some of the time, so counts are not mostly zero."""
+    """One question per category (where the scene supports one), drawn at random."""
     out = []
     for category, qs in candidate_questions(graph).items():
-        if category == "counting" and rng.random() < 0.7:
-            qs = [x for x in qs if x["answer"] != "0"] or qs
-        if qs:
-            q = qs[int(rng.integers(len(qs)))]
+        q = pick_question(category, qs, rng)
+        if q is not None:
             out.append(lettered(q, rng) if "options" in q else q)
+    return out
+
+
+def drill_questions(graph):
+    """Grounding drills, asked in training only: questions that need nothing but the named object
+    found, which every spatial question needs first. "exist": is there an object of each colour
+    (skipped when one is only partly visible, so the answer is never a coin toss); "where": the
+    column of a visible object's centre, and its row, which orders most pairs by depth (a lower
+    object is nearer the camera)."""
+    objs, size = graph["objects"], graph["image_size"]
+    vis = [o for o in objs if o["visible_pixels"] >= graph["min_visible"]]
+    q = {"exist": [], "where": []}
+    for c in COLORS:
+        group = [o for o in objs if o["color"] == c]
+        if not any(0 < o["visible_pixels"] < graph["min_visible"] for o in group):
+            q["exist"].append(question("drill", "exist", f"Is there a {c} object?", "yes" if any(o in vis for o in group) else "no",
+                                       "yesno", [o for o in group if o in vis]))
+    third = lambda v: min(2, int(3 * v / size))
+    for o in vis:
+        q["where"].append(question("drill", "where", f"Where is the {name(o)}, left or right?",
+                                   ("left", "middle", "right")[third(o["centroid"][0])], "choice", [o]))
+        q["where"].append(question("drill", "where", f"Where is the {name(o)}, high or low?",
+                                   ("high", "middle", "low")[third(o["centroid"][1])], "choice", [o]))
+    return q
+
+
+def practice_questions(graph, rng, k, drills=True, skip=None):
+    """Up to k questions about the scene, drawn fresh for a training row: at each draw a category
+    at random among those the scene supports (the drills' two kinds among them), then one of its
+    questions as make_questions picks it, lettered; no question twice, none about skip's objects
+    with skip's stem (the row's first question, asked already)."""
+    pools = {**candidate_questions(graph), **(drill_questions(graph) if drills else {})}
+    if skip is not None:
+        pools = {c: [x for x in qs if not (x["objects"] == skip["objects"] and skip["question"].startswith(x["question"]))]
+                 for c, qs in pools.items()}
+    pools = {c: qs for c, qs in pools.items() if qs}
+    out = []
+    while pools and len(out) < k:
+        c = list(pools)[int(rng.integers(len(pools)))]
+        q = pick_question(c, pools[c], rng)
+        out.append(lettered(q, rng) if "options" in q else q)
+        pools[c] = [x for x in pools[c] if x is not q]
+        if not pools[c]:
+            del pools[c]
     return out
 
 

@@ -47,6 +47,7 @@ depth_weight = 0.5
 seg_weight = 0.5
 chain_weight = 0.5
 questions_per_image = 1  # > 1: a VQA example asks up to this many of its scene's questions after one image
+practice = "file"  # where the packed questions come from: file, scene (drawn fresh) or drills (+ grounding drills; batches.py)
 # model
 n_layer = 4
 n_head = 4
@@ -99,7 +100,7 @@ if __name__ == "__main__":
 
     def get_batch(split, rng):
         return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
-                                    per_image=questions_per_image, objects=objects.get(split))
+                                    per_image=questions_per_image, objects=objects.get(split), practice=practice)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]

@@ -8,7 +8,7 @@ buys several answers:
     exist_text  the same, with the image replaced by the list of visible colours in text
                 ("Objects: red cyan."): the lookup without vision, the defect check for the rest
     colour      "What color is the cube?" / "What shape is the red object?" (one hop)
-    point       "Where is the red cube?"   left / middle / right (the object's centre column)
+    point       "Where is the red cube, left or right?"   left / middle / right (its centre's column)
     real        every question data.py writes for the scene (numbers by exact match), by category
 
 Options say what the model reads: --input=codes, the VQ code embeddings, as every stage;
@@ -112,11 +112,9 @@ def rung_questions(g, rng):
 
 def one_rung(rung, g, rng):
     objs, out = g["objects"], []
-    if rung.startswith("exist"):
-        for c in COLORS:
-            group = [o for o in objs if o["color"] == c]
-            if not any(0 < o["visible_pixels"] < g["min_visible"] for o in group):  # no half-visible ones
-                out.append((f"Is there a {c} object?", "yes" if any(visible(o, g) for o in group) else "no", "Is there a"))
+    if rung.startswith("exist"):  # stage 1's grounding drills (data.drill_questions), the first k colours
+        out = [(q["question"], q["answer"], "Is there a") for q in data.drill_questions(g)["exist"]
+               if q["question"].split()[3] in COLORS]
     elif rung == "colour":
         for attr, values in (("shape", data.SHAPES), ("color", data.COLORS)):
             for v in values:
@@ -125,10 +123,7 @@ def one_rung(rung, g, rng):
                     out.append((f"What color is the {v}?", group[0]["color"], "What color is") if attr == "shape"
                                else (f"What shape is the {v} object?", group[0]["shape"], "What shape is"))
     elif rung == "point":
-        for o in objs:
-            if visible(o, g):
-                column = ("left", "middle", "right")[min(2, int(3 * o["centroid"][0] / size))]
-                out.append((f"Where is the {data.name(o)}?", column, "Where is the"))
+        out = [(q["question"], q["answer"], "Where is the") for q in data.drill_questions(g)["where"] if "left or right" in q["question"]]
     else:  # every question data.py writes for the scene (numbers too, scored by exact match here)
         for category, qs in data.candidate_questions(g).items():
             for q in qs:

@@ -197,6 +197,14 @@ def recompute(q, scene, seg):
         if text.startswith("What color"):
             return next(o["color"] for o in scene["objects"] if o["shape"] == text.split("the ")[1].rstrip("?"))
         return next(o["shape"] for o in scene["objects"] if o["color"] == text.split("the ")[1].split(" ")[0])
+    if kind == "exist":
+        color = text.split("a ")[1].split(" ")[0]
+        return "yes" if any(o["color"] == color and (seg == o["id"]).sum() >= scene["min_visible"] for o in scene["objects"]) else "no"
+    if kind == "where":
+        rows, cols = np.nonzero(seg == named[0]["id"])
+        v = cols.mean() if "left or right" in text else rows.mean()
+        words = ("left", "middle", "right") if "left or right" in text else ("high", "middle", "low")
+        return words[min(2, int(3 * v / size))]
     raise AssertionError(f"no recomputation for {kind}")
 
 
@@ -216,6 +224,25 @@ def test_every_answer_matches_an_independent_recomputation(dataset):
             if q["answer_type"] == "choice":
                 assert q["answer"] in q["choices"]
             assert q["tool"] in ("depth", "seg", "none") and q["category"] in data.CATEGORIES
+
+
+def test_practice_questions_are_right_distinct_and_skip_the_asked_one(dataset):
+    """Training rows draw more questions of a scene (and the grounding drills) fresh: every answer
+    still matches the recomputation, no question comes twice, the row's first question is not asked
+    again, and every category the scene supports turns up."""
+    s, rng = data.load_split(dataset, "train"), np.random.default_rng(0)
+    kinds = collections.Counter()
+    for q0 in s["questions"]:
+        scene, seg = s["scenes"][q0["scene"]], s["seg"][q0["scene"]]
+        qs = data.practice_questions(scene, rng, 1000, drills=True, skip=q0)
+        stems = [(q["question"].split(" (A)")[0], tuple(q["objects"])) for q in qs]
+        assert len(set(stems)) == len(stems) and (q0["question"].split(" (A)")[0], tuple(q0["objects"])) not in stems
+        for q in qs:
+            assert recompute(q, scene, seg) == q["answer"], q
+            kinds[q["kind"]] += 1
+        assert not any(q["category"] == "drill" for q in data.practice_questions(scene, rng, 1000, drills=False))
+    assert set(kinds) == set(data.TOOL_FOR)
+    assert len(data.practice_questions(s["scenes"][0], rng, 3)) == 3
 
 
 def test_multiple_choice_answers_are_not_given_away_by_wording_or_position():

@@ -17,9 +17,15 @@ N = 16  # image codes per map in these tests
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("data"))
     data.build_dataset(d, 20, 4, 4, data.SceneConfig(image_size=32), seed=0)
+    return d
+
+
+@pytest.fixture(scope="module")
+def setup(data_dir):
+    d = data_dir
     tok = tokenizer.build_tokenizer(d, 300, codebook_size=32)
     codes = np.random.default_rng(0).integers(0, 32, (20, 3, N))
     return tok, codes, data.load_questions(d, "train")
@@ -79,6 +85,33 @@ def test_packed_vqa_asks_several_questions_of_one_scene_after_one_image(setup):
         assert answers == min(3, len(own)) and answers > 1
         asked = tok.decode(row.tolist()).split("?")[:answers]
         assert all(any(q["question"].split("?")[0] in a for q in own) for a in asked)
+
+
+def test_practice_rows_begin_as_the_file_row_and_ask_fresh_questions_of_its_scene(setup, data_dir):
+    """practice="drills": the row's first question is the picked one from the question file, as in
+    the file-packed row; the others are drawn fresh from its scene (drills among them), so over
+    many rows they outnumber the file's own questions. Bad values and real-data scenes stop."""
+    tok, codes, qs = setup
+    scenes, w = data.load_scenes(data_dir, "train"), {"vqa": 1.0}
+    filed = batches.stage1_batch(tok, codes, qs, np.random.default_rng(5), 8, 1024, w, scenes, per_image=4)
+    fresh = batches.stage1_batch(tok, codes, qs, np.random.default_rng(5), 8, 1024, w, scenes, per_image=4, practice="drills")
+    first = lambda b, row: tok.decode(torch.cat([b[0][row, :1], b[1][row]]).tolist()).split("</answer>")[0]
+    asked = []
+    assert first(filed, 0) == first(fresh, 0)  # the same first draw
+    for r in range(8):
+        scene = next(s for s in range(len(codes)) if (spans(tok, fresh[0][r])[0].numpy() == codes[s, 0]).all())
+        assert any(q["question"] in first(fresh, r) for q in qs if q["scene"] == scene)
+        text = tok.decode(torch.cat([fresh[0][r, :1], fresh[1][r]]).tolist())
+        assert int((fresh[1][r][fresh[2][r] == 1] == tok.answer).sum()) == 4 == text.count("</answer>")
+        own = [q["question"].split("?")[0] for q in qs if q["scene"] == scene]
+        asked += [(t.split("<|user|>")[-1], own) for t in text.split("?")[1:4]]
+    assert any("Is there a" in a or "Where is the" in a for a, _ in asked)
+    assert sum(a in own for a, own in asked) < len(asked) / 2
+    with pytest.raises(ValueError, match="practice must be"):
+        batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="all")
+    with pytest.raises(ValueError, match="manifest"):
+        batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, [{"has_depth": True}] * 20,
+                             per_image=2, practice="scene")
 
 
 def test_object_classes_follow_each_rows_scene(setup):
