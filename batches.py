@@ -35,7 +35,7 @@ def make_batch(tok, rows, block_size):
 
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
-                 objects=None, practice="file"):
+                 places=None, practice="file"):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
@@ -46,8 +46,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     others from the split's question file (practice="file"), or drawn fresh from every question the
     scene supports (data.practice_questions; "scene"), or those and the grounding drills ("drills");
     the picked question always comes first, so the question file's category balance holds. With
-    objects (the split's data.place_objects) the batch gains a fourth tensor, each row's object
-    classes for the model's object head (-1 for a blind row)."""
+    places (the split's data.place_labels) the batch gains a fourth tensor, each row's scene's
+    labels for the model's place heads (-1 for a blind row)."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -83,9 +83,9 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
             scene, conv = pick, conversations.map_request(kind)
         rows.append(tok.render_conversation(conv, scene_codes(codes, scene)))
         row_scenes.append(scene)
-    if objects is None:
+    if places is None:
         return make_batch(tok, rows, block_size)
-    labels = torch.from_numpy(objects[row_scenes]) if not (blind and kind == "vqa") else torch.full((batch_size, objects.shape[1]), -1)
+    labels = torch.from_numpy(places[row_scenes]) if not (blind and kind == "vqa") else torch.full((batch_size, *places.shape[1:]), -1)
     return (*make_batch(tok, rows, block_size), labels)
 
 

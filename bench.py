@@ -285,6 +285,7 @@ LEARN = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=False,  # True: a head names the object at each RGB place, its loss added (model.py)
+    depth_head=False,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
     image_reader=False,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="adamw", muon_lr=0.02, seed=1337, device="auto", compile=False, log_interval=20,
@@ -321,8 +322,8 @@ def bench_learn(argv=()):
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     scenes = {s: data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     n_image = codes["train"].shape[-1]
-    objects = {s: data.place_objects(data.load_split(cfg["data_dir"], s)["seg"], scenes[s], math.isqrt(n_image))
-               for s in ("train", "val")} if cfg["object_head"] else {}
+    places = {s: data.place_labels(data.load_split(cfg["data_dir"], s), math.isqrt(n_image), cfg["object_head"], cfg["depth_head"])
+              for s in ("train", "val")} if cfg["object_head"] or cfg["depth_head"] else {}
     chance = metrics.chance_scorer(questions["train"])
     cats = sorted({q["category"] for q in questions["val"]})
     eval_qs = ev.balanced_sample(questions["val"], cfg["per_category"] * len(cats))
@@ -343,7 +344,7 @@ def bench_learn(argv=()):
         def get_batch(split, rng):
             b = batches.stage1_batch(tok, codes[split], questions[split], rng, c["batch_size"], c["block_size"],
                                      w, scenes[split], blind=blind, per_image=c["questions_per_image"],
-                                     objects=None if blind else objects.get(split), practice=c["practice"])
+                                     places=None if blind else places.get(split), practice=c["practice"])
             if split == "train":
                 seen["tokens"] += b[0].numel()
             return b

@@ -343,6 +343,32 @@ def place_objects(seg, scenes, side):
     return labels
 
 
+N_DEPTH_BINS = 32  # the depth head's classes: equal steps of log depth over [DEPTH_MIN, DEPTH_MAX], ~13% each
+
+
+def place_depths(depth, scenes, side):
+    """(N, side²) int64: the bin of each place's median depth (N_DEPTH_BINS steps of log depth, the
+    depth pseudo-image's scale); -1 for a scene without a true depth map (manifest data). The depth
+    head's targets (model.py)."""
+    n, p = len(depth), depth.shape[1] // side
+    blocks = np.nan_to_num(depth, nan=DEPTH_MAX).reshape(n, side, p, side, p).transpose(0, 1, 3, 2, 4).reshape(n, side * side, -1)
+    v = np.log(np.clip(np.median(blocks, -1), DEPTH_MIN, DEPTH_MAX) / DEPTH_MIN) / math.log(DEPTH_MAX / DEPTH_MIN)
+    bins = np.minimum((v * N_DEPTH_BINS).astype(np.int64), N_DEPTH_BINS - 1)
+    bins[[not g.get("has_depth", True) for g in scenes]] = -1
+    return bins
+
+
+def place_labels(split, side, objects=True, depths=False):
+    """(N, side², heads): the place heads' labels for a loaded split (load_split), in the model's
+    order (object, then depth)."""
+    cols = []
+    if objects:
+        cols.append(place_objects(split["seg"], split["scenes"], side))
+    if depths:
+        cols.append(place_depths(split["depth"], split["scenes"], side))
+    return np.stack(cols, -1)
+
+
 def name(obj):
     return f"{obj['color']} {obj['shape']}"
 

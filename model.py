@@ -47,17 +47,20 @@ class GPTConfig:
     image_offset: int = 0  # tok.image_offset: ids >= this are image codes
     n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
     code_patch_dim: int = 0  # > 0: each code's mean pixel patch (vqgan.code_patches) joins its embedding
-    object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (see "Object head")
+    object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (see "Place heads")
+    depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (see "Place heads")
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
 
 
 # ---------------------------------------------------------------------------------------------
-# Object head. A question's answer is one token, so "which object is the red cube?" is learned from
+# Place heads. A question's answer is one token, so "which object is the red cube?" is learned from
 # one bit per question, through a lookup that forms late (the grounding plateau). With
 # object_classes > 0, a linear head on the final hidden state of each place of a row's first image
 # (the RGB in every training layout) predicts the class of the object covering it (data.place_objects:
 # colour and shape, 0 for none), and its cross entropy joins the loss: a label at every place, read
-# from the image alone. A map the model draws is no substitute: teacher-forced, each map code can be
+# from the image alone. With depth_bins > 0 a second head does the same for the place's depth
+# (data.place_depths), so "how far is the red cube?" becomes the same one-hop lookup as "what colour
+# is the cube?". A map the model draws is no substitute: teacher-forced, each map code can be
 # copied from the codes before it, so little of its signal reaches the image's places.
 #
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
@@ -351,6 +354,8 @@ class GPT(nn.Module):
             self.code_proj = nn.Linear(config.code_patch_dim, config.n_embd, bias=False)
         if config.object_classes:
             self.object_head = nn.Linear(config.n_embd, config.object_classes)
+        if config.depth_bins:
+            self.depth_head = nn.Linear(config.n_embd, config.depth_bins)
         if config.reader_vq:
             self.reader = ImageReader(config.reader_vq, config.n_embd)
         self.grid_side = math.isqrt(config.n_image_tokens)
@@ -383,12 +388,12 @@ class GPT(nn.Module):
                 n -= sum(p.numel() for p in self.reader.parameters())
         return n
 
-    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, objects=None):
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions
         where loss_mask is 1 (all positions if no mask), or None without targets. With kv_cache,
-        idx continues each row of the cache (see KVCache). objects (B, n_image_tokens), the class
-        at each place of a row's first image (-1: none asked), adds the object head's mean cross
-        entropy to the loss (see "Object head")."""
+        idx continues each row of the cache (see KVCache). places (B, n_image_tokens, heads), the
+        labels at each place of a row's first image for each place head in turn (object, then depth;
+        -1: none asked), adds each head's mean cross entropy to the loss (see "Place heads")."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
@@ -435,21 +440,27 @@ class GPT(nn.Module):
         else:
             loss_mask = loss_mask.to(nll.dtype)
             loss = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-        if objects is not None:
-            loss = loss + self.object_loss(x, idx, objects)
+        if places is not None:
+            loss = loss + self.place_loss(x, idx, places)
         return logits, loss
 
-    def object_loss(self, hidden, idx, objects):
-        """The object head's cross entropy over the places of each row's first image (rows without an
-        image, or with objects -1, count for nothing)."""
+    def place_heads(self):
+        return [getattr(self, name) for name in ("object_head", "depth_head") if hasattr(self, name)]
+
+    def place_loss(self, hidden, idx, places):
+        """The sum of the place heads' cross entropies over the places of each row's first image
+        (rows without an image, and labels of -1, count for nothing)."""
+        heads = self.place_heads()
+        if places.shape[-1] != len(heads):
+            raise ValueError(f"places has {places.shape[-1]} labels a place, the model {len(heads)} place heads")
         first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)
-        target = torch.full_like(idx, -1)
-        has = first.any(1)
-        target[first] = objects[has].reshape(-1)
-        logits = self.object_head(hidden[target >= 0])
-        if logits.numel() == 0:
-            return hidden.sum() * 0
-        return F.cross_entropy(logits.float(), target[target >= 0])
+        has, loss = first.any(1), hidden.sum() * 0
+        for j, head in enumerate(heads):
+            target = torch.full_like(idx, -1)
+            target[first] = places[has][..., j].reshape(-1)
+            if (target >= 0).any():
+                loss = loss + F.cross_entropy(head(hidden[target >= 0]).float(), target[target >= 0])
+        return loss
 
     def grid_place(self, idx, pos, kv_cache):
         """(B, T) the place of idx's image codes in their image, -1 for other tokens. With a KV

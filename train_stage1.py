@@ -58,7 +58,8 @@ attn_impl = "auto"  # auto: triton on CUDA, sdpa otherwise
 grid_rope = True  # image codes' rotations follow their grid place (model.py)
 grid_prior = 6.0  # map codes' attention starts on the aligned place (model.py)
 code_patches = False  # True: each code's mean pixel patch joins its embedding (model.py, GPTConfig.code_patch_dim)
-object_head = False  # True: a head names the object at each RGB place, its loss added (model.py, "Object head")
+object_head = False  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
+depth_head = False  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads")
 image_reader = False  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
 max_iters = 250
@@ -95,12 +96,12 @@ if __name__ == "__main__":
     weights = {"vqa": vqa_weight, "depth": depth_weight if aux else 0, "seg": seg_weight if aux else 0,
                "chain": chain_weight if aux else 0}
 
-    objects = {s: data.place_objects(data.load_split(data_dir, s)["seg"], scenes[s], math.isqrt(n_image))
-               for s in ("train", "val")} if object_head else {}
+    places = {s: data.place_labels(data.load_split(data_dir, s), math.isqrt(n_image), object_head, depth_head)
+              for s in ("train", "val")} if object_head or depth_head else {}
 
     def get_batch(split, rng):
         return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
-                                    per_image=questions_per_image, objects=objects.get(split), practice=practice)
+                                    per_image=questions_per_image, places=places.get(split), practice=practice)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]

@@ -161,6 +161,7 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],
                           object_classes=data.N_OBJECT_CLASSES if cfg.get("object_head") else 0,
+                          depth_bins=data.N_DEPTH_BINS if cfg.get("depth_head") else 0,
                           reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None)
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():
@@ -202,10 +203,10 @@ class NonFiniteLoss(RuntimeError):
 
 # --- the loop ------------------------------------------------------------------------------------
 def lm_loss(model, batch):
-    """The default objective: masked next-token cross entropy (plus the object head's, when the
-    batch brings object classes as a fourth tensor), no extra statistics."""
-    x, y, m, *objects = batch
-    return model(x, y, m, objects=objects[0] if objects else None)[1], {}
+    """The default objective: masked next-token cross entropy (plus the place heads', when the
+    batch brings their labels as a fourth tensor), no extra statistics."""
+    x, y, m, *places = batch
+    return model(x, y, m, places=places[0] if places else None)[1], {}
 
 
 def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None, loss_fn=lm_loss, steps_per_batch=1):

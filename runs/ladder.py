@@ -244,7 +244,7 @@ def forward(x, y, m, pixels, patch_y=None):
     object classes, adds the head's loss (model.py)."""
     if stem is not None:
         state["pixels"] = pixels
-    logits, loss = model(x, y, m, objects=patch_y if args.object_head else None)
+    logits, loss = model(x, y, m, places=patch_y[..., None] if args.object_head else None)
     if not args.object_head:
         return logits, loss, None
     b, t = first_image(x)

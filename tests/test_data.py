@@ -368,3 +368,22 @@ def test_place_objects_names_the_object_covering_most_of_each_place():
     assert labels[0].tolist() == [red_sphere, 0, 0, white_cube]
     assert labels[1].tolist() == [-1] * 4
     assert labels.max() < data.N_OBJECT_CLASSES
+
+
+def test_place_depths_bins_each_places_median_depth_on_the_log_scale():
+    """The depth head's label is the bin of the place's median depth: the near and far ends of the
+    range land in the first and last bins, one step of the log scale moves one bin, and a scene
+    without a true depth map (manifest data) gets -1 everywhere."""
+    step = (data.DEPTH_MAX / data.DEPTH_MIN) ** (1 / data.N_DEPTH_BINS)  # one bin's ratio
+    depth = np.full((2, 8, 8), data.DEPTH_MAX, dtype=np.float32)  # sky
+    depth[:, :4, :4] = 0.1  # nearer than the range
+    depth[:, :4, 4:] = data.DEPTH_MIN * step ** 5.5
+    depth[:, :4, 4] = 0.6  # a minority of nearer pixels does not move the median
+    depth[:, 4:, :4] = np.nan  # no reading: as far as the sky
+    labels = data.place_depths(depth, [{"objects": []}, {"image": "real.png", "has_depth": False}], 2)
+    last = data.N_DEPTH_BINS - 1
+    assert labels[0].tolist() == [0, 5, last, last]
+    assert labels[1].tolist() == [-1] * 4
+    split = {"seg": np.ones((2, 8, 8), dtype=np.uint8), "depth": depth, "scenes": [{"objects": []}] * 2}
+    both = data.place_labels(split, 2, objects=True, depths=True)
+    assert both.shape == (2, 4, 2) and both[0, :, 1].tolist() == [0, 5, last, last] and (both[..., 0] == 0).all()

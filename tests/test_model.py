@@ -244,28 +244,32 @@ def test_loss_is_mean_over_supervised_positions_and_logprobs_match(tok):
     assert not torch.isclose(loss, loss_all)
 
 
-def test_object_loss_is_the_head_cross_entropy_at_the_first_image_places(tok):
-    """The object head adds the cross entropy of its logits at the first image's places (the
-    mixed sequence's second image, a generated map, is not read); objects of -1 and rows without
-    an image add nothing, and objects=None leaves the loss as it was."""
-    model = tiny_model(tok, object_classes=5)
+def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
+    """Each place head adds the cross entropy of its logits at the first image's places (the mixed
+    sequence's second image, a generated map, is not read); labels of -1 and rows without an image
+    add nothing, places=None leaves the loss as it was, and a label count that is not the model's
+    number of heads stops."""
+    model = tiny_model(tok, object_classes=5, depth_bins=3)
     ids, mask = mixed_sequence(tok, 3)
     text_only = [t for t in ids if t < tok.image_offset]
     rows = [ids, text_only + [tok.pad] * (len(ids) - len(text_only))]
     idx, targets = torch.tensor([r[:-1] for r in rows]), torch.tensor([r[1:] for r in rows])
     loss_mask = torch.tensor([mask[1:], [1] * (len(ids) - 1)])
-    objects = torch.tensor([[0, 3, -1, 4], [1, 1, 1, 1]])
+    places = torch.tensor([[[0, 2], [3, -1], [-1, 0], [4, 1]], [[1, 1], [1, 1], [1, 1], [1, 1]]])
     _, plain = model(idx, targets, loss_mask)
-    _, with_objects = model(idx, targets, loss_mask, objects=objects)
+    _, with_places = model(idx, targets, loss_mask, places=places)
     first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
     hidden = {}
     model.ln_f.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
     model(idx)
-    head = model.object_head(hidden["h"][0, first])
-    want = torch.nn.functional.cross_entropy(head[[0, 1, 3]], torch.tensor([0, 3, 4]))
-    torch.testing.assert_close(with_objects - plain, want)
-    _, ignored = model(idx, targets, loss_mask, objects=torch.full_like(objects, -1))
+    h = hidden["h"][0, first]
+    want = (torch.nn.functional.cross_entropy(model.object_head(h)[[0, 1, 3]], torch.tensor([0, 3, 4]))
+            + torch.nn.functional.cross_entropy(model.depth_head(h)[[0, 2, 3]], torch.tensor([2, 0, 1])))
+    torch.testing.assert_close(with_places - plain, want)
+    _, ignored = model(idx, targets, loss_mask, places=torch.full_like(places, -1))
     torch.testing.assert_close(ignored, plain)
+    with pytest.raises(ValueError, match="place heads"):
+        model(idx, targets, loss_mask, places=places[..., :1])
 
 
 TINY_VQ = dict(image_size=8, downsample=4, channels=16, n_res_blocks=1, codebook_size=16, code_dim=4)  # a 2×2 grid

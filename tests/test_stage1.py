@@ -114,22 +114,22 @@ def test_practice_rows_begin_as_the_file_row_and_ask_fresh_questions_of_its_scen
                              per_image=2, practice="scene")
 
 
-def test_object_classes_follow_each_rows_scene(setup):
-    """With objects, a batch brings each row's scene's object classes (any kind of example), and -1
+def test_place_labels_follow_each_rows_scene(setup):
+    """With places, a batch brings each row's scene's place labels (any kind of example), and -1
     rows for the blind baseline, whose rows show no image; the three token tensors are unchanged."""
     tok, codes, qs = setup
-    objects = np.arange(20)[:, None] * 10 + np.arange(N)  # a different row of classes for each scene
+    places = np.arange(20)[:, None, None] * 100 + np.arange(N)[:, None] * 2 + np.arange(2)  # different for each scene
     w = {"vqa": 1, "depth": 1, "seg": 1, "chain": 1}
     for seed in range(6):
         plain = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w)
-        x, y, m, labels = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w, objects=objects)
+        x, y, m, labels = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w, places=places)
         assert all(torch.equal(a, b) for a, b in zip(plain, (x, y, m)))
         for b in range(4):
             first = spans(tok, torch.cat([x[b, :1], y[b]]))[0].numpy()
-            scene = int(labels[b, 0]) // 10
-            assert (codes[scene, 0] == first).all() and labels[b].tolist() == objects[scene].tolist()
-    *_, blind = batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"vqa": 1}, blind=True, objects=objects)
-    assert (blind == -1).all()
+            scene = int(labels[b, 0, 0]) // 100
+            assert (codes[scene, 0] == first).all() and labels[b].tolist() == places[scene].tolist()
+    *_, blind = batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"vqa": 1}, blind=True, places=places)
+    assert blind.shape == (4, N, 2) and (blind == -1).all()
 
 
 def test_stage1_mixture_masks(setup):
