@@ -42,10 +42,11 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     scenes (the split's scene records) say which scenes lack a true depth or seg map (real data,
     manifest.py): such a map is never a target, so those scenes sit out the kinds that draw it.
     blind=True shows VQA questions without their image (the blind baseline). per_image > 1 packs up
-    to that many of a VQA scene's questions after its one image (conversations.packed_vqa): the
-    others from the split's question file (practice="file"), or drawn fresh from every question the
-    scene supports (data.practice_questions; "scene"), or those and the grounding drills ("drills");
-    the picked question always comes first, so the question file's category balance holds. With
+    to that many of a VQA scene's questions after its one image (conversations.packed_vqa), as many
+    as fit in block_size: the others from the split's question file (practice="file"), or drawn
+    fresh from every question the scene supports (data.practice_questions; "scene"), or those and
+    the grounding drills ("drills"); the picked question always comes first, so the question file's
+    category balance holds. With
     places (the split's data.place_labels) the batch gains a fourth tensor, each row's scene's
     labels for the model's place heads (-1 for a blind row)."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
@@ -76,12 +77,17 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
                 qs += [others[j] for j in rng.permutation(len(others))[:per_image - 1]]
             elif per_image > 1:
                 qs += data.practice_questions(scenes[scene], rng, per_image - 1, practice == "drills", skip=pick)
-            conv = conversations.packed_vqa(qs, image=not blind)
+            row = tok.render_conversation(conversations.packed_vqa(qs, image=not blind), scene_codes(codes, scene))
+            while len(row[0]) > block_size + 1 and len(qs) > 1:  # a packed row asks what fits in the block
+                qs.pop()
+                row = tok.render_conversation(conversations.packed_vqa(qs, image=not blind), scene_codes(codes, scene))
         elif kind == "chain":
-            scene, conv = pick["scene"], conversations.perception_chain(pick)
+            scene = pick["scene"]
+            row = tok.render_conversation(conversations.perception_chain(pick), scene_codes(codes, scene))
         else:
-            scene, conv = pick, conversations.map_request(kind)
-        rows.append(tok.render_conversation(conv, scene_codes(codes, scene)))
+            scene = pick
+            row = tok.render_conversation(conversations.map_request(kind), scene_codes(codes, scene))
+        rows.append(row)
         row_scenes.append(scene)
     if places is None:
         return make_batch(tok, rows, block_size)

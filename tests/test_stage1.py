@@ -107,6 +107,8 @@ def test_practice_rows_begin_as_the_file_row_and_ask_fresh_questions_of_its_scen
         asked += [(t.split("<|user|>")[-1], own) for t in text.split("?")[1:4]]
     assert any("Is there a" in a or "Where is the" in a for a, _ in asked)
     assert sum(a in own for a, own in asked) < len(asked) / 2
+    full = batches.stage1_batch(tok, codes, qs, np.random.default_rng(5), 8, 200, w, scenes, per_image=50, practice="scene")
+    assert full[0].shape[1] <= 200 and (full[1][:, -40:] != tok.pad).any()  # as many questions as fit the block
     with pytest.raises(ValueError, match="practice must be"):
         batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="all")
     with pytest.raises(ValueError, match="manifest"):
