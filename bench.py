@@ -337,7 +337,7 @@ def bench_learn(argv=()):
     def train_arm(name, blind, max_iters):
         """Train one model; returns its curve [{iter, tokens, acc_<cat>}] and the loop's last metrics."""
         c = dict(cfg, out_dir=os.path.join(cfg["out_dir"], name), max_iters=max_iters,
-                 eval_interval=max(1, max_iters // cfg["evals"]))
+                 eval_interval=-(-max_iters // cfg["evals"]))  # the last evaluation is the run's final one
         w = {"vqa": 1.0} if blind else weights
         seen = {"tokens": 0}
 
