@@ -20,7 +20,8 @@ decoder's image, or each code's mean patch in its place), which a generated map 
 no image at all. --object_head adds the model's per-place object loss (model.py), --dense_map
 makes the model draw the same classes as a map after its answers instead. --layout=question_first
 puts the first question before the image. It prints val accuracy (teacher-forced exact match of
-every answer token, which is greedy decoding's), overall and by kind, against the majority answer
+every answer token, which is greedy decoding's; each question asked alone after its image, as
+evaluation asks, so none can read its answer off the others), overall and by kind, against the majority answer
 of each question on train, and the tokens it took to reach 90% (or the best reached).
 
     python runs/ladder.py --rung=exist --colors=1 --minutes=3      # one colour: learns in ~100 steps
@@ -133,10 +134,11 @@ def one_rung(rung, g, rng):
     return [out[i] for i in order[:args.per_image]]
 
 
-def render(split, i, rng):
-    """(ids, loss mask, its questions' kinds) of scene i's packed questions, or None if it has none."""
+def render(split, i, rng, qa=None):
+    """(ids, loss mask, its questions' kinds) of scene i's packed questions (qa, or a fresh draw),
+    or None if it has none."""
     g = splits[split]["scenes"][i]
-    qa = rung_questions(g, rng)
+    qa = rung_questions(g, rng) if qa is None else qa
     if not qa:
         return None
     conv = []
@@ -156,17 +158,22 @@ def render(split, i, rng):
     return ids, mask, [kind for _, _, kind in qa]
 
 
-def batch(split, scene_ids, rng):
-    """(idx, targets, mask, pixels of each row's scene, each row's question kinds, patch labels or None)."""
+def batch(split, scene_ids, rng, qas=None):
+    """(idx, targets, mask, pixels of each row's scene, each row's question kinds, patch labels or
+    None); qas, one list of (question, answer, kind) a row, fixes what each row asks."""
     rows, keep = [], []
-    for i in scene_ids:
-        r = render(split, i, rng)
+    for k, i in enumerate(scene_ids):
+        r = render(split, i, rng, None if qas is None else qas[k])
         if r is not None:
             rows.append(r)
             keep.append(i)
     x, y, m = batches.make_batch(tok, [(ids, mask) for ids, mask, _ in rows], BLOCK_SIZE)
-    pixels = torch.from_numpy(stem_pixels[split][keep]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, y, m, pixels, [r[2] for r in rows], None if labels is None else labels[split][keep]
+    return x, y, m, batch_pixels(split, keep), [r[2] for r in rows], None if labels is None else labels[split][keep]
+
+
+def batch_pixels(split, scene_ids):
+    """What the conv stem reads for these scenes, (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(stem_pixels[split][list(scene_ids)]).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 class ConvStem(nn.Module):
@@ -244,7 +251,7 @@ def forward(x, y, m, pixels, patch_y=None):
     object classes, adds the head's loss (model.py)."""
     if stem is not None:
         state["pixels"] = pixels
-    logits, loss = model(x, y, m, places=patch_y[..., None] if args.object_head else None)
+    logits, loss = model(x, y, m, places=patch_y[..., None] if args.object_head and patch_y is not None else None)
     if not args.object_head:
         return logits, loss, None
     b, t = first_image(x)
@@ -259,12 +266,24 @@ def answer_spans(mask_row):
 
 @torch.no_grad()
 def evaluate():
+    """Val accuracy by kind, each question asked alone after its image: packed after the others,
+    it could read its answer off them ("What shape is the red object?" … "What color is the cube?")."""
     model.eval()
     rng, hits = np.random.default_rng(123), collections.defaultdict(list)
-    for start in range(0, args.val_scenes, 32):
+    alone = [(i, [x]) for i in range(args.val_scenes) for x in rung_questions(splits["val"]["scenes"][i], rng)]
+    for start in range(0, len(alone), 64):
+        scene_ids, qas = zip(*alone[start:start + 64])
+        x, y, m, _, qs, _ = batch("val", scene_ids, rng, qas)
+        logits = forward(x, None, None, batch_pixels("val", scene_ids))[0]
+        ok = (logits.argmax(-1) == y) | (m == 0)
+        for b in range(len(x)):
+            (s, e), q = answer_spans(m[b])[0], qs[b][0]
+            hits[q].append(bool(ok[b, s:e].all()))
+    for start in range(0, args.val_scenes, 32):  # the place head, or the drawn map, on each scene once
+        if not (args.object_head or args.dense_map):
+            break
         x, y, m, pixels, qs, patch_y = batch("val", range(start, min(args.val_scenes, start + 32)), rng)
         logits, _, dense = forward(x, None, None, pixels)
-        ok = (logits.argmax(-1) == y) | (m == 0)
         if args.dense_map:  # the drawn map's object places, read back through the class codes
             drawn = torch.zeros_like(patch_y)
             for b in range(len(x)):
@@ -275,9 +294,6 @@ def evaluate():
             on, guess = patch_y > 0, dense.argmax(-1)
             hits["patch colour"] += ((guess[on] - 1) // 3 == (patch_y[on] - 1) // 3).tolist()
             hits["patch shape"] += ((guess[on] - 1) % 3 == (patch_y[on] - 1) % 3).tolist()
-        for b in range(len(x)):
-            for (s, e), q in zip(answer_spans(m[b]), qs[b]):
-                hits[q].append(bool(ok[b, s:e].all()))
     model.train()
     every = sum((v for k, v in hits.items() if not k.startswith("patch")), [])
     return float(np.mean(every)), len(every), {k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())}
