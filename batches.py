@@ -23,19 +23,37 @@ def scene_codes(codes, i):
 
 
 def make_batch(tok, rows, block_size):
-    """[(ids, mask)] -> right-padded (idx, targets, loss_mask) tensors, trimmed to the longest row."""
-    longest = max(len(ids) for ids, _ in rows)
+    """[(ids, mask)] -> right-padded (idx, targets, loss_mask) tensors, trimmed to the longest row.
+    Rows of branched_row's (ids, mask, branch) add a fourth tensor, the branches of idx (padding
+    continues a row's last branch)."""
+    longest = max(len(row[0]) for row in rows)
     if longest > block_size + 1:
         raise ValueError(f"an example of {longest} tokens does not fit block_size {block_size}: raise block_size")
     x = torch.full((len(rows), longest), tok.pad, dtype=torch.long)
     m = torch.zeros((len(rows), longest), dtype=torch.long)
-    for r, (ids, mask) in enumerate(rows):
+    for r, (ids, mask, *_) in enumerate(rows):
         x[r, :len(ids)], m[r, :len(mask)] = torch.tensor(ids), torch.tensor(mask)
-    return x[:, :-1], x[:, 1:], m[:, 1:]  # the mask belongs to the token being predicted
+    if len(rows[0]) == 2:
+        return x[:, :-1], x[:, 1:], m[:, 1:]  # the mask belongs to the token being predicted
+    br = torch.stack([torch.tensor(b + b[-1:] * (longest - len(b))) for _, _, b in rows])
+    return x[:, :-1], x[:, 1:], m[:, 1:], br[:, :-1]
+
+
+def branched_row(rows):
+    """Rows [(ids, mask)] that begin alike (one image, then each its own question and answer) ->
+    one row (ids, mask, branch): the shared beginning once (branch 0), then each row's rest as
+    branch 1, 2, … The model lets a branch see only the beginning and itself (model.branch_layout),
+    so each answer is learned exactly as in its own row, for the image's tokens paid once."""
+    first, n = rows[0][0], min(len(ids) for ids, _ in rows)
+    shared = next((t for t in range(n) if any(ids[t] != first[t] for ids, _ in rows)), n)
+    ids, mask, branch = list(first[:shared]), list(rows[0][1][:shared]), [0] * shared
+    for k, (i, m) in enumerate(rows, 1):
+        ids, mask, branch = ids + i[shared:], mask + m[shared:], branch + [k] * (len(i) - shared)
+    return ids, mask, branch
 
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
-                 places=None, practice="file"):
+                 places=None, practice="file", branched=False):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
@@ -46,9 +64,11 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     as fit in block_size: the others from the split's question file (practice="file"), or drawn
     fresh from every question the scene supports (data.practice_questions; "scene"), or those and
     the grounding drills ("drills"); the picked question always comes first, so the question file's
-    category balance holds. With
-    places (the split's data.place_labels) the batch gains a fourth tensor, each row's scene's
-    labels for the model's place heads (-1 for a blind row)."""
+    category balance holds. Packed in turn, a later question can read its answer off an earlier
+    one; branched=True packs them as branches instead (branched_row), each seeing only the image.
+    With places (the split's data.place_labels) or branches, the batch gains a fourth item, the
+    model's keyword tensors: {"places": each row's scene's labels for the place heads (-1 for a
+    blind row), "branches": the branch of each token}."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -67,6 +87,11 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     by_scene = collections.defaultdict(list)
     for q in questions if kind == "vqa" and per_image > 1 and practice == "file" else ():
         by_scene[q["scene"]].append(q)
+    if branched:
+        pack = lambda qs, scene: branched_row([tok.render_conversation(conversations.vqa_conversation(q, image=not blind),
+                                                                       scene_codes(codes, scene)) for q in qs])
+    else:
+        pack = lambda qs, scene: tok.render_conversation(conversations.packed_vqa(qs, image=not blind), scene_codes(codes, scene))
     rows, row_scenes = [], []
     for _ in range(batch_size):
         pick = pool[rng.integers(len(pool))]
@@ -77,10 +102,10 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
                 qs += [others[j] for j in rng.permutation(len(others))[:per_image - 1]]
             elif per_image > 1:
                 qs += data.practice_questions(scenes[scene], rng, per_image - 1, practice == "drills", skip=pick)
-            row = tok.render_conversation(conversations.packed_vqa(qs, image=not blind), scene_codes(codes, scene))
+            row = pack(qs, scene)
             while len(row[0]) > block_size + 1 and len(qs) > 1:  # a packed row asks what fits in the block
                 qs.pop()
-                row = tok.render_conversation(conversations.packed_vqa(qs, image=not blind), scene_codes(codes, scene))
+                row = pack(qs, scene)
         elif kind == "chain":
             scene = pick["scene"]
             row = tok.render_conversation(conversations.perception_chain(pick), scene_codes(codes, scene))
@@ -89,10 +114,12 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
             row = tok.render_conversation(conversations.map_request(kind), scene_codes(codes, scene))
         rows.append(row)
         row_scenes.append(scene)
-    if places is None:
-        return make_batch(tok, rows, block_size)
-    labels = torch.from_numpy(places[row_scenes]) if not (blind and kind == "vqa") else torch.full((batch_size, *places.shape[1:]), -1)
-    return (*make_batch(tok, rows, block_size), labels)
+    x, y, m, *br = make_batch(tok, rows, block_size)
+    extra = {"branches": br[0]} if br else {}
+    if places is not None:
+        extra["places"] = (torch.from_numpy(places[row_scenes]) if not (blind and kind == "vqa")
+                           else torch.full((batch_size, *places.shape[1:]), -1))
+    return (x, y, m, extra) if extra else (x, y, m)
 
 
 def load_traces(data_dir, split, tools, seed=0):

@@ -282,6 +282,7 @@ LEARN = dict(
     vqa_weight=1.0, depth_weight=0.5, seg_weight=0.5, chain_weight=0.5,  # stage 1's mixture (arm=maps)
     questions_per_image=1,  # > 1: up to this many of a scene's questions after its one image (training only)
     practice="file",  # packed questions from the question file, drawn fresh from the scene, or with drills (batches.py)
+    branched=False,  # True: packed questions each see the image and only their own turn (batches.branched_row)
     n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=False,  # True: a head names the object at each RGB place, its loss added (model.py)
@@ -344,7 +345,8 @@ def bench_learn(argv=()):
         def get_batch(split, rng):
             b = batches.stage1_batch(tok, codes[split], questions[split], rng, c["batch_size"], c["block_size"],
                                      w, scenes[split], blind=blind, per_image=c["questions_per_image"],
-                                     places=None if blind else places.get(split), practice=c["practice"])
+                                     places=None if blind else places.get(split), practice=c["practice"],
+                                     branched=c["branched"])
             if split == "train":
                 seen["tokens"] += b[0].numel()
             return b

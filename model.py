@@ -150,6 +150,25 @@ def first_image(idx, image_offset, n_image_tokens):
     return first & (first.sum(dim=1, keepdim=True) == n_image_tokens)
 
 
+def branch_layout(branches):
+    """Questions packed after one image as branches (batches.branched_row): branch 0 is the shared
+    beginning, branch k > 0 the k-th question and its answer. -> (pos (B, T), additive mask
+    (B, 1, T, T)): a branch's token sees the beginning and its own branch so far, at the positions
+    it had in a row of its own. So every answer is predicted exactly as if asked alone, and none
+    can be read off another question ("What shape is the red object?" before "What color is the
+    cube?"), while the image's tokens are paid for once."""
+    T = branches.size(1)
+    i = torch.arange(T, device=branches.device)
+    new = torch.ones_like(branches, dtype=torch.bool)
+    new[:, 1:] = branches[:, 1:] != branches[:, :-1]
+    start = torch.where(new, i, 0).cummax(dim=1).values  # where each token's branch begins
+    shared = (branches == 0).sum(dim=1, keepdim=True)
+    pos = torch.where(branches == 0, i, shared + i - start)
+    visible = (i[None, :] <= i[:, None]) & ((branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None]))
+    mask = torch.zeros(visible.shape, device=branches.device).masked_fill_(~visible, float("-inf"))
+    return pos, mask.unsqueeze(1)
+
+
 class ImageReader(nn.Module):
     """Codes of an image -> one vector a place: a frozen VQ decoder (its weights come from the VQ
     checkpoint, trainer.init_model) back to pixels, then a learned conv stem (see "Image reader")."""
@@ -216,7 +235,7 @@ class CausalSelfAttention(nn.Module):
         if grid_prior_on(config):  # per head, from grid_prior down to 0
             self.grid_prior = nn.Parameter(torch.linspace(config.grid_prior, 0.0, config.n_head).view(1, -1, 1, 1))
 
-    def forward(self, x, rope_q, rope_k, cache=None, prior=None):
+    def forward(self, x, rope_q, rope_k, cache=None, prior=None, mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -226,9 +245,8 @@ class CausalSelfAttention(nn.Module):
         # the rotation (fp32 tables) and, under autocast, the norms may promote q and k to fp32;
         # attention kernels and the KV cache want all three in v's dtype
         q, k = q.to(v.dtype), k.to(v.dtype)
-        mask = None
         if cache is not None:
-            kv_cache, pos, mask = cache
+            kv_cache, pos = cache
             k, v = kv_cache.update(self.layer_idx, k, v, pos, mask.size(-1))
         y = attend(q, k, v, self.attn_impl, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -256,8 +274,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope_q, rope_k, cache=None, prior=None):
-        x = x + self.drop(self.attn(self.ln_1(x), rope_q, rope_k, cache, prior))
+    def forward(self, x, rope_q, rope_k, cache=None, prior=None, mask=None):
+        x = x + self.drop(self.attn(self.ln_1(x), rope_q, rope_k, cache, prior, mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -388,18 +406,23 @@ class GPT(nn.Module):
                 n -= sum(p.numel() for p in self.reader.parameters())
         return n
 
-    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None):
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None, branches=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions
         where loss_mask is 1 (all positions if no mask), or None without targets. With kv_cache,
         idx continues each row of the cache (see KVCache). places (B, n_image_tokens, heads), the
         labels at each place of a row's first image for each place head in turn (object, then depth;
-        -1: none asked), adds each head's mean cross entropy to the loss (see "Place heads")."""
+        -1: none asked), adds each head's mean cross entropy to the loss (see "Place heads").
+        branches (B, T) lays out questions packed after one shared image (see branch_layout)."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-            pos, cache = torch.arange(T, device=idx.device).unsqueeze(0), None
+            pos, cache, mask = torch.arange(T, device=idx.device).unsqueeze(0), None, None
+            if branches is not None:
+                pos, mask = branch_layout(branches)
         else:
+            if branches is not None:
+                raise ValueError("branches are a training layout; the KV cache decodes one branch a row")
             pos = kv_cache.lengths.to(idx.device)[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             n_keys = int(pos.max()) + 1
             if n_keys > min(self.config.block_size, kv_cache.max_len):
@@ -409,7 +432,7 @@ class GPT(nn.Module):
             # float mask, made once here: sdpa would turn a bool mask into one in every layer
             visible = torch.arange(n_keys, device=idx.device) <= pos[:, :, None]
             mask = torch.zeros(visible.shape, device=idx.device).masked_fill_(~visible, float("-inf"))
-            cache = (kv_cache, pos, mask.unsqueeze(1))
+            cache, mask = (kv_cache, pos), mask.unsqueeze(1)
         x = self.wte(idx)
         if self.config.code_patch_dim:
             is_code = idx >= self.config.image_offset
@@ -429,7 +452,7 @@ class GPT(nn.Module):
         prior = None if self.grid_prior_dir is None else (place >= 0).to(x.dtype)[:, None, :, None] * self.grid_prior_dir
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope_q, rope_k, cache, prior)
+            x = block(x, rope_q, rope_k, cache, prior, mask)
         x = self.ln_f(x)
         logits = self.lm_head(x)
         if targets is None:

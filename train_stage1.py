@@ -48,6 +48,7 @@ seg_weight = 0.5
 chain_weight = 0.5
 questions_per_image = 1  # > 1: a VQA example asks up to this many of its scene's questions after one image
 practice = "file"  # where the packed questions come from: file, scene (drawn fresh) or drills (+ grounding drills; batches.py)
+branched = False  # True: packed questions each see the image and only their own turn, so none reads another's answer
 # model
 n_layer = 4
 n_head = 4
@@ -101,7 +102,8 @@ if __name__ == "__main__":
 
     def get_batch(split, rng):
         return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
-                                    per_image=questions_per_image, places=places.get(split), practice=practice)
+                                    per_image=questions_per_image, places=places.get(split), practice=practice,
+                                    branched=branched)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]

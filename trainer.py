@@ -204,9 +204,10 @@ class NonFiniteLoss(RuntimeError):
 # --- the loop ------------------------------------------------------------------------------------
 def lm_loss(model, batch):
     """The default objective: masked next-token cross entropy (plus the place heads', when the
-    batch brings their labels as a fourth tensor), no extra statistics."""
-    x, y, m, *places = batch
-    return model(x, y, m, places=places[0] if places else None)[1], {}
+    batch brings their labels), no extra statistics. A fourth item is the model's keyword tensors
+    (batches.stage1_batch: places, branches)."""
+    x, y, m, *extra = batch
+    return model(x, y, m, **(extra[0] if extra else {}))[1], {}
 
 
 def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None, loss_fn=lm_loss, steps_per_batch=1):

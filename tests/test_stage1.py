@@ -124,13 +124,14 @@ def test_place_labels_follow_each_rows_scene(setup):
     w = {"vqa": 1, "depth": 1, "seg": 1, "chain": 1}
     for seed in range(6):
         plain = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w)
-        x, y, m, labels = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w, places=places)
+        x, y, m, extra = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w, places=places)
+        labels = extra["places"]
         assert all(torch.equal(a, b) for a, b in zip(plain, (x, y, m)))
         for b in range(4):
             first = spans(tok, torch.cat([x[b, :1], y[b]]))[0].numpy()
             scene = int(labels[b, 0, 0]) // 100
             assert (codes[scene, 0] == first).all() and labels[b].tolist() == places[scene].tolist()
-    *_, blind = batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"vqa": 1}, blind=True, places=places)
+    blind = batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"vqa": 1}, blind=True, places=places)[3]["places"]
     assert blind.shape == (4, N, 2) and (blind == -1).all()
 
 
@@ -192,3 +193,36 @@ def test_bad_config_fails_before_any_work(tmp_path, arg, msg):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and msg in r.stderr
     assert not os.path.exists(tmp_path / "d") and not os.path.exists(tmp_path / "o")
+
+
+def test_branched_questions_are_each_predicted_as_if_asked_alone(setup, data_dir):
+    """branched=True: one image, then each question as its own branch. The model's logits at every
+    branch's tokens equal those of the question's own one-question row, so no answer can be read
+    off another question; the same questions packed in turn are predicted differently."""
+    from model import GPT, GPTConfig
+    tok, codes, qs = setup
+    scenes, w = data.load_scenes(data_dir, "train"), {"vqa": 1.0}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          image_offset=tok.image_offset, n_image_tokens=N)).eval()
+    x, y, m, extra = batches.stage1_batch(tok, codes, qs, np.random.default_rng(6), 4, 1024, w, scenes, per_image=3,
+                                          practice="scene", branched=True)
+    br = extra["branches"]
+    with torch.no_grad():
+        logits = model(x, branches=br)[0]
+        assert not torch.allclose(logits, model(x)[0], atol=1e-3)  # in turn, later questions see earlier ones
+        checked = 0
+        for b in range(4):
+            shared = int((br[b] == 0).sum())
+            for k in range(1, int(br[b].max()) + 1):
+                at = (br[b] == k).nonzero().flatten()
+                at = at[x[b, at] != tok.pad] if k == int(br[b].max()) else at
+                alone = torch.cat([x[b, :shared], x[b, at]])[None]
+                assert (x[b, :shared] >= tok.image_offset).sum() == N  # the image is shared
+                torch.testing.assert_close(model(alone)[0][0, shared:], logits[b, at], atol=1e-5, rtol=1e-5)
+                checked += 1
+    assert checked >= 8
+    loss = model(x, y, m, branches=br)[1]
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="branches"):
+        model(x[:, :4], kv_cache=object(), branches=br[:, :4])  # the sampler decodes one branch a row
