@@ -1,0 +1,82 @@
+"""
+Does a model answer better when its question comes after others about the same scene? Scores val
+questions (choices, yes/no and counts, teacher-forced as eval.direct_scores scores them) asked
+alone after the image, and asked last after k questions drawn fresh from the scene
+(data.practice_questions, drills among them), by category, with the share of questions whose object
+an earlier question names ("What shape is the red object?" before "What color is the cube?"). A gap
+means the model reads answers off the context: packing questions in turn teaches that, and
+evaluation, one question a row, never offers it (batches.branched_row packs them without it).
+
+    python runs/packed_context.py out/learn/rgb/ckpt.pt --data_dir=data/learn --per_category=400
+
+Ends with `final: {json}`.
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import batches  # noqa: E402
+import conversations  # noqa: E402
+import data  # noqa: E402
+import eval as ev  # noqa: E402
+import prepare  # noqa: E402
+import trainer  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
+parser.add_argument("--data_dir", default="data/learn")
+parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser.add_argument("--per_category", type=int, default=400)
+parser.add_argument("--before", type=int, default=6, help="questions asked before the scored one")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+model, _ = trainer.load_model(args.ckpt)
+tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+scenes = data.load_scenes(args.data_dir, "val")
+asked = [q for q in ev.balanced_sample(questions["val"], 10 ** 9) if q["answer_type"] != "number"]
+asked = [q for c in sorted({q["category"] for q in asked}) for q in [x for x in asked if x["category"] == c][:args.per_category]]
+rng = np.random.default_rng(args.seed)
+alone, packed, named = [], [], []
+for q in asked:
+    g, images = scenes[q["scene"]], batches.scene_codes(codes["val"], q["scene"])
+    before = data.practice_questions(g, rng, args.before, drills=True, skip=q)
+    names = [data.name(next(o for o in g["objects"] if o["id"] == i)) for i in q["objects"]]
+    named.append(any(n in b["question"] for n in names for b in before))
+    alone.append(tok.render_conversation(conversations.packed_vqa([q]), images))
+    packed.append(tok.render_conversation(conversations.packed_vqa(before + [q]), images))
+
+
+@torch.no_grad()
+def last_answer_right(rows):
+    """Whether greedy decoding would write each row's last answer exactly (every token the argmax)."""
+    out = []
+    for start in range(0, len(rows), 32):
+        x, y, m = batches.make_batch(tok, rows[start:start + 32], model.config.block_size)
+        ok = (model(x)[0].argmax(-1) == y) | (m == 0)
+        for b in range(len(x)):
+            edges = np.diff(np.concatenate([[0], m[b].numpy(), [0]]))
+            out.append(bool(ok[b, np.flatnonzero(edges == 1)[-1]:np.flatnonzero(edges == -1)[-1]].all()))
+    return np.array(out)
+
+
+a, p, named = last_answer_right(alone), last_answer_right(packed), np.array(named)
+by = collections.defaultdict(list)
+for k, q in enumerate(asked):
+    by[q["category"]].append(k)
+print(f"{len(asked)} val questions, each alone after its image and after {args.before} others of its scene")
+print(f"{'category':<18}{'n':>5}{'alone':>8}{'after':>8}{'named':>8}")
+out = {}
+for cat, ks in sorted(by.items()):
+    out[cat] = {"n": len(ks), "alone": round(float(a[ks].mean()), 4), "after": round(float(p[ks].mean()), 4),
+                "named_before": round(float(named[ks].mean()), 4)}
+    print(f"{cat:<18}{len(ks):>5}{out[cat]['alone']:>8.3f}{out[cat]['after']:>8.3f}{out[cat]['named_before']:>8.3f}")
+print("final: " + json.dumps({"ckpt": args.ckpt, "before": args.before, "alone": round(float(a.mean()), 4),
+                              "after": round(float(p.mean()), 4), "by_category": out}))
