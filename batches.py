@@ -87,7 +87,7 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     by_scene = collections.defaultdict(list)
     for q in questions if kind == "vqa" and per_image > 1 and practice == "file" else ():
         by_scene[q["scene"]].append(q)
-    if branched:
+    if branched and per_image > 1:  # one question a row needs no branches (nor their mask's cost)
         pack = lambda qs, scene: branched_row([tok.render_conversation(conversations.vqa_conversation(q, image=not blind),
                                                                        scene_codes(codes, scene)) for q in qs])
     else:

@@ -156,6 +156,18 @@ def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batc
 
 
 @torch.no_grad()
+def greedy_right(model, tok, rows, batch_size=64):
+    """For each rendered row (ids, loss_mask): whether the model's argmax, teacher-forced, is the
+    target at every supervised token, i.e. greedy decoding would write exactly them."""
+    out = []
+    for chunk in _chunks(rows, batch_size):
+        x, y, m = batches.make_batch(tok, chunk, model.config.block_size)
+        logits, _ = model(x.to(next(model.parameters()).device))
+        out += (~((logits.argmax(-1).cpu() != y) & m.bool()).any(dim=1)).tolist()
+    return out
+
+
+@torch.no_grad()
 def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, batch_size=64):
     """Each question's score for a direct answer, cheaply: a choice, yes/no or count is right when,
     with the true answer in context, the model's argmax is the target at every answer token
@@ -165,14 +177,10 @@ def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, bat
     they are decoded greedily and scored by MRA. blind=True asks without the image."""
     scores = [0.0] * len(questions)
     forced = [i for i, q in enumerate(questions) if q["answer_type"] != "number"]
-    for chunk in _chunks(forced, batch_size):
-        rows = [tok.render_conversation(conversations.vqa_conversation(questions[i], image=not blind),
-                                        batches.scene_codes(codes, questions[i]["scene"])) for i in chunk]
-        x, y, m = batches.make_batch(tok, rows, model.config.block_size)
-        logits, _ = model(x.to(next(model.parameters()).device))
-        wrong = ((logits.argmax(-1).cpu() != y) & m.bool()).any(dim=1)
-        for i, w in zip(chunk, wrong.tolist()):
-            scores[i] = float(not w)
+    rows = [tok.render_conversation(conversations.vqa_conversation(questions[i], image=not blind),
+                                    batches.scene_codes(codes, questions[i]["scene"])) for i in forced]
+    for i, right in zip(forced, greedy_right(model, tok, rows, batch_size)):
+        scores[i] = float(right)
     numbers = [i for i, q in enumerate(questions) if q["answer_type"] == "number"]
     asked = [questions[i] for i in numbers]
     replies = answer(model, tok, asked, codes, n_image_tokens, batch_size=batch_size, blind=blind, temperature=0.0)

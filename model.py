@@ -165,8 +165,13 @@ def branch_layout(branches):
     shared = (branches == 0).sum(dim=1, keepdim=True)
     pos = torch.where(branches == 0, i, shared + i - start)
     visible = (i[None, :] <= i[:, None]) & ((branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None]))
-    mask = torch.zeros(visible.shape, device=branches.device).masked_fill_(~visible, float("-inf"))
-    return pos, mask.unsqueeze(1)
+    return pos, additive_mask(visible)
+
+
+def additive_mask(visible):
+    """(B, Tq, Tk) bool -> (B, 1, Tq, Tk) float: 0 where a query may see a key, -inf elsewhere.
+    Made once a forward: sdpa would turn a bool mask into one in every layer."""
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
 
 
 class ImageReader(nn.Module):
@@ -428,11 +433,9 @@ class GPT(nn.Module):
             if n_keys > min(self.config.block_size, kv_cache.max_len):
                 raise ValueError(f"sequence of length {n_keys} is longer than block_size "
                                  f"{self.config.block_size} or the KV cache's {kv_cache.max_len}")
-            # key j is visible to the query at position p iff j <= p: causal, per row. An additive
-            # float mask, made once here: sdpa would turn a bool mask into one in every layer
-            visible = torch.arange(n_keys, device=idx.device) <= pos[:, :, None]
-            mask = torch.zeros(visible.shape, device=idx.device).masked_fill_(~visible, float("-inf"))
-            cache, mask = (kv_cache, pos), mask.unsqueeze(1)
+            # key j is visible to the query at position p iff j <= p: causal, per row
+            cache = (kv_cache, pos)
+            mask = additive_mask(torch.arange(n_keys, device=idx.device) <= pos[:, :, None])
         x = self.wte(idx)
         if self.config.code_patch_dim:
             is_code = idx >= self.config.image_offset

@@ -51,23 +51,14 @@ for q in asked:
     names = [data.name(next(o for o in g["objects"] if o["id"] == i)) for i in q["objects"]]
     named.append(any(n in b["question"] for n in names for b in before))
     alone.append(tok.render_conversation(conversations.packed_vqa([q]), images))
-    packed.append(tok.render_conversation(conversations.packed_vqa(before + [q]), images))
+    ids, mask = tok.render_conversation(conversations.packed_vqa(before + [q]), images)
+    earlier = tok.render_conversation(conversations.packed_vqa(before), images)[0]
+    assert ids[:len(earlier)] == earlier  # the row begins as the earlier questions alone
+    packed.append((ids, [0] * len(earlier) + mask[len(earlier):]))  # only the last answer is scored
 
 
-@torch.no_grad()
-def last_answer_right(rows):
-    """Whether greedy decoding would write each row's last answer exactly (every token the argmax)."""
-    out = []
-    for start in range(0, len(rows), 32):
-        x, y, m = batches.make_batch(tok, rows[start:start + 32], model.config.block_size)
-        ok = (model(x)[0].argmax(-1) == y) | (m == 0)
-        for b in range(len(x)):
-            edges = np.diff(np.concatenate([[0], m[b].numpy(), [0]]))
-            out.append(bool(ok[b, np.flatnonzero(edges == 1)[-1]:np.flatnonzero(edges == -1)[-1]].all()))
-    return np.array(out)
-
-
-a, p, named = last_answer_right(alone), last_answer_right(packed), np.array(named)
+a, p = (np.array(ev.greedy_right(model, tok, rows, 32)) for rows in (alone, packed))
+named = np.array(named)
 by = collections.defaultdict(list)
 for k, q in enumerate(asked):
     by[q["category"]].append(k)
