@@ -53,7 +53,7 @@ def branched_row(rows):
 
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
-                 places=None, practice="file", branched=False):
+                 places=None, practice="file", branched=False, coverage=None, refer_heads=0):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
@@ -68,7 +68,10 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     one; branched=True packs them as branches instead (branched_row), each seeing only the image.
     With places (the split's data.place_labels) or branches, the batch gains a fourth item, the
     model's keyword tensors: {"places": each row's scene's labels for the place heads (-1 for a
-    blind row), "branches": the branch of each token}."""
+    blind row), "branches": the branch of each token}. refer_heads > 0, with coverage (the split's
+    data.place_coverage), adds the referring loss's targets to VQA batches that show the image:
+    "refer_at", the question whose answer each position begins, and "refer", the places each
+    question's object groups (data.referents) cover, up to refer_heads groups (model.py, "Referring")."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -84,6 +87,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         raise ValueError("practice questions are drawn from rendered scene graphs; real (manifest) data needs practice='file'")
     if not pool:
         raise ValueError(f"no scene has the maps stage-1 {kind} examples need: set {kind}_weight=0")
+    if refer_heads > 0 and coverage is None:
+        raise ValueError("refer_heads > 0 needs the split's place coverage (data.place_coverage)")
     by_scene = collections.defaultdict(list)
     for q in questions if kind == "vqa" and per_image > 1 and practice == "file" else ():
         by_scene[q["scene"]].append(q)
@@ -92,7 +97,7 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
                                                                        scene_codes(codes, scene)) for q in qs])
     else:
         pack = lambda qs, scene: tok.render_conversation(conversations.packed_vqa(qs, image=not blind), scene_codes(codes, scene))
-    rows, row_scenes = [], []
+    rows, row_scenes, row_qs = [], [], []
     for _ in range(batch_size):
         pick = pool[rng.integers(len(pool))]
         if kind == "vqa":
@@ -114,12 +119,30 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
             row = tok.render_conversation(conversations.map_request(kind), scene_codes(codes, scene))
         rows.append(row)
         row_scenes.append(scene)
+        row_qs.append(qs if kind == "vqa" else [])
     x, y, m, *br = make_batch(tok, rows, block_size)
     extra = {"branches": br[0]} if br else {}
     if places is not None:
         extra["places"] = (torch.from_numpy(places[row_scenes]) if not (blind and kind == "vqa")
                            else torch.full((batch_size, *places.shape[1:]), -1))
+    if refer_heads > 0 and kind == "vqa" and not blind:
+        extra.update(refer_targets(tok, x, m, row_qs, [coverage[s] for s in row_scenes], refer_heads))
     return (x, y, m, extra) if extra else (x, y, m)
+
+
+def refer_targets(tok, x, m, row_qs, coverages, heads):
+    """The referring loss's targets for VQA rows x (and their loss mask m) asking row_qs of scenes
+    with place coverages: refer_at (B, T), the question whose first answer word each position
+    predicts (the position of its <answer>), else -1; refer (B, questions, heads, places) bool."""
+    begins = (x == tok.answer) & (m == 1)
+    refer_at = torch.where(begins, begins.long().cumsum(1) - 1, -1)
+    refer = torch.zeros(len(x), max(map(len, row_qs)), heads, coverages[0].shape[0], dtype=torch.bool)
+    for r, (qs, cov) in enumerate(zip(row_qs, coverages)):
+        assert int(begins[r].sum()) == len(qs), "one <answer> a question"
+        for k, q in enumerate(qs):
+            for h, group in enumerate(data.referents(q)[:heads]):
+                refer[r, k, h] = torch.from_numpy(data.referent_places(cov, group))
+    return {"refer_at": refer_at, "refer": refer}
 
 
 def load_traces(data_dir, split, tools, seed=0):

@@ -287,6 +287,7 @@ LEARN = dict(
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=False,  # True: a head names the object at each RGB place, its loss added (model.py)
     depth_head=False,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
+    refer_heads=0,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
     image_reader=False,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="adamw", muon_lr=0.02, seed=1337, device="auto", compile=False, log_interval=20,
@@ -325,6 +326,8 @@ def bench_learn(argv=()):
     n_image = codes["train"].shape[-1]
     places = {s: data.place_labels(data.load_split(cfg["data_dir"], s), math.isqrt(n_image), cfg["object_head"], cfg["depth_head"])
               for s in ("train", "val")} if cfg["object_head"] or cfg["depth_head"] else {}
+    coverage = {s: data.place_coverage(data.load_split(cfg["data_dir"], s)["seg"], math.isqrt(n_image))
+                for s in ("train", "val")} if cfg["refer_heads"] else {}
     chance = metrics.chance_scorer(questions["train"])
     cats = sorted({q["category"] for q in questions["val"]})
     eval_qs = ev.balanced_sample(questions["val"], cfg["per_category"] * len(cats))
@@ -346,7 +349,7 @@ def bench_learn(argv=()):
             b = batches.stage1_batch(tok, codes[split], questions[split], rng, c["batch_size"], c["block_size"],
                                      w, scenes[split], blind=blind, per_image=c["questions_per_image"],
                                      places=None if blind else places.get(split), practice=c["practice"],
-                                     branched=c["branched"])
+                                     branched=c["branched"], coverage=coverage.get(split), refer_heads=c["refer_heads"])
             if split == "train":
                 seen["tokens"] += b[0].numel()
             return b

@@ -321,14 +321,21 @@ def pseudo_images(split):
 N_OBJECT_CLASSES = 1 + len(COLORS) * len(SHAPES)  # 0: no object; 1 + colour index * 3 + shape index
 
 
+def place_coverage(seg, side):
+    """(N, side², ids) int32: how many pixels of each segment id (0 sky, 1 ground, 2… objects)
+    each place of a side×side grid over the (N, H, W) segmentations holds."""
+    n, p = len(seg), seg.shape[1] // side
+    blocks = seg.reshape(n, side, p, side, p).transpose(0, 1, 3, 2, 4).reshape(n, side * side, p * p)
+    return np.stack([(blocks == k).sum(-1, dtype=np.int32) for k in range(len(SEG_PALETTE))], -1)
+
+
 def place_objects(seg, scenes, side):
     """(N, side²) int64: at each place of a side×side grid over the (N, H, W) segmentations, the
     class (1 + colour * 3 + shape) of the object covering most of its pixels, if that is at least a
     quarter of them, else 0; -1 for a scene whose objects carry no colour and shape (manifest data).
     The object head's targets (model.py)."""
     n, p = len(seg), seg.shape[1] // side
-    blocks = seg.reshape(n, side, p, side, p).transpose(0, 1, 3, 2, 4).reshape(n, side * side, p * p)
-    counts = np.stack([(blocks == k).sum(-1) for k in range(len(SEG_PALETTE))], -1)
+    counts = place_coverage(seg, side)
     counts[..., :2] = 0  # sky and ground
     lut = np.zeros((n, len(SEG_PALETTE)), dtype=np.int64)
     for i, g in enumerate(scenes):
@@ -367,6 +374,24 @@ def place_labels(split, side, objects=True, depths=False):
     if depths:
         cols.append(place_depths(split["depth"], split["scenes"], side))
     return np.stack(cols, -1)
+
+
+def referents(q):
+    """The groups of objects (ids) a question is about, in the order it names them: one group of
+    everything a count or an existence drill covers, else each named object alone. Manifest
+    questions name none. The referring loss's targets, a group a head (model.py, "Referring")."""
+    objs = q.get("objects", [])
+    if not objs:
+        return []
+    return [objs] if q["kind"] in ("counting", "exist") else [[o] for o in objs]
+
+
+def referent_places(coverage, group):
+    """(side²,) bool: the places a group of objects covers, from one scene's place_coverage: at
+    least a quarter of a place's pixels, or, for a group too small for that, its fullest places."""
+    c = coverage[:, group].sum(-1)
+    covered = c * 4 >= coverage[0].sum()
+    return covered if covered.any() or c.max() == 0 else c == c.max()
 
 
 def name(obj):

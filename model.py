@@ -73,6 +73,14 @@ class GPTConfig:
 # model writes are still codes, and read as codes: a code is fed before the ones after it exist.
 # With a KV cache, a row's first image is read when the call that starts the row holds it whole.
 #
+# Referring. The place heads teach each place what it shows; the answer still has to find, among
+# 144 places, the ones the question names, and it learns that lookup from the one answer token.
+# The referring loss teaches it directly, as supervised attention, with no new weights: at the
+# position where an answer begins, head h of the last layer is trained to put its attention on the
+# places covered by the question's h-th object ("the red cube"; for a count, every object counted),
+# -log of the attention mass there (batches.stage1_batch builds the targets from the segmentation).
+# The other heads, and every other position, stay free.
+#
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
 # only on the difference of the two tokens' positions. It also lets the sampler give every row its
@@ -240,7 +248,8 @@ class CausalSelfAttention(nn.Module):
         if grid_prior_on(config):  # per head, from grid_prior down to 0
             self.grid_prior = nn.Parameter(torch.linspace(config.grid_prior, 0.0, config.n_head).view(1, -1, 1, 1))
 
-    def forward(self, x, rope_q, rope_k, cache=None, prior=None, mask=None):
+    def project(self, x, rope_q, rope_k, prior=None):
+        """(B, T, C) -> q, k, v, each (B, H, T, D), normed and rotated: what attention compares."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -249,7 +258,11 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
         # the rotation (fp32 tables) and, under autocast, the norms may promote q and k to fp32;
         # attention kernels and the KV cache want all three in v's dtype
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        return q.to(v.dtype), k.to(v.dtype), v
+
+    def forward(self, x, rope_q, rope_k, cache=None, prior=None, mask=None):
+        B, T, C = x.shape
+        q, k, v = self.project(x, rope_q, rope_k, prior)
         if cache is not None:
             kv_cache, pos = cache
             k, v = kv_cache.update(self.layer_idx, k, v, pos, mask.size(-1))
@@ -411,13 +424,16 @@ class GPT(nn.Module):
                 n -= sum(p.numel() for p in self.reader.parameters())
         return n
 
-    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None, branches=None):
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None, branches=None, refer_at=None, refer=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions
         where loss_mask is 1 (all positions if no mask), or None without targets. With kv_cache,
         idx continues each row of the cache (see KVCache). places (B, n_image_tokens, heads), the
         labels at each place of a row's first image for each place head in turn (object, then depth;
         -1: none asked), adds each head's mean cross entropy to the loss (see "Place heads").
-        branches (B, T) lays out questions packed after one shared image (see branch_layout)."""
+        branches (B, T) lays out questions packed after one shared image (see branch_layout).
+        refer_at (B, T), the question (0, 1, …) whose answer the token at each position begins (-1:
+        none), and refer (B, questions, heads, n_image_tokens), the places of the row's first image
+        each question's objects cover, one group a head, add the referring loss (see "Referring")."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
@@ -455,6 +471,7 @@ class GPT(nn.Module):
         prior = None if self.grid_prior_dir is None else (place >= 0).to(x.dtype)[:, None, :, None] * self.grid_prior_dir
         x = self.drop(x)
         for block in self.blocks:
+            last_in = x  # the last block's input: what the referring loss reads
             x = block(x, rope_q, rope_k, cache, prior, mask)
         x = self.ln_f(x)
         logits = self.lm_head(x)
@@ -468,6 +485,10 @@ class GPT(nn.Module):
             loss = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
         if places is not None:
             loss = loss + self.place_loss(x, idx, places)
+        if refer is not None:
+            last = self.blocks[-1]
+            q, k, _ = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
+            loss = loss + self.refer_loss(q, k, idx, mask, refer_at, refer)
         return logits, loss
 
     def place_heads(self):
@@ -487,6 +508,30 @@ class GPT(nn.Module):
             if (target >= 0).any():
                 loss = loss + F.cross_entropy(head(hidden[target >= 0]).float(), target[target >= 0])
         return loss
+
+    def refer_loss(self, q, k, idx, mask, refer_at, refer):
+        """-log of the attention mass that head h of the last layer puts, at each position where a
+        question's answer begins, on the places of that question's h-th object group, averaged over
+        the (position, head) pairs whose group covers a place. q, k (B, H, T, D) as the last layer
+        computes them; mask its additive mask (None: causal)."""
+        b, t = (refer_at >= 0).nonzero(as_tuple=True)
+        heads = refer.size(2)
+        if heads > self.config.n_head:
+            raise ValueError(f"{heads} referring heads, but the model has {self.config.n_head} heads a layer")
+        first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)
+        keep = first[b].any(1)  # a row cut before its image has no places to look at
+        b, t = b[keep], t[keep]
+        target = refer[b, refer_at[b, t]]  # (n, heads, places)
+        if not target.any():
+            return q.sum() * 0
+        scores = torch.einsum("nhd,nhsd->nhs", q[b, :heads, t], k[b, :heads]).float() / math.sqrt(q.size(-1))
+        T = idx.size(1)
+        visible = (torch.arange(T, device=idx.device) <= t[:, None]) if mask is None else mask[b, 0, t] == 0
+        logp = scores.masked_fill(~visible[:, None], float("-inf")).log_softmax(-1)
+        at_place = torch.zeros_like(logp, dtype=torch.bool)  # the target places, at their key positions
+        at_place[first[b].unsqueeze(1).expand_as(at_place)] = target.reshape(-1)
+        mass = logp.masked_fill(~at_place, float("-inf")).logsumexp(-1)  # (n, heads)
+        return -mass[target.any(-1)].mean()
 
     def grid_place(self, idx, pos, kv_cache):
         """(B, T) the place of idx's image codes in their image, -1 for other tokens. With a KV

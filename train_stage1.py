@@ -61,6 +61,7 @@ grid_prior = 6.0  # map codes' attention starts on the aligned place (model.py)
 code_patches = False  # True: each code's mean pixel patch joins its embedding (model.py, GPTConfig.code_patch_dim)
 object_head = False  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
 depth_head = False  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads")
+refer_heads = 0  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
 image_reader = False  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
 max_iters = 250
@@ -99,11 +100,13 @@ if __name__ == "__main__":
 
     places = {s: data.place_labels(data.load_split(data_dir, s), math.isqrt(n_image), object_head, depth_head)
               for s in ("train", "val")} if object_head or depth_head else {}
+    coverage = {s: data.place_coverage(data.load_split(data_dir, s)["seg"], math.isqrt(n_image))
+                for s in ("train", "val")} if refer_heads else {}
 
     def get_batch(split, rng):
         return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
                                     per_image=questions_per_image, places=places.get(split), practice=practice,
-                                    branched=branched)
+                                    branched=branched, coverage=coverage.get(split), refer_heads=refer_heads)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]

@@ -370,6 +370,26 @@ def test_place_objects_names_the_object_covering_most_of_each_place():
     assert labels.max() < data.N_OBJECT_CLASSES
 
 
+def test_referent_places_are_what_a_questions_objects_cover():
+    """The referring loss's targets, on a hand-made 2×2 grid of 4×4-pixel places: an object's places
+    are those it covers a quarter of; one too small for any gets its fullest place; a count's objects
+    are one group, a comparison's each its own, and a question naming none has no group."""
+    seg = np.ones((1, 8, 8), dtype=np.uint8)
+    seg[0, :2, :4] = 2  # place 0: object 2 on 8 of 16 pixels
+    seg[0, 0, 4:7] = 2  # place 1: 3 of 16
+    seg[0, 4, :2] = 3  # place 2: object 3 on 2 of 16
+    seg[0, 4:7, 4] = 3  # place 3: 3 of 16
+    cov = data.place_coverage(seg, 2)[0]
+    assert cov.shape == (4, len(data.SEG_PALETTE)) and (cov.sum(-1) == 16).all()
+    assert data.referent_places(cov, [2]).tolist() == [True, False, False, False]
+    assert data.referent_places(cov, [3]).tolist() == [False, False, False, True]  # too small: its fullest place
+    assert data.referent_places(cov, [2, 3]).tolist() == [True, False, False, False]
+    assert data.referent_places(cov, [4]).tolist() == [False] * 4  # not in the image
+    assert data.referents({"kind": "counting", "objects": [2, 3]}) == [[2, 3]]
+    assert data.referents({"kind": "relation_left", "objects": [3, 2]}) == [[3], [2]]
+    assert data.referents({"kind": "general", "question": "a manifest question"}) == []
+
+
 def test_place_depths_bins_each_places_median_depth_on_the_log_scale():
     """The depth head's label is the bin of the place's median depth: the near and far ends of the
     range land in the first and last bins, one step of the log scale moves one bin, and a scene

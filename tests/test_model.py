@@ -3,6 +3,8 @@
 Equivalences are checked in fp32 against a full forward pass; the sampler's grammar (image spans,
 forced tokens, the tool loop and its turn budget) is checked on mock models whose logits the test
 writes, as nanochat's tests/test_engine.py does."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -270,6 +272,34 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
     torch.testing.assert_close(ignored, plain)
     with pytest.raises(ValueError, match="place heads"):
         model(idx, targets, loss_mask, places=places[..., :1])
+
+
+def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, monkeypatch):
+    """The referring loss: at each position refer_at marks, -log of the attention that head h of the
+    last layer puts on the first image's places refer names for its question's h-th group, averaged
+    over the (position, head) pairs whose group names a place; computed here from the last layer's
+    q and k as attention itself receives them. Too many groups for the heads stops."""
+    model = tiny_model(tok)
+    ids, mask = mixed_sequence(tok, 3)
+    idx, targets, loss_mask = torch.tensor([ids[:-1]] * 2), torch.tensor([ids[1:]] * 2), torch.tensor([mask[1:]] * 2)
+    T = idx.size(1)
+    refer_at = torch.full((2, T), -1)
+    refer_at[0, T - 1], refer_at[1, T - 5], refer_at[1, T - 2] = 0, 0, 1
+    refer = torch.tensor([[[[1, 0, 0, 1], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]],
+                          [[[0, 1, 0, 0], [1, 1, 1, 0]], [[0, 0, 1, 0], [0, 1, 0, 0]]]], dtype=torch.bool)
+    seen = []
+    real_attend = model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda q, k, v, impl, mask=None: seen.append((q, k)) or real_attend(q, k, v, impl, mask))
+    _, plain = model(idx, targets, loss_mask)
+    _, with_refer = model(idx, targets, loss_mask, refer_at=refer_at, refer=refer)
+    q, k = seen[-1]  # the last layer's
+    probs = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
+    first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
+    want = [-torch.log(probs[b, h, t, [first[p] for p in range(N_IMAGE) if refer[b, qn, h, p]]].sum())
+            for b, t, qn, h in [(0, T - 1, 0, 0), (1, T - 5, 0, 0), (1, T - 5, 0, 1), (1, T - 2, 1, 0), (1, T - 2, 1, 1)]]
+    torch.testing.assert_close(with_refer - plain, torch.stack(want).mean())
+    with pytest.raises(ValueError, match="heads a layer"):
+        model(idx, targets, loss_mask, refer_at=refer_at, refer=refer.repeat(1, 1, 2, 1))
 
 
 TINY_VQ = dict(image_size=8, downsample=4, channels=16, n_res_blocks=1, codebook_size=16, code_dim=4)  # a 2×2 grid

@@ -226,3 +226,55 @@ def test_branched_questions_are_each_predicted_as_if_asked_alone(setup, data_dir
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="branches"):
         model(x[:, :4], kv_cache=object(), branches=br[:, :4])  # the sampler decodes one branch a row
+
+
+def test_refer_targets_mark_each_answer_and_the_places_of_its_objects(setup, data_dir):
+    """refer_heads: the position of each question's <answer> holds the question's index, in order;
+    its groups' places are data.referent_places of the row's scene; a branched row's referring loss
+    is that of its questions asked alone; blind and map batches bring no targets."""
+    import conversations
+    from model import GPT, GPTConfig
+    tok, codes, qs = setup
+    scenes, cov = data.load_scenes(data_dir, "train"), data.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
+    s = next(s for s in range(20) if sum(q["scene"] == s and len(q["objects"]) == 2 for q in qs) >= 1
+             and sum(q["scene"] == s for q in qs) >= 3)
+    asked = sorted((q for q in qs if q["scene"] == s), key=lambda q: -len(q["objects"]))[:3]
+    render = lambda qq: tok.render_conversation(conversations.packed_vqa(qq), batches.scene_codes(codes, s))
+    x, y, m = batches.make_batch(tok, [render(asked)], 1024)
+    t = batches.refer_targets(tok, x, m, [asked], [cov[s]], 2)
+    at = (t["refer_at"][0] >= 0).nonzero().flatten()
+    assert t["refer_at"][0, at].tolist() == [0, 1, 2] and (x[0, at] == tok.answer).all()
+    for k, q in enumerate(asked):
+        groups = data.referents(q)
+        for h in range(2):
+            want = data.referent_places(cov[s], groups[h]) if h < len(groups) else np.zeros(N, bool)
+            assert t["refer"][0, k, h].tolist() == want.tolist()
+    assert t["refer"][0, 0, 1].any()  # a two-object question fills the second head
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          image_offset=tok.image_offset, n_image_tokens=N)).eval()
+
+    def refer_part(rows, **kw):  # the referring loss and how many (position, head) pairs it averages
+        x, y, m, *br = batches.make_batch(tok, rows, 1024)
+        t = batches.refer_targets(tok, x, m, kw.pop("qs"), [cov[s]] * len(rows), 2)
+        extra = {"branches": br[0]} if br else {}
+        with torch.no_grad():
+            return model(x, y, m, **extra, **t)[1] - model(x, y, m, **extra)[1], int(t["refer"].any(-1).sum())
+    branched = batches.branched_row([render([q]) for q in asked])
+    together, _ = refer_part([branched], qs=[asked])
+    alone = [refer_part([render([q])], qs=[[q]]) for q in asked]
+    torch.testing.assert_close(together, sum(l * n for l, n in alone) / sum(n for _, n in alone), atol=1e-5, rtol=1e-5)
+
+    w = {"vqa": 1.0}
+    b = batches.stage1_batch(tok, codes, qs, np.random.default_rng(1), 4, 1024, w, scenes, per_image=3,
+                             coverage=cov, refer_heads=2)
+    x, extra = b[0], b[3]
+    assert ((extra["refer_at"] >= 0).sum(1) == (x == tok.answer).sum(1)).all()
+    blind = batches.stage1_batch(tok, codes, qs, np.random.default_rng(1), 4, 1024, w, scenes, blind=True,
+                                 coverage=cov, refer_heads=2)
+    maps = batches.stage1_batch(tok, codes, qs, np.random.default_rng(1), 4, 1024, {"depth": 1.0}, scenes,
+                                coverage=cov, refer_heads=2)
+    assert len(blind) == 3 and len(maps) == 3
+    with pytest.raises(ValueError, match="coverage"):
+        batches.stage1_batch(tok, codes, qs, np.random.default_rng(1), 4, 1024, w, scenes, refer_heads=2)

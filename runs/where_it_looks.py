@@ -1,0 +1,83 @@
+"""
+Where does a model look when it begins an answer? For val questions asked one a row after their
+image, the attention that each head of each layer puts, at the position of <answer> (the one that
+predicts the first answer word), on the places the question's first and second objects cover
+(data.referents, data.referent_places: what the referring loss teaches, model.py "Referring"),
+against the share of the visible keys those places are (what uniform attention would put there).
+A model that has learned the lookup has some head far above that share.
+
+    python runs/where_it_looks.py out/learn/rgb/ckpt.pt --data_dir=data/learn --n=800
+
+Ends with `final: {json}`.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import batches  # noqa: E402
+import conversations  # noqa: E402
+import data  # noqa: E402
+import eval as ev  # noqa: E402
+import prepare  # noqa: E402
+import trainer  # noqa: E402
+from model import first_image  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
+parser.add_argument("--data_dir", default="data/learn")
+parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser.add_argument("--n", type=int, default=800, help="val questions, balanced over categories")
+args = parser.parse_args()
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+model, _ = trainer.load_model(args.ckpt)
+tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+n_image = codes["val"].shape[-1]
+coverage = data.place_coverage(data.load_split(args.data_dir, "val")["seg"], math.isqrt(n_image))
+asked = [q for q in ev.balanced_sample(questions["val"], args.n) if data.referents(q)]
+inputs = []  # each block's positional inputs in the last forward: (x, rope_q, rope_k, cache, prior, mask)
+for block in model.blocks:
+    block.register_forward_pre_hook(lambda m, a: inputs.append(a))
+L, H = model.config.n_layer, model.config.n_head
+mass, share = np.zeros((2, L, H)), np.zeros(2)
+counted = np.zeros(2)
+with torch.no_grad():
+    for i in range(0, len(asked), 32):
+        chunk = asked[i:i + 32]
+        rows = [tok.render_conversation(conversations.vqa_conversation(q), batches.scene_codes(codes["val"], q["scene"]))
+                for q in chunk]
+        x, _, m = batches.make_batch(tok, rows, model.config.block_size)
+        t = batches.refer_targets(tok, x, m, [[q] for q in chunk], [coverage[q["scene"]] for q in chunk], 2)
+        inputs.clear()
+        model(x)
+        b, pos = (t["refer_at"] >= 0).nonzero(as_tuple=True)
+        first = first_image(x, model.config.image_offset, n_image)[b]  # (n, T)
+        places = torch.zeros(len(b), 2, x.size(1), dtype=torch.bool)
+        places[first.unsqueeze(1).expand_as(places)] = t["refer"][b, 0].reshape(-1)
+        has = places.any(-1)  # (n, 2)
+        visible = torch.arange(x.size(1)) <= pos[:, None]
+        for layer, (block, (h, rope_q, rope_k, _, prior, _)) in enumerate(zip(model.blocks, inputs)):
+            q, k, _ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
+            scores = torch.einsum("nhd,nhsd->nhs", q[b, :, pos], k[b]).float() / math.sqrt(q.size(-1))
+            probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)  # (n, H, T)
+            for g in range(2):
+                mass[g, layer] += (probs * places[:, g, None]).sum(-1)[has[:, g]].sum(0).numpy()
+        for g in range(2):
+            share[g] += (places[:, g].sum(-1) / visible.sum(-1))[has[:, g]].sum().item()
+            counted[g] += has[:, g].sum().item()
+mass, share = mass / counted[:, None, None], share / counted
+out = {"ckpt": args.ckpt, "questions": len(asked)}
+for g, what in enumerate(("first object", "second object")):
+    print(f"\nattention on the {what}'s places at <answer> ({int(counted[g])} questions; uniform: {share[g]:.3f})")
+    print("layer" + "".join(f"{f'head {h}':>9}" for h in range(H)))
+    for layer in range(L):
+        print(f"{layer:<5}" + "".join(f"{mass[g, layer, h]:>9.3f}" for h in range(H)))
+    out[f"group{g}"] = {"n": int(counted[g]), "uniform": round(float(share[g]), 4),
+                        "best": round(float(mass[g].max()), 4), "mass": np.round(mass[g], 4).tolist()}
+print("final: " + json.dumps(out))
