@@ -3,8 +3,10 @@ Where does a model look when it begins an answer? For val questions asked one a 
 image, the attention that each head of each layer puts, at the position of <answer> (the one that
 predicts the first answer word), on the places the question's first and second objects cover
 (data.referents, data.referent_places: what the referring loss teaches, model.py "Referring"),
-against the share of the visible keys those places are (what uniform attention would put there).
-A model that has learned the lookup has some head far above that share.
+and on the places of the scene's other objects, against the share of the visible keys those places
+are (what uniform attention would put there). A head that has learned the lookup is far above
+that share on the named object and not on the others; one that looks at objects in general is
+above it on both.
 
     python runs/where_it_looks.py out/learn/rgb/ckpt.pt --data_dir=data/learn --n=800
 
@@ -45,8 +47,9 @@ inputs = []  # each block's positional inputs in the last forward: (x, rope_q, r
 for block in model.blocks:
     block.register_forward_pre_hook(lambda m, a: inputs.append(a))
 L, H = model.config.n_layer, model.config.n_head
-mass, share = np.zeros((2, L, H)), np.zeros(2)
-counted = np.zeros(2)
+GROUPS = ("first object", "second object", "other objects")
+mass, share, counted = np.zeros((3, L, H)), np.zeros(3), np.zeros(3)
+ids = np.arange(coverage.shape[-1])
 with torch.no_grad():
     for i in range(0, len(asked), 32):
         chunk = asked[i:i + 32]
@@ -58,26 +61,28 @@ with torch.no_grad():
         model(x)
         b, pos = (t["refer_at"] >= 0).nonzero(as_tuple=True)
         first = first_image(x, model.config.image_offset, n_image)[b]  # (n, T)
-        places = torch.zeros(len(b), 2, x.size(1), dtype=torch.bool)
-        places[first.unsqueeze(1).expand_as(places)] = t["refer"][b, 0].reshape(-1)
-        has = places.any(-1)  # (n, 2)
+        others = [data.referent_places(coverage[q["scene"]], ids[(ids >= 2) & ~np.isin(ids, q["objects"])]) for q in chunk]
+        named = torch.cat([t["refer"][b, 0], torch.from_numpy(np.stack(others))[b, None]], 1)  # (n, 3, places)
+        places = torch.zeros(len(b), 3, x.size(1), dtype=torch.bool)
+        places[first.unsqueeze(1).expand_as(places)] = named.reshape(-1)
+        has = places.any(-1)  # (n, 3)
         visible = torch.arange(x.size(1)) <= pos[:, None]
         for layer, (block, (h, rope_q, rope_k, _, prior, _)) in enumerate(zip(model.blocks, inputs)):
             q, k, _ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
             scores = torch.einsum("nhd,nhsd->nhs", q[b, :, pos], k[b]).float() / math.sqrt(q.size(-1))
             probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)  # (n, H, T)
-            for g in range(2):
+            for g in range(3):
                 mass[g, layer] += (probs * places[:, g, None]).sum(-1)[has[:, g]].sum(0).numpy()
-        for g in range(2):
+        for g in range(3):
             share[g] += (places[:, g].sum(-1) / visible.sum(-1))[has[:, g]].sum().item()
             counted[g] += has[:, g].sum().item()
 mass, share = mass / counted[:, None, None], share / counted
 out = {"ckpt": args.ckpt, "questions": len(asked)}
-for g, what in enumerate(("first object", "second object")):
-    print(f"\nattention on the {what}'s places at <answer> ({int(counted[g])} questions; uniform: {share[g]:.3f})")
+for g, what in enumerate(GROUPS):
+    print(f"\nattention on the {what}' places at <answer> ({int(counted[g])} questions; uniform: {share[g]:.3f})")
     print("layer" + "".join(f"{f'head {h}':>9}" for h in range(H)))
     for layer in range(L):
         print(f"{layer:<5}" + "".join(f"{mass[g, layer, h]:>9.3f}" for h in range(H)))
-    out[f"group{g}"] = {"n": int(counted[g]), "uniform": round(float(share[g]), 4),
+    out[what.replace(" ", "_")] = {"n": int(counted[g]), "uniform": round(float(share[g]), 4),
                         "best": round(float(mass[g].max()), 4), "mass": np.round(mass[g], 4).tolist()}
 print("final: " + json.dumps(out))
