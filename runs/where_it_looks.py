@@ -79,7 +79,7 @@ with torch.no_grad():
 mass, share = mass / counted[:, None, None], share / counted
 out = {"ckpt": args.ckpt, "questions": len(asked)}
 for g, what in enumerate(GROUPS):
-    print(f"\nattention on the {what}' places at <answer> ({int(counted[g])} questions; uniform: {share[g]:.3f})")
+    print(f"\nattention on the places of the {what} at <answer> ({int(counted[g])} questions; uniform: {share[g]:.3f})")
     print("layer" + "".join(f"{f'head {h}':>9}" for h in range(H)))
     for layer in range(L):
         print(f"{layer:<5}" + "".join(f"{mass[g, layer, h]:>9.3f}" for h in range(H)))
