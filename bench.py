@@ -284,7 +284,6 @@ LEARN = dict(
     practice="file",  # packed questions from the question file, drawn fresh from the scene, or with drills (batches.py)
     branched=False,  # True: packed questions each see the image and only their own turn (batches.branched_row)
     n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
-    content_pairs=0,  # > 0: rotation pairs of each head left unrotated, to match content anywhere (model.py)
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=False,  # True: a head names the object at each RGB place, its loss added (model.py)
     depth_head=False,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)

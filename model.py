@@ -43,7 +43,6 @@ class GPTConfig:
     qk_norm: bool = True  # RMSNorm on queries and keys: bounds attention logits, steadier at high LR
     rope_base: float = 10000.0
     grid_rope: bool = True  # half of each head's rotations follow an image code's (row, col): see rope_angles
-    content_pairs: int = 0  # rotation pairs of each head left unrotated: content a query matches anywhere (see "Content pairs")
     grid_prior: float = 0.0  # > 0: map codes' attention starts on the aligned place (see "Grid prior" below)
     image_offset: int = 0  # tok.image_offset: ids >= this are image codes
     n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
@@ -107,23 +106,12 @@ class GPTConfig:
 # grid_prior in head 0 down to 0 in the last head). Rotated, u.u = sum of cos(f * row offset) +
 # cos(f * column offset), largest at offset 0: attention to the aligned place is there at step 0,
 # and training keeps as much of it as helps. Text carries no u.
-#
-# Content pairs. A question looks its object up among the image's places by content ("red cube"),
-# but the places sit 20 to 200 tokens back and on every grid offset, so every rotated pair turns
-# the match by a different angle at each place: only the slowest sequence pairs (3 of a 32-wide
-# head's 16) hold it steady. content_pairs > 0 takes that many of the sequence pairs out of the
-# rotation (frequency 0; the rest keep the full range), so a query can match a key's content
-# wherever it sits (GPT-NeoX and Phi rotate only part of each head the same way).
-def rope_frequencies(head_dim, base, grid_rope, side=16, content_pairs=0):
+def rope_frequencies(head_dim, base, grid_rope, side=16):
     """(sequence, grid) inverse frequencies: the head's D/2 rotation pairs, all following the
-    sequence position, or with grid_rope a half for it and a quarter each for row and column;
-    the last content_pairs sequence pairs at frequency 0 (unrotated)."""
+    sequence position, or with grid_rope a half for it and a quarter each for row and column."""
     n = head_dim // 2
     n_seq = n // 2 if grid_rope else n
-    if not 0 <= content_pairs < n_seq:
-        raise ValueError(f"content_pairs must be 0 to {n_seq - 1} (the head's sequence pairs, one left rotating), got {content_pairs}")
-    m = n_seq - content_pairs
-    seq = torch.cat((1.0 / base ** (torch.arange(m).float() / m), torch.zeros(content_pairs)))
+    seq = 1.0 / base ** (torch.arange(n_seq).float() / n_seq)
     if not grid_rope:
         return seq, None
     assert n % 4 == 0, "grid RoPE needs a head dimension divisible by 8"
@@ -409,8 +397,7 @@ class GPT(nn.Module):
         self.grid_side = math.isqrt(config.n_image_tokens)
         grid_rope = config.grid_rope and config.n_image_tokens > 0
         assert not grid_rope or self.grid_side ** 2 == config.n_image_tokens, "grid RoPE needs a square grid"
-        seq_freq, grid_freq = rope_frequencies(config.n_embd // config.n_head, config.rope_base, grid_rope, self.grid_side,
-                                               config.content_pairs)
+        seq_freq, grid_freq = rope_frequencies(config.n_embd // config.n_head, config.rope_base, grid_rope, self.grid_side)
         self.register_buffer("seq_freq", seq_freq, persistent=False)  # rebuilt from the config on load
         self.register_buffer("grid_freq", grid_freq, persistent=False)
         prior_dir = None

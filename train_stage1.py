@@ -58,7 +58,6 @@ dropout = 0.0
 attn_impl = "auto"  # auto: triton on CUDA, sdpa otherwise
 grid_rope = True  # image codes' rotations follow their grid place (model.py)
 grid_prior = 6.0  # map codes' attention starts on the aligned place (model.py)
-content_pairs = 0  # > 0: rotation pairs of each head left unrotated, to match content anywhere (model.py)
 code_patches = False  # True: each code's mean pixel patch joins its embedding (model.py, GPTConfig.code_patch_dim)
 object_head = False  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
 depth_head = False  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads")

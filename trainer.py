@@ -23,7 +23,7 @@ The loop reads its settings from the script's config dict: out_dir, init_from, s
 compile, attn_impl, max_iters, batch_size, grad_accum, learning_rate, min_lr, warmup_iters,
 weight_decay, beta1, beta2, grad_clip, log_interval, eval_interval, eval_iters, peak_tflops, and
 for a model trained from scratch n_layer, n_head, n_embd, block_size, dropout, grid_rope,
-grid_prior, content_pairs. Each stage script sets them at its top, where `--help` lists them.
+grid_prior. Each stage script sets them at its top, where `--help` lists them.
 """
 import contextlib
 import json
@@ -158,7 +158,6 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                              "it starts from a previous stage's checkpoint")
         model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
-                          content_pairs=cfg.get("content_pairs", 0),
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],
                           object_classes=data.N_OBJECT_CLASSES if cfg.get("object_head") else 0,

@@ -73,31 +73,6 @@ def test_image_grid_index_counts_each_run_of_codes():
     assert torch.equal(image_grid_index(idx, o, 4), expect)
 
 
-def test_content_pairs_match_content_at_any_position_and_place(tok):
-    """With content_pairs, a query and a key that live on those pairs alone score the same wherever
-    the two sit (any sequence distance, any grid place); on a rotated pair they do not. Every other
-    pair keeps its rotation, and asking for all of the sequence pairs stops."""
-    model = tiny_model(tok, n_embd=64, n_head=2, content_pairs=2)  # head dim 32: 8 sequence pairs, the last 2 unrotated
-    plain = tiny_model(tok, n_embd=64, n_head=2)
-    assert (model.seq_freq[-2:] == 0).all() and (model.seq_freq[:-2] > 0).all() and model.seq_freq[0] == plain.seq_freq[0]
-    assert torch.equal(model.grid_freq, plain.grid_freq)
-    D = 32
-    pos = torch.tensor([[0, 7, 30, 100]])
-    place = torch.tensor([[-1, 0, 2, 3]])
-    rope_q, rope_k = model.rotations(pos, place)
-
-    def scores(pair):  # the query at the last position against every key, both on one rotation pair
-        v = torch.zeros(1, 1, 4, D)
-        v[..., pair], v[..., pair + D // 2] = 1.0, 0.5
-        q, k = model_module.apply_rope(v, *rope_q), model_module.apply_rope(v, *rope_k)
-        return (q[..., -1:, :] @ k.transpose(-2, -1)).flatten()
-    content, rotated = scores(7), scores(1)
-    torch.testing.assert_close(content, torch.full_like(content, 1.25))
-    assert rotated.std() > 0.1
-    with pytest.raises(ValueError, match="content_pairs"):
-        tiny_model(tok, n_embd=64, n_head=2, content_pairs=8)
-
-
 def test_grid_rope_lines_up_each_code_with_the_place_it_predicts(tok):
     """In the grid half of the rotations, the query of the map code at place k (which predicts
     place k+1) is rotated exactly like the key of the RGB code at place k+1, and unlike the key at
