@@ -6,7 +6,9 @@ predicts the first answer word), on the places the question's first and second o
 and on the places of the scene's other objects, against the share of the visible keys those places
 are (what uniform attention would put there). A head that has learned the lookup is far above
 that share on the named object and not on the others; one that looks at objects in general is
-above it on both.
+above it on both. With an object head, also what it sees there: whether the head's most common
+class over the first object's places has that object's colour and shape, by the object's size in
+pixels (quartiles). A lookup can only answer what the places show.
 
     python runs/where_it_looks.py out/learn/rgb/ckpt.pt --data_dir=data/learn --n=800
 
@@ -41,11 +43,15 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 model, _ = trainer.load_model(args.ckpt)
 tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
 n_image = codes["val"].shape[-1]
-coverage = data.place_coverage(data.load_split(args.data_dir, "val")["seg"], math.isqrt(n_image))
+split = data.load_split(args.data_dir, "val")
+coverage = data.place_coverage(split["seg"], math.isqrt(n_image))
 asked = [q for q in ev.balanced_sample(questions["val"], args.n) if data.referents(q)]
 inputs = []  # each block's positional inputs in the last forward: (x, rope_q, rope_k, cache, prior, mask)
 for block in model.blocks:
     block.register_forward_pre_hook(lambda m, a: inputs.append(a))
+final = {}  # the last hidden states, where the object head reads
+model.ln_f.register_forward_hook(lambda m, i, o: final.__setitem__("h", o))
+seen = []  # (pixels, colour right, shape right) of each question's first object, as the object head names it
 L, H = model.config.n_layer, model.config.n_head
 GROUPS = ("first object", "second object", "other objects")
 mass, share, counted = np.zeros((3, L, H)), np.zeros(3), np.zeros(3)
@@ -76,6 +82,18 @@ with torch.no_grad():
         for g in range(3):
             share[g] += (places[:, g].sum(-1) / visible.sum(-1))[has[:, g]].sum().item()
             counted[g] += has[:, g].sum().item()
+        if hasattr(model, "object_head"):
+            classes = model.object_head(final["h"]).argmax(-1)  # (B, T): 1 + colour * 3 + shape, 0 for none
+            for j, r in enumerate(b.tolist()):
+                q = chunk[r]
+                if len(data.referents(q)[0]) != 1 or not has[j, 0]:
+                    continue
+                votes = classes[r][places[j, 0]]
+                votes = votes[votes > 0]
+                o = next(o for o in split["scenes"][q["scene"]]["objects"] if o["id"] == q["objects"][0])
+                c = int(votes.mode().values) - 1 if len(votes) else -1
+                seen.append((o["visible_pixels"], c >= 0 and list(data.COLORS)[c // 3] == o["color"],
+                             c >= 0 and data.SHAPES[c % 3] == o["shape"]))
 mass, share = mass / counted[:, None, None], share / counted
 out = {"ckpt": args.ckpt, "questions": len(asked)}
 for g, what in enumerate(GROUPS):
@@ -85,4 +103,15 @@ for g, what in enumerate(GROUPS):
         print(f"{layer:<5}" + "".join(f"{mass[g, layer, h]:>9.3f}" for h in range(H)))
     out[what.replace(" ", "_")] = {"n": int(counted[g]), "uniform": round(float(share[g]), 4),
                         "best": round(float(mass[g].max()), 4), "mass": np.round(mass[g], 4).tolist()}
+if seen:
+    px, colour, shape = (np.array(v) for v in zip(*seen))
+    edges = np.quantile(px, [0, 0.25, 0.5, 0.75, 1])
+    print(f"\nthe object head over the first object's places ({len(px)} questions): right colour / shape")
+    print(f"{'pixels':<12}{'n':>5}{'colour':>8}{'shape':>8}")
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        k = (px >= lo) & (px <= hi)
+        print(f"{f'{lo:.0f}-{hi:.0f}':<12}{k.sum():>5}{colour[k].mean():>8.3f}{shape[k].mean():>8.3f}")
+    print(f"{'all':<12}{len(px):>5}{colour.mean():>8.3f}{shape.mean():>8.3f}")
+    out["object_head"] = {"n": len(px), "colour": round(float(colour.mean()), 4), "shape": round(float(shape.mean()), 4),
+                          "pixel_quartiles": edges.round(1).tolist()}
 print("final: " + json.dumps(out))
