@@ -671,13 +671,14 @@ if __name__ == "__main__":
     n_train, n_val, n_test = TINY_PRESET["n_train"], TINY_PRESET["n_val"], TINY_PRESET["n_test"]
     image_size = TINY_PRESET["image_size"]
     far = SceneConfig.far  # metres: the farthest object; nearer scenes have larger objects
+    min_visible = SceneConfig.min_visible  # pixels at 64×64 (scaled by area) for an object to be named
     seed = TINY_PRESET["seed"]
     force = False  # rebuild even if out_dir already holds this dataset
     manifest = ""  # real data instead: JSONL manifests, a path with {split}, e.g. "real/{split}.jsonl"
     from configurator import configure
     configure(globals(), section="data")
     # -----------------------------------------------------------------------------
-    cfg = SceneConfig(image_size=image_size, far=far)
+    cfg = SceneConfig(image_size=image_size, far=far, min_visible=min_visible)
     meta_path = os.path.join(out_dir, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
     wanted = {"train": n_train, "val": n_val, "test": n_test}
