@@ -270,6 +270,7 @@ def bench_rl():
 # python bench.py learn --arm=maps --minutes=5: every key below is a --key=value override.
 LEARN = dict(
     data_dir="data/learn",  # the tiny preset's scenes with 600 val scenes (~570 questions a category)
+    far=8.0, min_visible=16,  # the scenes' settings (data.SceneConfig), checked against a dataset already in data_dir
     vq_ckpt="out/vqgan/ckpt.pt",  # the tiny preset's VQ (trained first if missing)
     out_dir="out/learn",
     arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1)
@@ -319,7 +320,7 @@ def bench_learn(argv=()):
         raise SystemExit(f"config error: arm must be rgb or maps, got {cfg['arm']!r}")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1))))
     t_start = time.time()
-    data.prepare(cfg["data_dir"], n_val=600, n_test=200)  # built once: the tiny preset with more val scenes
+    data.prepare(cfg["data_dir"], n_val=600, n_test=200, far=cfg["far"], min_visible=cfg["min_visible"])  # built once
     tok, vq, codes, questions, _ = prepare.stage_data(cfg["data_dir"], cfg["vq_ckpt"])
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     scenes = {s: data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}

@@ -646,12 +646,20 @@ def load_meta(data_dir):
 
 
 def prepare(data_dir="data/tiny", **preset):
-    """Build the dataset in data_dir if it is not complete yet (the tiny preset unless told otherwise)."""
+    """Build the dataset in data_dir if it is not complete yet: the tiny preset, with any of its
+    settings (TINY_PRESET) or SceneConfig's far and min_visible given in preset. A dataset already
+    there is used as it is, unless it was built with other scene settings than preset names: then
+    this stops, since stale scenes would quietly ask other questions."""
+    scene = {k: v for k, v in preset.items() if k in ("far", "min_visible")}
     if os.path.exists(os.path.join(data_dir, "meta.json")):
-        return load_meta(data_dir)
+        meta = load_meta(data_dir)
+        stale = {k: meta["config"].get(k) for k, v in scene.items() if meta["config"].get(k) != v}
+        if stale:
+            raise SystemExit(f"{data_dir} holds scenes built with {stale}, not {scene}: remove it to rebuild, or pick another data_dir")
+        return meta
     p = dict(TINY_PRESET, **preset)
     print(f"dataset {data_dir} missing: building it ({p['n_train']}/{p['n_val']}/{p['n_test']} scenes)")
-    return build_dataset(data_dir, p["n_train"], p["n_val"], p["n_test"], SceneConfig(image_size=p["image_size"]), p["seed"])
+    return build_dataset(data_dir, p["n_train"], p["n_val"], p["n_test"], SceneConfig(image_size=p["image_size"], **scene), p["seed"])
 
 
 TINY_PRESET = {"n_train": 4000, "n_val": 200, "n_test": 400, "image_size": 48, "seed": 0}

@@ -346,9 +346,14 @@ def test_same_seed_byte_identical_and_splits_disjoint(tmp_path, dataset):
 
 
 def test_prepare_is_a_no_op_on_a_complete_dataset(dataset, capsys):
+    """A complete dataset is used as it is; asked for other scene settings than it was built
+    with, prepare stops instead of handing back stale scenes."""
     meta = data.prepare(dataset)
     assert meta["counts"]["train"]["scenes"] == 60
+    assert data.prepare(dataset, far=data.SceneConfig.far) == meta
     assert "building" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="min_visible"):
+        data.prepare(dataset, min_visible=data.SceneConfig.min_visible + 1)
 
 
 def test_place_objects_names_the_object_covering_most_of_each_place():
