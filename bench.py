@@ -267,10 +267,13 @@ def bench_rl():
 
 
 # --- learn: does a fresh model learn the task, and against what baselines? ----------------------
-# python bench.py learn --arm=maps --minutes=5: every key below is a --key=value override.
+# python bench.py learn --arm=maps --minutes=5: every key below is a --key=value override. The
+# defaults are the design that learns fastest so far (docs/experiments.md, "Shape is the missing
+# percept"): objects nearer and only larger ones named, so their shape survives the VQ; a 4×128
+# model with Muon; the object head, the referring loss and the pixel reader; 7 questions an image.
 LEARN = dict(
-    data_dir="data/learn",  # the tiny preset's scenes with 600 val scenes (~570 questions a category)
-    far=8.0, min_visible=16,  # the scenes' settings (data.SceneConfig), checked against a dataset already in data_dir
+    data_dir="data/learn",  # the tiny preset's renderer at 48 px with 600 val scenes (~550 questions a category)
+    far=6.0, min_visible=48,  # the scenes' settings (data.SceneConfig; the tiny preset's are 8.0 and 16)
     vq_ckpt="out/vqgan/ckpt.pt",  # the tiny preset's VQ (trained first if missing)
     out_dir="out/learn",
     arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1)
@@ -281,17 +284,17 @@ LEARN = dict(
     per_category=400,  # val questions a category at each evaluation (s.e. <= 2.5 points)
     map_scenes=32,  # val scenes whose generated maps are scored (arm=maps)
     vqa_weight=1.0, depth_weight=0.5, seg_weight=0.5, chain_weight=0.5,  # stage 1's mixture (arm=maps)
-    questions_per_image=1,  # > 1: up to this many of a scene's questions after its one image (training only)
-    practice="file",  # packed questions from the question file, drawn fresh from the scene, or with drills (batches.py)
+    questions_per_image=7,  # > 1: up to this many of a scene's questions after its one image (training only)
+    practice="scene",  # packed questions from the question file, drawn fresh from the scene, or with drills (batches.py)
     branched=False,  # True: packed questions each see the image and only their own turn (batches.branched_row)
-    n_layer=4, n_head=4, n_embd=256, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
+    n_layer=4, n_head=4, n_embd=128, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
-    object_head=False,  # True: a head names the object at each RGB place, its loss added (model.py)
+    object_head=True,  # True: a head names the object at each RGB place, its loss added (model.py)
     depth_head=False,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
-    refer_heads=0,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
-    image_reader=False,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
+    refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
+    image_reader=True,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
-    beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="adamw", muon_lr=0.02, seed=1337, device="auto", compile=False, log_interval=20,
+    beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="muon", muon_lr=0.05, seed=1337, device="auto", compile=False, log_interval=20,
     eval_iters=0, peak_tflops=0.0, init_from="scratch",
 )
 
