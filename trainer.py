@@ -127,11 +127,21 @@ def load_checkpoint(path, device="cpu"):
     return torch.load(path, map_location=device, weights_only=True)
 
 
+def model_config(model_args, path):
+    """GPTConfig from a checkpoint's model_args, or a clear error if model.py no longer has one
+    of its settings (a checkpoint of another version: old checkpoints need not load)."""
+    unknown = sorted(set(model_args) - set(GPTConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"checkpoint {path} was saved by another version of model.py: GPTConfig has no "
+                         f"{', '.join(unknown)}; train it again, or check out the commit that wrote it")
+    return GPTConfig(**model_args)
+
+
 def load_model(path, device="cpu", attn_impl=None):
     """A trained model from a ckpt.pt, in eval mode (for sampling and evaluation)."""
     ckpt = load_checkpoint(path, device)
     args = dict(ckpt["model_args"], **({"attn_impl": attn_impl} if attn_impl else {}))
-    model = GPT(GPTConfig(**args))
+    model = GPT(model_config(args, path))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -169,7 +179,7 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
             raise ValueError(f"checkpoint {key} {model_args.get(key)} != this data's {value}: "
                              "was it trained with another tokenizer or VQ codebook?")
     model_args = dict(model_args, attn_impl=cfg["attn_impl"])
-    model = GPT(GPTConfig(**model_args))
+    model = GPT(model_config(model_args, os.path.join(cfg["out_dir"], "ckpt.pt") if init == "resume" else init))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     else:

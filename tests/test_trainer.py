@@ -87,6 +87,20 @@ def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeyp
     assert ck["iter_num"] == 1 and torch.equal(ck["w"], torch.ones(3))
 
 
+def test_checkpoint_of_another_model_version_fails_clearly(tmp_path):
+    """A checkpoint whose model_args name a setting model.py no longer has stops with its name,
+    not a bare TypeError; one that fits loads."""
+    from model import GPT, GPTConfig
+    args = dict(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(GPTConfig(**args))
+    good, bad = str(tmp_path / "good.pt"), str(tmp_path / "bad.pt")
+    trainer.save_checkpoint(good, {"model": model.state_dict(), "model_args": args})
+    trainer.save_checkpoint(bad, {"model": model.state_dict(), "model_args": dict(args, rope_spin=3)})
+    assert trainer.load_model(good)[0].config.n_embd == 16
+    with pytest.raises(ValueError, match="another version of model.py: GPTConfig has no rope_spin"):
+        trainer.load_model(bad)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = loop_driver.get_batch
     calls = {"n": 0}
