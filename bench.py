@@ -328,10 +328,11 @@ def bench_learn(argv=()):
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     scenes = {s: data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     n_image = codes["train"].shape[-1]
-    places = {s: data.place_labels(data.load_split(cfg["data_dir"], s), math.isqrt(n_image), cfg["object_head"], cfg["depth_head"])
-              for s in ("train", "val")} if cfg["object_head"] or cfg["depth_head"] else {}
-    coverage = {s: data.place_coverage(data.load_split(cfg["data_dir"], s)["seg"], math.isqrt(n_image))
-                for s in ("train", "val")} if cfg["refer_heads"] else {}
+    heads = cfg["object_head"] or cfg["depth_head"]
+    splits = {s: data.load_split(cfg["data_dir"], s) for s in ("train", "val")} if heads or cfg["refer_heads"] else {}
+    places = {s: data.place_labels(sp, math.isqrt(n_image), cfg["object_head"], cfg["depth_head"])
+              for s, sp in splits.items()} if heads else {}
+    coverage = {s: data.place_coverage(sp["seg"], math.isqrt(n_image)) for s, sp in splits.items()} if cfg["refer_heads"] else {}
     chance = metrics.chance_scorer(questions["train"])
     cats = sorted({q["category"] for q in questions["val"]})
     eval_qs = ev.balanced_sample(questions["val"], cfg["per_category"] * len(cats))

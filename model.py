@@ -182,6 +182,19 @@ def additive_mask(visible):
     return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
 
 
+def place_attention(q, k, mask, b, t, first, target):
+    """log of the attention mass that the query at row b[i], position t[i] puts, in each head of q,
+    on the places of its row's first image that target (n, heads, places) marks (-inf where it marks
+    none). q, k (B, heads, T, D) as attention compares them; mask its additive mask (None: causal);
+    first (n, T) the positions of row b[i]'s first image (model.first_image), whole."""
+    scores = torch.einsum("nhd,nhsd->nhs", q[b, :, t], k[b]).float() / math.sqrt(q.size(-1))
+    visible = (torch.arange(k.size(2), device=k.device) <= t[:, None]) if mask is None else mask[b, 0, t] == 0
+    logp = scores.masked_fill(~visible[:, None], float("-inf")).log_softmax(-1)
+    at_place = torch.zeros_like(logp, dtype=torch.bool)  # the marked places, at their key positions
+    at_place[first.unsqueeze(1).expand_as(at_place)] = target.reshape(-1)
+    return logp.masked_fill(~at_place, float("-inf")).logsumexp(-1)
+
+
 class ImageReader(nn.Module):
     """Codes of an image -> one vector a place: a frozen VQ decoder (its weights come from the VQ
     checkpoint, trainer.init_model) back to pixels, then a learned conv stem (see "Image reader")."""
@@ -485,7 +498,7 @@ class GPT(nn.Module):
             loss = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
         if places is not None:
             loss = loss + self.place_loss(x, idx, places)
-        if refer is not None:
+        if refer is not None:  # the last layer's q and k again: attention kernels do not return their weights
             last = self.blocks[-1]
             q, k, _ = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
             loss = loss + self.refer_loss(q, k, idx, mask, refer_at, refer)
@@ -524,13 +537,7 @@ class GPT(nn.Module):
         target = refer[b, refer_at[b, t]]  # (n, heads, places)
         if not target.any():
             return q.sum() * 0
-        scores = torch.einsum("nhd,nhsd->nhs", q[b, :heads, t], k[b, :heads]).float() / math.sqrt(q.size(-1))
-        T = idx.size(1)
-        visible = (torch.arange(T, device=idx.device) <= t[:, None]) if mask is None else mask[b, 0, t] == 0
-        logp = scores.masked_fill(~visible[:, None], float("-inf")).log_softmax(-1)
-        at_place = torch.zeros_like(logp, dtype=torch.bool)  # the target places, at their key positions
-        at_place[first[b].unsqueeze(1).expand_as(at_place)] = target.reshape(-1)
-        mass = logp.masked_fill(~at_place, float("-inf")).logsumexp(-1)  # (n, heads)
+        mass = place_attention(q[:, :heads], k[:, :heads], mask, b, t, first[b], target)
         return -mass[target.any(-1)].mean()
 
     def grid_place(self, idx, pos, kv_cache):

@@ -98,10 +98,11 @@ if __name__ == "__main__":
     weights = {"vqa": vqa_weight, "depth": depth_weight if aux else 0, "seg": seg_weight if aux else 0,
                "chain": chain_weight if aux else 0}
 
-    places = {s: data.place_labels(data.load_split(data_dir, s), math.isqrt(n_image), object_head, depth_head)
-              for s in ("train", "val")} if object_head or depth_head else {}
-    coverage = {s: data.place_coverage(data.load_split(data_dir, s)["seg"], math.isqrt(n_image))
-                for s in ("train", "val")} if refer_heads else {}
+    splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels
+              for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads}
+    places = {s: data.place_labels(sp, math.isqrt(n_image), object_head, depth_head)
+              for s, sp in splits.items()} if object_head or depth_head else {}
+    coverage = {s: data.place_coverage(sp["seg"], math.isqrt(n_image)) for s, sp in splits.items()} if refer_heads else {}
 
     def get_batch(split, rng):
         return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
@@ -114,7 +115,7 @@ if __name__ == "__main__":
         print(f"token budget {token_budget:,}: {max_iters} iterations")
     patches = prepare.code_patches(data_dir, vq, codes["train"]) if code_patches and init_from == "scratch" else None
     model, optimizer, start = trainer.init_model(config, run, tok, n_image, patches, vq)
-    val = data.load_split(data_dir, "val")
+    val = splits["val"]
     chance = metrics.chance_scorer(questions["train"])
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
     grid_ids = list(range(min(6, eval_scenes)))

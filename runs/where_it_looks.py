@@ -30,7 +30,7 @@ import data  # noqa: E402
 import eval as ev  # noqa: E402
 import prepare  # noqa: E402
 import trainer  # noqa: E402
-from model import first_image  # noqa: E402
+from model import first_image, place_attention  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
@@ -69,18 +69,14 @@ with torch.no_grad():
         first = first_image(x, model.config.image_offset, n_image)[b]  # (n, T)
         others = [data.referent_places(coverage[q["scene"]], ids[(ids >= 2) & ~np.isin(ids, q["objects"])]) for q in chunk]
         named = torch.cat([t["refer"][b, 0], torch.from_numpy(np.stack(others))[b, None]], 1)  # (n, 3, places)
-        places = torch.zeros(len(b), 3, x.size(1), dtype=torch.bool)
-        places[first.unsqueeze(1).expand_as(places)] = named.reshape(-1)
-        has = places.any(-1)  # (n, 3)
-        visible = torch.arange(x.size(1)) <= pos[:, None]
+        has = named.any(-1)  # (n, 3)
         for layer, (block, (h, rope_q, rope_k, _, prior, _)) in enumerate(zip(model.blocks, inputs)):
             q, k, _ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
-            scores = torch.einsum("nhd,nhsd->nhs", q[b, :, pos], k[b]).float() / math.sqrt(q.size(-1))
-            probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)  # (n, H, T)
             for g in range(3):
-                mass[g, layer] += (probs * places[:, g, None]).sum(-1)[has[:, g]].sum(0).numpy()
+                log_mass = place_attention(q, k, None, b, pos, first, named[:, g, None].expand(-1, H, -1))
+                mass[g, layer] += log_mass.exp()[has[:, g]].sum(0).numpy()
         for g in range(3):
-            share[g] += (places[:, g].sum(-1) / visible.sum(-1))[has[:, g]].sum().item()
+            share[g] += (named[:, g].sum(-1) / (pos + 1))[has[:, g]].sum().item()
             counted[g] += has[:, g].sum().item()
         if hasattr(model, "object_head"):
             classes = model.object_head(final["h"]).argmax(-1)  # (B, T): 1 + colour * 3 + shape, 0 for none
@@ -88,7 +84,7 @@ with torch.no_grad():
                 q = chunk[r]
                 if len(data.referents(q)[0]) != 1 or not has[j, 0]:
                     continue
-                votes = classes[r][places[j, 0]]
+                votes = classes[r][first[j]][named[j, 0]]
                 votes = votes[votes > 0]
                 o = next(o for o in split["scenes"][q["scene"]]["objects"] if o["id"] == q["objects"][0])
                 c = int(votes.mode().values) - 1 if len(votes) else -1

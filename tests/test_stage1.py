@@ -255,15 +255,15 @@ def test_refer_targets_mark_each_answer_and_the_places_of_its_objects(setup, dat
     model = GPT(GPTConfig(block_size=1024, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,
                           image_offset=tok.image_offset, n_image_tokens=N)).eval()
 
-    def refer_part(rows, **kw):  # the referring loss and how many (position, head) pairs it averages
+    def refer_part(rows, row_qs):  # the referring loss and how many (position, head) pairs it averages
         x, y, m, *br = batches.make_batch(tok, rows, 1024)
-        t = batches.refer_targets(tok, x, m, kw.pop("qs"), [cov[s]] * len(rows), 2)
+        t = batches.refer_targets(tok, x, m, row_qs, [cov[s]] * len(rows), 2)
         extra = {"branches": br[0]} if br else {}
         with torch.no_grad():
             return model(x, y, m, **extra, **t)[1] - model(x, y, m, **extra)[1], int(t["refer"].any(-1).sum())
     branched = batches.branched_row([render([q]) for q in asked])
-    together, _ = refer_part([branched], qs=[asked])
-    alone = [refer_part([render([q])], qs=[[q]]) for q in asked]
+    together, _ = refer_part([branched], [asked])
+    alone = [refer_part([render([q])], [[q]]) for q in asked]
     torch.testing.assert_close(together, sum(l * n for l, n in alone) / sum(n for _, n in alone), atol=1e-5, rtol=1e-5)
 
     w = {"vqa": 1.0}
