@@ -232,7 +232,12 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
     if cfg["compile"]:
         model = torch.compile(model)
     if run.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+        # A place head trains only on batches that bring its labels (none in stage 2 and RL), and
+        # DDP otherwise waits for every parameter's gradient; the search for unused ones costs a
+        # walk of the autograd graph an iteration, so it is on only for models with such heads.
+        unused = bool(raw_model.config.object_classes or raw_model.config.depth_bins)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None,
+                                                          find_unused_parameters=unused)
     if cfg["grad_accum"] % run.world_size:
         raise ValueError(f"grad_accum={cfg['grad_accum']} must be a multiple of the {run.world_size} ranks")
     accum = cfg["grad_accum"] // run.world_size

@@ -1,5 +1,5 @@
 """A tiny run of trainer.train on synthetic token sequences, for the loop's tests (DDP, resume).
-    python tests/loop_driver.py OUT_DIR MAX_ITERS GRAD_ACCUM [INIT_FROM [OPTIMIZER]]
+    python tests/loop_driver.py OUT_DIR MAX_ITERS GRAD_ACCUM [INIT_FROM [OPTIMIZER [OBJECT_HEAD]]]
     torchrun --standalone --nproc_per_node=2 tests/loop_driver.py ..."""
 import os
 import sys
@@ -34,15 +34,18 @@ def get_batch(split, rng, batch_size=4):
     return seq[:, :-1], seq[:, 1:], mask
 
 
-def config(out_dir, max_iters, grad_accum, init_from="scratch", optimizer="adamw"):
+def config(out_dir, max_iters, grad_accum, init_from="scratch", optimizer="adamw", object_head=False):
+    """object_head=True gives the model a head these text batches never train, as a stage-1
+    checkpoint brings to stage 2 and RL."""
     return dict(LOOP, out_dir=out_dir, max_iters=max_iters, grad_accum=grad_accum, init_from=init_from, optimizer=optimizer,
+                object_head=object_head,
                 n_layer=2, n_head=2, n_embd=32, block_size=T, batch_size=4, warmup_iters=2, learning_rate=3e-3,
                 log_interval=1, eval_interval=max(1, max_iters // 2), eval_iters=2, peak_tflops=1.0, attn_impl="sdpa")
 
 
-def main(out_dir, max_iters, grad_accum, init_from="scratch", optimizer="adamw"):
+def main(out_dir, max_iters, grad_accum, init_from="scratch", optimizer="adamw", object_head="False"):
     torch.manual_seed(0)
-    cfg = config(out_dir, int(max_iters), int(grad_accum), init_from, optimizer)
+    cfg = config(out_dir, int(max_iters), int(grad_accum), init_from, optimizer, object_head in (True, "True"))
     run = trainer.setup_run("cpu")
     model, opt, start = trainer.init_model(cfg, run, TOK, 0)
     trainer.train(cfg, run, model, opt, start, get_batch)

@@ -17,18 +17,22 @@ def losses(out_dir):
     return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl"))) if "loss" in r]
 
 
-def run_driver(tmp_path, name, iters, accum, init="scratch", optimizer="adamw"):
-    loop_driver.main(str(tmp_path / name), iters, accum, init, optimizer)
+def run_driver(tmp_path, name, iters, accum, init="scratch", optimizer="adamw", object_head=False):
+    loop_driver.main(str(tmp_path / name), iters, accum, init, optimizer, object_head)
     return str(tmp_path / name)
 
 
-def test_ddp_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("object_head", [False, True])
+def test_ddp_two_ranks_match_one_process(tmp_path, object_head):
     """2 gloo ranks × 2 micro-batches against 1 process × 4 micro-batches: the same 4 micro-batches
-    an iteration, so the same losses. Tolerance 1e-5: only the order of float sums differs."""
-    single = run_driver(tmp_path, "single", 6, 4)
+    an iteration, so the same losses. Tolerance 1e-5: only the order of float sums differs. With
+    an object head that no batch trains (stage 2 and RL from a stage-1 checkpoint), DDP must not
+    wait for its gradient."""
+    single = run_driver(tmp_path, "single", 6, 4, object_head=object_head)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "tests/loop_driver.py",
-                        str(tmp_path / "ddp"), "6", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "ddp"), "6", "4", "scratch", "adamw", str(object_head)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(single), losses(str(tmp_path / "ddp"))
     assert len(a) == len(b) == 6
