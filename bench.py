@@ -272,8 +272,8 @@ def bench_rl():
 # percept"): objects nearer and only larger ones named, so their shape survives the VQ; a 4×128
 # model with Muon; the object head, the referring loss and the pixel reader; 7 questions an image.
 LEARN = dict(
-    data_dir="data/learn",  # the tiny preset's renderer at 48 px with 600 val scenes (~550 questions a category)
-    far=6.0, min_visible=48,  # the scenes' settings (data.SceneConfig; the tiny preset's are 8.0 and 16)
+    data_dir="data/learn",  # the tiny preset's scenes at 48 px, with 600 val scenes (~550 questions a category)
+    far=6.0, min_visible=48,  # the scenes' settings (data.SceneConfig's defaults, the tiny preset's)
     vq_ckpt="out/vqgan/ckpt.pt",  # the tiny preset's VQ (trained first if missing)
     out_dir="out/learn",
     arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1)
