@@ -292,6 +292,7 @@ LEARN = dict(
     object_head=True,  # True: a head names the object at each RGB place, its loss added (model.py)
     depth_head=False,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
     refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
+    pointer=False,  # True: what each referring head brings back must say where it looked (model.py, "Referring")
     image_reader=True,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="muon", muon_lr=0.05, seed=1337, device="auto", compile=False, log_interval=20,

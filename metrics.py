@@ -141,12 +141,12 @@ def seg_miou_matched(pred, true):
 
 
 def question_scores(tok, questions, replies):
-    """Per question: its category, score, and δ<2 for numbers."""
+    """Per question: its category, score, δ<2 for numbers, and the answer the reply gave."""
     out = []
     for q, r in zip(questions, replies):
         text = tok.answer_of(tok.parse_reply(r)[0])
         d2 = within_factor_2(parse_number(text, q["unit"]), q["value"]) if q["answer_type"] == "number" else None
-        out.append({"category": q["category"], "score": score_answer(q, text), "delta2": d2})
+        out.append({"category": q["category"], "score": score_answer(q, text), "delta2": d2, "answer": text})
     return out
 
 

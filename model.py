@@ -50,6 +50,7 @@ class GPTConfig:
     object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (see "Place heads")
     depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (see "Place heads")
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
+    pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +81,12 @@ class GPTConfig:
 # places covered by the question's h-th object ("the red cube"; for a count, every object counted),
 # -log of the attention mass there (batches.stage1_batch builds the targets from the segmentation).
 # The other heads, and every other position, stay free.
+# Pointing. A comparison needs more than the two objects found: which is lower, which further left.
+# The place embedding holds that, but a linear probe reads it at chance from what the referring
+# heads bring back (runs/what_it_reads.py): their values carry what an object is, not where, and
+# the comparison's one answer token has not taught them otherwise. With pointer, a linear map of
+# what head h brings back (its attention-weighted values) is trained to give the (row, col) of
+# the centre of the places it is taught to look at, squared error on a [-1, 1] grid.
 #
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
@@ -182,14 +189,19 @@ def additive_mask(visible):
     return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
 
 
-def place_attention(q, k, mask, b, t, first, target):
-    """log of the attention mass that the query at row b[i], position t[i] puts, in each head of q,
-    on the places of its row's first image that target (n, heads, places) marks (-inf where it marks
-    none). q, k (B, heads, T, D) as attention compares them; mask its additive mask (None: causal);
-    first (n, T) the positions of row b[i]'s first image (model.first_image), whole."""
+def attention_logp(q, k, mask, b, t):
+    """(n, heads, T) log attention weights of the query at row b[i], position t[i], in each head of
+    q, over its row's keys. q, k (B, heads, T, D) as attention compares them; mask its additive
+    mask (None: causal)."""
     scores = torch.einsum("nhd,nhsd->nhs", q[b, :, t], k[b]).float() / math.sqrt(q.size(-1))
     visible = (torch.arange(k.size(2), device=k.device) <= t[:, None]) if mask is None else mask[b, 0, t] == 0
-    logp = scores.masked_fill(~visible[:, None], float("-inf")).log_softmax(-1)
+    return scores.masked_fill(~visible[:, None], float("-inf")).log_softmax(-1)
+
+
+def place_attention(logp, first, target):
+    """log of the attention mass, from attention_logp's (n, heads, T), that each query puts on the
+    places of its row's first image that target (n, heads, places) marks (-inf where it marks
+    none); first (n, T) the positions of that image (model.first_image), whole."""
     at_place = torch.zeros_like(logp, dtype=torch.bool)  # the marked places, at their key positions
     at_place[first.unsqueeze(1).expand_as(at_place)] = target.reshape(-1)
     return logp.masked_fill(~at_place, float("-inf")).logsumexp(-1)
@@ -407,6 +419,8 @@ class GPT(nn.Module):
             self.depth_head = nn.Linear(config.n_embd, config.depth_bins)
         if config.reader_vq:
             self.reader = ImageReader(config.reader_vq, config.n_embd)
+        if config.pointer:  # per head: its value space -> (row, col)
+            self.pointer = nn.Parameter(torch.randn(config.n_head, config.n_embd // config.n_head, 2) * 0.02)
         self.grid_side = math.isqrt(config.n_image_tokens)
         grid_rope = config.grid_rope and config.n_image_tokens > 0
         assert not grid_rope or self.grid_side ** 2 == config.n_image_tokens, "grid RoPE needs a square grid"
@@ -500,8 +514,8 @@ class GPT(nn.Module):
             loss = loss + self.place_loss(x, idx, places)
         if refer is not None:  # the last layer's q and k again: attention kernels do not return their weights
             last = self.blocks[-1]
-            q, k, _ = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
-            loss = loss + self.refer_loss(q, k, idx, mask, refer_at, refer)
+            q, k, v = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
+            loss = loss + self.refer_loss(q, k, v, idx, mask, refer_at, refer)
         return logits, loss
 
     def place_heads(self):
@@ -522,11 +536,12 @@ class GPT(nn.Module):
                 loss = loss + F.cross_entropy(head(hidden[target >= 0]).float(), target[target >= 0])
         return loss
 
-    def refer_loss(self, q, k, idx, mask, refer_at, refer):
+    def refer_loss(self, q, k, v, idx, mask, refer_at, refer):
         """-log of the attention mass that head h of the last layer puts, at each position where a
         question's answer begins, on the places of that question's h-th object group, averaged over
-        the (position, head) pairs whose group covers a place. q, k (B, H, T, D) as the last layer
-        computes them; mask its additive mask (None: causal)."""
+        the (position, head) pairs whose group covers a place; with pointer, plus the squared error
+        of the (row, col) that head's output points at (see "Referring"). q, k, v (B, H, T, D) as
+        the last layer computes them; mask its additive mask (None: causal)."""
         b, t = (refer_at >= 0).nonzero(as_tuple=True)
         heads = refer.size(2)
         if heads > self.config.n_head:
@@ -537,8 +552,19 @@ class GPT(nn.Module):
         target = refer[b, refer_at[b, t]]  # (n, heads, places)
         if not target.any():
             return q.sum() * 0
-        mass = place_attention(q[:, :heads], k[:, :heads], mask, b, t, first[b], target)
-        return -mass[target.any(-1)].mean()
+        logp = attention_logp(q[:, :heads], k[:, :heads], mask, b, t)
+        mass = place_attention(logp, first[b], target)
+        has = target.any(-1)
+        loss = -mass[has].mean()
+        if self.config.pointer:
+            out = torch.einsum("nhs,nhsd->nhd", logp.exp().to(v.dtype), v[b, :heads]).float()  # what each head brings back
+            side = self.grid_side
+            grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).view(-1, 2)
+            grid = (2 * grid / (side - 1) - 1).to(out.device)  # (places, 2): row, col in [-1, 1]
+            centre = target.float() @ grid / target.sum(-1, keepdim=True).clamp(min=1)  # (n, heads, 2)
+            said = torch.einsum("nhd,hdc->nhc", out, self.pointer[:heads])
+            loss = loss + (said - centre)[has].square().sum(-1).mean()
+        return loss
 
     def grid_place(self, idx, pos, kv_cache):
         """(B, T) the place of idx's image codes in their image, -1 for other tokens. With a KV

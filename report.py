@@ -46,6 +46,21 @@ def summarise(per_seed):
     return out
 
 
+def distinct_answers(per_seed):
+    """[per-question scores of one seed] -> {category: (distinct answers given, the mean over seeds;
+    questions a seed)}. 1 is one constant answer for every question of the category: an arm that
+    has learned only the answer prior."""
+    counts, asked = collections.defaultdict(list), {}
+    for scores in per_seed:
+        by = collections.defaultdict(list)
+        for s in scores:
+            by[s["category"]].append(s["answer"])
+        for c, answers in by.items():
+            counts[c].append(len(set(answers)))
+            asked[c] = len(answers)
+    return {c: (float(np.mean(v)), asked[c]) for c, v in counts.items()}
+
+
 KEEP_MARGIN = 5.0  # points of general accuracy COOPER may lose and still count as keeping it
 
 
@@ -144,12 +159,14 @@ def trace_markdown(tok, vq, q, reply, report_dir, name):
 def write(report_dir, done, data_dir, n_questions, roots, evaluated):
     """report_dir/report.md from eval.evaluate_arm's results, {arm: result} in the report's order.
     Returns (the summarised table {arm: {metric: (mean, se)}}, the Table 1 markdown rows)."""
-    table, extra, tools_table, maps_table, example = {}, {}, {}, {}, None
+    table, extra, tools_table, maps_table, example, distinct = {}, {}, {}, {}, None, {}
     for arm, r in done.items():
         if r["per_seed"]:
             table[arm] = summarise(r["per_seed"])
+            distinct[arm] = distinct_answers(r["per_seed"])
         if r["per_seed_direct"]:
             extra["PE (direct)"] = summarise(r["per_seed_direct"])
+            distinct["PE (direct)"] = distinct_answers(r["per_seed_direct"])
         for upto, per_seed in r["given"].items():
             if per_seed:
                 extra[f"COOPER, true {upto} forced"] = summarise(per_seed)
@@ -174,6 +191,10 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
         avg = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
         map_rows.append(f"| {arm} | {avg['depth_absrel']:.3f} | {avg['depth_delta1']:.3f} | "
                         f"{avg['object_depth_absrel']:.3f} | {avg['seg_miou']:.3f} | {avg.get('seg_miou_matched', np.nan):.3f} |")
+    cats = sorted({c for d in distinct.values() for c in d})
+    distinct_rows = ["| model | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    for arm, d in distinct.items():
+        distinct_rows.append(f"| {arm} | " + " | ".join(f"{d[c][0]:g} of {d[c][1]}" if c in d else "–" for c in cats) + " |")
     tool_rows = []
     for arm, ts in tools_table.items():
         t = {k: float(np.mean([x[k] for x in ts])) for k in ts[0]}
@@ -198,6 +219,10 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
         "of that map, and the model writes the rest (`eval.answer_given`). Where they are no better than COOPER's "
         "own row, its answers do not follow what it perceives.", "",
         "## Claims", "", *[f"- {c}" for c in claims(table)], "",
+        "## Distinct answers", "",
+        "How many different answers each arm gave to a category's questions (the mean over seeds): "
+        "1 is one constant answer, the answer prior and nothing more.", "",
+        *distinct_rows, "",
         "## Generated maps (stage-1 instruction, test scenes)", "", *map_rows, "",
         "![maps](maps_pe.png)" if "PE" in maps_table else "", "",
         "RGB | generated depth | true depth | generated segmentation | true segmentation", "",

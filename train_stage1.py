@@ -62,6 +62,7 @@ code_patches = False  # True: each code's mean pixel patch joins its embedding (
 object_head = True  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
 depth_head = False  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads")
 refer_heads = 2  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
+pointer = False  # True: what each referring head brings back must say where it looked (model.py, "Referring")
 image_reader = True  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
 max_iters = 250

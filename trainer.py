@@ -172,7 +172,8 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],
                           object_classes=data.N_OBJECT_CLASSES if cfg.get("object_head") else 0,
                           depth_bins=data.N_DEPTH_BINS if cfg.get("depth_head") else 0,
-                          reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None)
+                          reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None,
+                          pointer=bool(cfg.get("pointer")))
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():
         if model_args.get(key) != value:
@@ -232,10 +233,10 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
     if cfg["compile"]:
         model = torch.compile(model)
     if run.ddp:
-        # A place head trains only on batches that bring its labels (none in stage 2 and RL), and
-        # DDP otherwise waits for every parameter's gradient; the search for unused ones costs a
-        # walk of the autograd graph an iteration, so it is on only for models with such heads.
-        unused = bool(raw_model.config.object_classes or raw_model.config.depth_bins)
+        # A place head or the pointer trains only on batches that bring its labels (none in stage 2
+        # and RL), and DDP otherwise waits for every parameter's gradient; the search for unused
+        # ones costs a walk of the autograd graph an iteration, so it is on only for such models.
+        unused = bool(raw_model.config.object_classes or raw_model.config.depth_bins or raw_model.config.pointer)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None,
                                                           find_unused_parameters=unused)
     if cfg["grad_accum"] % run.world_size:

@@ -30,7 +30,7 @@ import data  # noqa: E402
 import eval as ev  # noqa: E402
 import prepare  # noqa: E402
 import trainer  # noqa: E402
-from model import first_image, place_attention  # noqa: E402
+from model import attention_logp, first_image, place_attention  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
@@ -73,7 +73,7 @@ with torch.no_grad():
         for layer, (block, (h, rope_q, rope_k, _, prior, _)) in enumerate(zip(model.blocks, inputs)):
             q, k, _ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
             for g in range(3):
-                log_mass = place_attention(q, k, None, b, pos, first, named[:, g, None].expand(-1, H, -1))
+                log_mass = place_attention(attention_logp(q, k, None, b, pos), first, named[:, g, None].expand(-1, H, -1))
                 mass[g, layer] += log_mass.exp()[has[:, g]].sum(0).numpy()
         for g in range(3):
             share[g] += (named[:, g].sum(-1) / (pos + 1))[has[:, g]].sum().item()

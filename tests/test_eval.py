@@ -107,6 +107,14 @@ def fake_scores(acc_by_cat, n=20):
     return [{"category": c, "score": float(i < a * n), "delta2": None} for c, a in acc_by_cat.items() for i in range(n)]
 
 
+def test_distinct_answers_counts_each_categorys_different_answers():
+    """A constant arm gives 1 a category; the count is over a seed's answers, averaged over seeds."""
+    constant = [{"category": c, "score": 0.0, "delta2": None, "answer": "yes"} for c in ("relation", "counting") for _ in range(5)]
+    assert report.distinct_answers([constant]) == {"relation": (1.0, 5), "counting": (1.0, 5)}
+    varied = [dict(s, answer=str(i % 3)) for i, s in enumerate(constant)]
+    assert report.distinct_answers([varied, constant]) == {"relation": (2.0, 5), "counting": (2.0, 5)}
+
+
 def test_summarise_and_claims():
     cats = report.SPATIAL + ("general",)
     base = report.summarise([fake_scores({c: 0.3 for c in cats})])
@@ -235,7 +243,7 @@ def test_eval_script_writes_the_report_and_workers_agree(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         finals.append(json.loads(out.stdout.strip().splitlines()[-1].removeprefix("final: ")))
         text = (report / "report.md").read_text()
-        assert all(f"| {arm} |" in text for arm in ev.ARMS) and "## Claims" in text
+        assert all(f"| {arm} |" in text for arm in ev.ARMS) and "## Claims" in text and "## Distinct answers" in text
         assert "| COOPER, true map forced |" in text and "| COOPER, true reading forced |" in text
         assert (report / "maps_pe.png").exists()
     assert set(finals[0]) == set(ev.ARMS) and all(f["seeds"] == 2 for f in finals[0].values())

@@ -302,6 +302,35 @@ def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, mon
         model(idx, targets, loss_mask, refer_at=refer_at, refer=refer.repeat(1, 1, 2, 1))
 
 
+def test_pointer_adds_the_squared_error_of_where_each_referring_head_points(tok, monkeypatch):
+    """With pointer, each (position, head) pair the referring loss counts also adds the squared
+    error between a linear map of that head's attention output and the centre, on a [-1, 1] grid,
+    of the places it is taught to look at; computed here from the q, k and v attention receives."""
+    model = tiny_model(tok, pointer=True)
+    ids, mask = mixed_sequence(tok, 3)
+    idx, targets, loss_mask = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]), torch.tensor([mask[1:]])
+    T = idx.size(1)
+    refer_at = torch.full((1, T), -1)
+    refer_at[0, T - 3], refer_at[0, T - 1] = 0, 1
+    refer = torch.tensor([[[[1, 0, 0, 1], [0, 1, 0, 0]], [[0, 0, 1, 0], [0, 0, 0, 0]]]], dtype=torch.bool)
+    seen = []
+    real_attend = model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda q, k, v, impl, mask=None: seen.append((q, k, v)) or real_attend(q, k, v, impl, mask))
+    _, plain = model(idx, targets, loss_mask)
+    _, with_refer = model(idx, targets, loss_mask, refer_at=refer_at, refer=refer)
+    q, k, v = seen[-1]
+    probs = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
+    first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
+    grid = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])  # places 0..3 of a 2×2 grid: (row, col)
+    mass, error = [], []
+    for t, qn, h in [(T - 3, 0, 0), (T - 3, 0, 1), (T - 1, 1, 0)]:
+        on = [p for p in range(N_IMAGE) if refer[0, qn, h, p]]
+        mass.append(-torch.log(probs[0, h, t, [first[p] for p in on]].sum()))
+        said = (probs[0, h, t] @ v[0, h]) @ model.pointer[h]
+        error.append((said - grid[on].mean(0)).square().sum())
+    torch.testing.assert_close(with_refer - plain, torch.stack(mass).mean() + torch.stack(error).mean())
+
+
 TINY_VQ = dict(image_size=8, downsample=4, channels=16, n_res_blocks=1, codebook_size=16, code_dim=4)  # a 2×2 grid
 
 
