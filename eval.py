@@ -190,7 +190,10 @@ def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, bat
 
 
 def balanced_sample(questions, n, seed=0):
-    """Up to n questions, the same number from each category, in a fixed order."""
+    """Up to n questions, the same number from each category (at least one each for n > 0), in a
+    fixed order; none for n <= 0."""
+    if n <= 0:
+        return []
     rng = np.random.default_rng(seed)
     cats = sorted({q["category"] for q in questions})
     per = max(1, n // len(cats))

@@ -152,7 +152,9 @@ def question_scores(tok, questions, replies):
 
 def vqa_accuracy(tok, questions, replies, chance=None):
     """Per-category mean score of the replies' answers (and of the chance baseline), plus the mean
-    over categories."""
+    over categories; nothing for no questions."""
+    if not questions:
+        return {}
     per = collections.defaultdict(list)
     base = collections.defaultdict(list)
     for q, s in zip(questions, question_scores(tok, questions, replies)):

@@ -272,3 +272,14 @@ def test_direct_scores_equal_greedy_answers(tmp_path, blind):
               for q, r in zip(qs, ev.answer(model, tok, qs, codes, codes.shape[-1], blind=blind, temperature=0.0))]
     assert fast == greedy
     assert fast == [float(q["answer"] == "yes") for q in qs] and 0 < sum(fast) < len(qs)
+
+
+def test_balanced_sample_and_accuracy_of_no_questions():
+    """n questions split evenly over the categories, at least one each; n = 0 asks none, and no
+    questions score nothing rather than NaN."""
+    qs = [{"category": c, "id": i} for c in ("a", "b", "c") for i in range(5)]
+    picked = ev.balanced_sample(qs, 6)
+    assert len(picked) == 6 and sorted(q["category"] for q in picked) == ["a", "a", "b", "b", "c", "c"]
+    assert ev.balanced_sample(qs, 6) == picked  # a fixed order
+    assert len(ev.balanced_sample(qs, 1)) == 3 and ev.balanced_sample(qs, 0) == []
+    assert metrics.vqa_accuracy(None, [], []) == {}
