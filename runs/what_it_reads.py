@@ -34,6 +34,7 @@ import conversations  # noqa: E402
 import data  # noqa: E402
 import prepare  # noqa: E402
 import trainer  # noqa: E402
+from model import attention_logp, first_image, place_attention  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("ckpt", help="a model trained on data_dir's scenes with refer_heads >= 2 (bench.py learn writes out_dir/rgb/ckpt.pt)")
@@ -68,7 +69,7 @@ final = {}
 model.ln_f.register_forward_hook(lambda m, i, o: final.__setitem__("h", o))
 feats = {"looking heads": [], "answer state": [], "place table": []}
 facts = {"lower": [], "nearer": [], "left": []}
-right, kinds = [], []
+right, kinds, found = [], [], []  # found: (questions, 2, 2) the attention of head h on the h-th object, and on the other
 with torch.no_grad():
     for i in range(0, len(asked), 32):
         chunk = asked[i:i + 32]
@@ -84,6 +85,12 @@ with torch.no_grad():
         q_, k_, v_ = attn.project(model.blocks[-1].ln_1(h), rope_q, rope_k, prior)
         out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)  # (B, H, T, D)
         feats["looking heads"].append(out[b, :2, pos].flatten(1))
+        first = first_image(x, model.config.image_offset, n_image)
+        targets = torch.stack([torch.stack([torch.from_numpy(data.referent_places(coverage[q["scene"]], [j])) for j in pair(q)])
+                               for q in chunk])  # (B, 2 objects, places): head h's object is the h-th
+        logp = attention_logp(q_[:, :2], k_[:, :2], None, b, pos)
+        found.append(torch.stack([place_attention(logp, first, targets).exp(),
+                                  place_attention(logp, first, targets.flip(1)).exp()], 1))  # (B, own/other, heads)
         feats["answer state"].append(final["h"][b, pos])
         for r, q in enumerate(chunk):
             scene = split["scenes"][q["scene"]]
@@ -121,9 +128,14 @@ for kind, needs in (("depth_order", "nearer"), ("relation_left", "left")):
     k = torch.from_numpy(kinds == kind)
     if not k.any():
         continue
-    print(f"\n{kind}: {int(k.sum())} questions; the model's answers right {right[kinds == kind].mean():.3f}")
+    mass = torch.cat(found)[k].mean(0)
+    print(f"\n{kind}: {int(k.sum())} questions; the model's answers right {right[kinds == kind].mean():.3f}; "
+          f"heads 0 and 1 put {mass[0, 0]:.3f} and {mass[0, 1]:.3f} of their attention on the first and second "
+          f"object, and {mass[1, 0]:.3f} and {mass[1, 1]:.3f} on the other one")
     print(f"{'probe from':<16}" + "".join(f"{f:>9}" for f in facts))
-    row = {"n": int(k.sum()), "answers": round(float(right[kinds == kind].mean()), 4)}
+    row = {"n": int(k.sum()), "answers": round(float(right[kinds == kind].mean()), 4),
+           "attention_on_own_object": [round(float(a), 4) for a in mass[0]],
+           "attention_on_other_object": [round(float(a), 4) for a in mass[1]]}
     for name, parts in feats.items():
         X = torch.cat(parts) if parts[0].dim() == 2 else torch.stack(parts)
         accs = {f: probe(X[k].float(), torch.tensor(v)[k].float()) for f, v in facts.items()}
