@@ -383,19 +383,12 @@ def place_labels(split, side, objects=True, depths=False):
 
 def referents(q):
     """The groups of objects (ids) a question is about, in the order it names them: one group of
-    everything a count or an existence drill covers, else each named object alone; a multiple-choice
-    question names the object in its stem (relative distance), then its options, A first. Not
-    `objects`' order: that puts a comparison's answer first, and a head taught to look there would
-    have to answer the question to know where to look. Manifest questions name none. The referring
-    loss's targets, a group a head (model.py, "Referring")."""
+    everything a count or an existence drill covers, else each named object alone. Manifest
+    questions name none. The referring loss's targets, a group a head (model.py, "Referring")."""
     objs = q.get("objects", [])
     if not objs:
         return []
-    if q["kind"] in ("counting", "exist"):
-        return [objs]
-    if "option_objects" in q:
-        objs = objs[:1] * (q["kind"] == "relative_distance") + q["option_objects"]
-    return [[o] for o in objs]
+    return [objs] if q["kind"] in ("counting", "exist") else [[o] for o in objs]
 
 
 def referent_places(coverage, group):
@@ -432,23 +425,20 @@ def question(category, kind, text, answer, answer_type, objects, **extra):
 
 
 def multiple_choice(category, kind, stem, options, answer, objects):
-    """A question whose answer is one of the objects `options`, asked the way SIBench asks: the
+    """A question whose answer is one of `options` (object names), asked the way SIBench asks: the
     options lettered after the stem, the answer a letter. The options stay in a fixed order here;
     make_questions shuffles them (lettered), so neither the wording nor the position gives the
-    answer away, and a small model need not spell out a name it has to copy from the question.
-    "option_objects" keeps each option's object id, in the options' order."""
-    return question(category, kind, stem, name(answer), "choice", objects, options=[name(o) for o in options],
-                    option_objects=[o["id"] for o in options])
+    answer away, and a small model need not spell out a name it has to copy from the question."""
+    return question(category, kind, stem, answer, "choice", objects, options=options)
 
 
 def lettered(q, rng):
     """A multiple_choice candidate with its options shuffled and lettered: (A) … (B) …"""
-    order = rng.permutation(len(q["options"]))
-    options = [q["options"][i] for i in order]
+    options = [q["options"][i] for i in rng.permutation(len(q["options"]))]
     letters = [chr(ord("A") + i) for i in range(len(options))]
     text = q["question"] + " " + " ".join(f"({l}) the {o}" for l, o in zip(letters, options))
-    return dict(q, question=text, options=options, option_objects=[q["option_objects"][i] for i in order],
-                choices=letters, answer=letters[options.index(q["answer"])], answer_name=q["answer"])
+    return dict(q, question=text, options=options, choices=letters, answer=letters[options.index(q["answer"])],
+                answer_name=q["answer"])
 
 
 def number(category, kind, text, value, unit, objects):
@@ -471,7 +461,7 @@ def candidate_questions(graph):
         if da + 0.5 <= db:
             for word, ans in (("closer to", a), ("farther from", b)):
                 q["depth_order"].append(multiple_choice("depth_order", "depth_order", f"Which is {word} the camera?",
-                                                        [a, b], ans, [a, b]))
+                                                        [name(a), name(b)], name(ans), [a, b]))
         za, zb = world_to_camera(graph["camera"], a["position"])[2], world_to_camera(graph["camera"], b["position"])[2]
         if abs(za - zb) >= 0.5:
             q["relation"].append(question("relation", "relation_front", f"Is the {name(a)} in front of the {name(b)}?",
@@ -488,15 +478,15 @@ def candidate_questions(graph):
             q["size"].append(number("size", "size", f"How wide is the {name(a)}, in centimeters?", 200 * a["radius"], "cm", [a]))
         others = sorted((o for o in vis if o is not a), key=lambda o: ground_distance(a, o))
         if len(others) >= 2:
-            options = sorted(others, key=lambda o: o["id"])
+            options = [name(o) for o in sorted(others, key=lambda o: o["id"])]
             if ground_distance(a, others[1]) - ground_distance(a, others[0]) >= 0.4:
                 q["relative_distance"].append(multiple_choice("relative_distance", "relative_distance",
                                                               f"Which object is closest to the {name(a)}?",
-                                                              options, others[0], [a, others[0]]))
+                                                              options, name(others[0]), [a, others[0]]))
             if ground_distance(a, others[-1]) - ground_distance(a, others[-2]) >= 0.4:
                 q["relative_distance"].append(multiple_choice("relative_distance", "relative_distance",
                                                               f"Which object is farthest from the {name(a)}?",
-                                                              options, others[-1], [a, others[-1]]))
+                                                              options, name(others[-1]), [a, others[-1]]))
     for attr, values, text in (("shape", SHAPES, "How many {}s are there?"), ("color", COLORS, "How many {} objects are there?")):
         for v in values:
             group = [o for o in objs if o[attr] == v]
