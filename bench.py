@@ -306,8 +306,6 @@ def bench_learn(argv=()):
     (metrics.chance_scorer: majority or median of the train answers, uniform over choices) and a
     blind baseline trained on the same VQA batches with the image removed: the floor that answer
     priors alone reach. Writes out_dir/learn_curve.png and the learn_* figures."""
-    import math
-
     import numpy as np
     import torch
 
@@ -329,11 +327,9 @@ def bench_learn(argv=()):
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     scenes = {s: data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     n_image = codes["train"].shape[-1]
-    heads = cfg["object_head"] or cfg["depth_head"]
-    splits = {s: data.load_split(cfg["data_dir"], s) for s in ("train", "val")} if heads or cfg["refer_heads"] else {}
-    places = {s: data.place_labels(sp, math.isqrt(n_image), cfg["object_head"], cfg["depth_head"])
-              for s, sp in splits.items()} if heads else {}
-    coverage = {s: data.place_coverage(sp["seg"], math.isqrt(n_image)) for s, sp in splits.items()} if cfg["refer_heads"] else {}
+    targets = {k: cfg[k] for k in ("object_head", "depth_head", "refer_heads")}
+    splits = {s: data.load_split(cfg["data_dir"], s) for s in ("train", "val")} if any(targets.values()) else {}
+    places, coverage = batches.place_targets(splits, n_image, **targets)
     chance = metrics.chance_scorer(questions["train"])
     cats = sorted({q["category"] for q in questions["val"]})
     eval_qs = ev.balanced_sample(questions["val"], cfg["per_category"] * len(cats))

@@ -15,7 +15,6 @@ with the same total tokens as stage 1 tells whether a gain is more than extra co
     torchrun --standalone --nproc_per_node=8 train_stage1.py config/full_gpu.py
 """
 import json
-import math
 import os
 import time
 
@@ -101,9 +100,7 @@ if __name__ == "__main__":
 
     splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels
               for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads}
-    places = {s: data.place_labels(sp, math.isqrt(n_image), object_head, depth_head)
-              for s, sp in splits.items()} if object_head or depth_head else {}
-    coverage = {s: data.place_coverage(sp["seg"], math.isqrt(n_image)) for s, sp in splits.items()} if refer_heads else {}
+    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads)
 
     def get_batch(split, rng):
         return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],

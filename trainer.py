@@ -236,7 +236,7 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
         # A place head or the pointer trains only on batches that bring its labels (none in stage 2
         # and RL), and DDP otherwise waits for every parameter's gradient; the search for unused
         # ones costs a walk of the autograd graph an iteration, so it is on only for such models.
-        unused = bool(raw_model.config.object_classes or raw_model.config.depth_bins or raw_model.config.pointer)
+        unused = bool(raw_model.place_heads() or raw_model.config.pointer)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None,
                                                           find_unused_parameters=unused)
     if cfg["grad_accum"] % run.world_size:
