@@ -54,7 +54,8 @@ def branched_row(rows):
 
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
-                 places=None, practice="file", branched=False, coverage=None, refer_heads=0):
+                 places=None, practice="file", branched=False, coverage=None, refer_heads=0, choose=False,
+                 refer_options=False):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
@@ -72,7 +73,10 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     blind row), "branches": the branch of each token}. refer_heads > 0, with coverage (the split's
     data.place_coverage), adds the referring loss's targets to VQA batches that show the image:
     "refer_at", the question whose answer each position begins, and "refer", the places each
-    question's object groups (data.referents) cover, up to refer_heads groups (model.py, "Referring")."""
+    question's object groups (data.referents) cover, up to refer_heads groups (model.py, "Referring").
+    choose=True adds "choose", the words of each lettered question's answer option, and
+    refer_options=True teaches the first referring head at each option's name to look at its object
+    (model.py, "Choosing")."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -88,6 +92,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         raise ValueError("practice questions are drawn from rendered scene graphs; real (manifest) data needs practice='file'")
     if not pool:
         raise ValueError(f"no scene has the maps stage-1 {kind} examples need: set {kind}_weight=0")
+    if refer_options and (refer_heads == 0 or scenes is None):
+        raise ValueError("refer_options needs refer_heads > 0 and the split's scene graphs")
     if refer_heads > 0 and coverage is None:
         raise ValueError("refer_heads > 0 needs the split's place coverage (data.place_coverage)")
     by_scene = collections.defaultdict(list)
@@ -126,8 +132,10 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     if places is not None:
         extra["places"] = (torch.from_numpy(places[row_scenes]) if not (blind and kind == "vqa")
                            else torch.full((batch_size, *places.shape[1:]), -1))
-    if refer_heads > 0 and kind == "vqa" and not blind:
-        extra.update(refer_targets(tok, x, m, row_qs, [coverage[s] for s in row_scenes], refer_heads))
+    if (refer_heads > 0 or choose) and kind == "vqa" and not blind:
+        covs = [coverage[s] for s in row_scenes] if refer_heads else None
+        graphs = [scenes[s] for s in row_scenes] if refer_options else None
+        extra.update(refer_targets(tok, x, m, row_qs, covs, refer_heads, choose, graphs))
     return (x, y, m, extra) if extra else (x, y, m)
 
 
@@ -141,19 +149,52 @@ def place_targets(splits, n_image_tokens, object_head=False, depth_head=False, r
     return places, coverage
 
 
-def refer_targets(tok, x, m, row_qs, coverages, heads):
-    """The referring loss's targets for VQA rows x (and their loss mask m) asking row_qs of scenes
-    with place coverages: refer_at (B, T), the question whose first answer word each position
-    predicts (the position of its <answer>), else -1; refer (B, questions, heads, places) bool."""
+def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None):
+    """The referring and choosing losses' targets for VQA rows x (and their loss mask m) asking
+    row_qs of scenes with place coverages. refer_at (B, T) names the entry of the targets each
+    position takes: question k's <answer> (the position predicting its first answer word) entry k,
+    -1 for positions that take none. With heads > 0, refer (B, entries, heads, places) bool: the
+    places each entry's object groups (data.referents) cover. With choose, choose (B, entries, T)
+    bool: the tokens where each lettered question's answer option names its object. With graphs
+    (the rows' scene graphs), the last token of each lettered option's name takes an entry too,
+    after the questions', whose head 0 looks at that option's object (data.option_objects)."""
     begins = (x == tok.answer) & (m == 1)
     refer_at = torch.where(begins, begins.long().cumsum(1) - 1, -1)
-    refer = torch.zeros(len(x), max(map(len, row_qs)), heads, coverages[0].shape[0], dtype=torch.bool)
-    for r, (qs, cov) in enumerate(zip(row_qs, coverages)):
-        assert int(begins[r].sum()) == len(qs), "one <answer> a question"
+    options = [[option_tokens(tok, x[r], start, q) for q, start in zip(qs, begins[r].nonzero().flatten().tolist())]
+               for r, qs in enumerate(row_qs)]
+    per_row = [len(qs) + (sum(map(len, opts)) if graphs is not None else 0) for qs, opts in zip(row_qs, options)]
+    out = {"refer_at": refer_at}
+    if heads:
+        out["refer"] = torch.zeros(len(x), max(per_row), heads, coverages[0].shape[0], dtype=torch.bool)
+    if choose:
+        out["choose"] = torch.zeros(len(x), max(per_row), x.size(1), dtype=torch.bool)
+    for r, qs in enumerate(row_qs):
+        entry = len(qs)
         for k, q in enumerate(qs):
             for h, group in enumerate(data.referents(q)[:heads]):
-                refer[r, k, h] = torch.from_numpy(data.referent_places(cov, group))
-    return {"refer_at": refer_at, "refer": refer}
+                out["refer"][r, k, h] = torch.from_numpy(data.referent_places(coverages[r], group))
+            if choose and options[r][k]:
+                out["choose"][r, k, options[r][k][q["choices"].index(q["answer"])]] = True
+            if graphs is not None and heads and options[r][k]:
+                for obj, words in zip(data.option_objects(q, graphs[r]), options[r][k]):
+                    refer_at[r, words[-1]] = entry
+                    out["refer"][r, entry, 0] = torch.from_numpy(data.referent_places(coverages[r], [obj]))
+                    entry += 1
+    return out
+
+
+def option_tokens(tok, row, answer_at, q):
+    """[[positions]]: the tokens of row (ids) where each option of lettered question q names its
+    object (data.option_spans), q's words ending just before the <assistant><answer> at answer_at."""
+    spans = data.option_spans(q)
+    if not spans:
+        return []
+    words = tok.encode(q["question"])
+    first = answer_at - 1 - len(words)
+    assert row[first:answer_at - 1].tolist() == words, "a question's words just before its answer"
+    _, offsets = tok.enc.decode_with_offsets(words)
+    ends = offsets[1:] + [len(q["question"])]
+    return [[first + j for j, (a, b) in enumerate(zip(offsets, ends)) if a < end and b > start] for start, end in spans]
 
 
 def load_traces(data_dir, split, tools, seed=0):

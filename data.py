@@ -391,6 +391,25 @@ def referents(q):
     return [objs] if q["kind"] in ("counting", "exist") else [[o] for o in objs]
 
 
+def option_spans(q):
+    """[(start, end)]: where each option of a lettered question names its object in the question's
+    text ("red cube" in "… (B) the red cube …"), in letter order; [] for other questions. The
+    choosing loss's and the options' referring targets (model.py, "Choosing")."""
+    if "answer_name" not in q:
+        return []
+    spans = []
+    for letter, option in zip(q["choices"], q["options"]):
+        start = q["question"].index(f"({letter}) the {option}") + len(f"({letter}) the ")
+        spans.append((start, start + len(option)))
+    return spans
+
+
+def option_objects(q, graph):
+    """The ids of a lettered question's options' objects in its scene graph, in letter order."""
+    id_of = {name(o): o["id"] for o in graph["objects"] if o["visible_pixels"] >= graph["min_visible"]}
+    return [id_of[o] for o in q["options"]]
+
+
 def referent_places(coverage, group):
     """(side²,) bool: the places a group of objects covers, from one scene's place_coverage: at
     least a quarter of a place's pixels, or, for a group too small for that, its fullest places."""

@@ -51,6 +51,7 @@ class GPTConfig:
     depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (see "Place heads")
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
     pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
+    refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +88,18 @@ class GPTConfig:
 # the comparison's one answer token has not taught them otherwise. With pointer, a linear map of
 # what head h brings back (its attention-weighted values) is trained to give the (row, col) of
 # the centre of the places it is taught to look at, squared error on a [-1, 1] grid.
+#
+# Choosing. A lettered question ("Which is closer to the camera? (A) the red cube (B) the blue
+# sphere") is answered with a letter. The referring heads find the nearer object (0.8 of their
+# attention on it, runs/what_it_reads.py) but the answer stays at chance: which letter names that
+# object is written in the question, and nothing teaches the lookup from the found object back to
+# its option's words. With choose targets, at the position where such an answer begins, the last
+# head of the last layer is trained to put its attention on the words of the answer option's name
+# (-log of the mass there, as for referring; batches.refer_targets). Set refer_layer below the last
+# layer, so that what the referring heads found is there for the choosing head to match. With
+# refer_options, each option's name is also a place the first referring head learns to look from
+# (at its object; with pointer, bringing back where it is), so the options' words carry what the
+# choosing head compares.
 #
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
@@ -451,7 +464,8 @@ class GPT(nn.Module):
                 n -= sum(p.numel() for p in self.reader.parameters())
         return n
 
-    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None, branches=None, refer_at=None, refer=None):
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None, branches=None, refer_at=None, refer=None,
+                choose=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions
         where loss_mask is 1 (all positions if no mask), or None without targets. With kv_cache,
         idx continues each row of the cache (see KVCache). places (B, n_image_tokens, heads), the
@@ -460,7 +474,9 @@ class GPT(nn.Module):
         branches (B, T) lays out questions packed after one shared image (see branch_layout).
         refer_at (B, T), the question (0, 1, …) whose answer the token at each position begins (-1:
         none), and refer (B, questions, heads, n_image_tokens), the places of the row's first image
-        each question's objects cover, one group a head, add the referring loss (see "Referring")."""
+        each question's objects cover, one group a head, add the referring loss (see "Referring");
+        with refer_at, choose (B, questions, T), the words of each question's answer option, adds
+        the choosing loss (see "Choosing")."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
@@ -497,8 +513,11 @@ class GPT(nn.Module):
         rope_q, rope_k = self.rotations(pos, place)
         prior = None if self.grid_prior_dir is None else (place >= 0).to(x.dtype)[:, None, :, None] * self.grid_prior_dir
         x = self.drop(x)
-        for block in self.blocks:
-            last_in = x  # the last block's input: what the referring loss reads
+        refer_layer = self.config.refer_layer % self.config.n_layer
+        for i, block in enumerate(self.blocks):
+            if i == refer_layer:
+                refer_in = x  # the referring block's input: what the referring loss reads
+            last_in = x  # the last block's input: what the choosing loss reads
             x = block(x, rope_q, rope_k, cache, prior, mask)
         x = self.ln_f(x)
         logits = self.lm_head(x)
@@ -512,10 +531,14 @@ class GPT(nn.Module):
             loss = (nll * loss_mask).sum() / loss_mask.sum().clamp(min=1)
         if places is not None:
             loss = loss + self.place_loss(x, idx, places)
-        if refer is not None:  # the last layer's q and k again: attention kernels do not return their weights
-            last = self.blocks[-1]
-            q, k, v = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
+        if refer is not None:  # the referring layer's q and k again: attention kernels do not return their weights
+            block = self.blocks[refer_layer]
+            q, k, v = block.attn.project(block.ln_1(refer_in), rope_q, rope_k, prior)
             loss = loss + self.refer_loss(q, k, v, idx, mask, refer_at, refer)
+        if choose is not None:
+            last = self.blocks[-1]
+            q, k, _ = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
+            loss = loss + self.choose_loss(q, k, mask, refer_at, choose)
         return logits, loss
 
     def place_heads(self):
@@ -565,6 +588,19 @@ class GPT(nn.Module):
             said = torch.einsum("nhd,hdc->nhc", out, self.pointer[:heads])
             loss = loss + (said - centre)[has].square().sum(-1).mean()
         return loss
+
+    def choose_loss(self, q, k, mask, refer_at, choose):
+        """-log of the attention mass that the last head of the last layer puts, at each position
+        where a lettered question's answer begins, on the words of its answer option, averaged over
+        those positions (see "Choosing"). q, k (B, H, T, D) as the last layer computes them."""
+        b, t = (refer_at >= 0).nonzero(as_tuple=True)
+        target = choose[b, refer_at[b, t]]  # (n, T)
+        has = target.any(-1)
+        if not has.any():
+            return q.sum() * 0
+        b, t, target = b[has], t[has], target[has]
+        logp = attention_logp(q[:, -1:], k[:, -1:], mask, b, t)[:, 0]
+        return -logp.masked_fill(~target, float("-inf")).logsumexp(-1).mean()
 
     def grid_place(self, idx, pos, kv_cache):
         """(B, T) the place of idx's image codes in their image, -1 for other tokens. With a KV

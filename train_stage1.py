@@ -62,6 +62,9 @@ object_head = True  # True: a head names the object at each RGB place, its loss 
 depth_head = False  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads")
 refer_heads = 2  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
 pointer = False  # True: what each referring head brings back must say where it looked (model.py, "Referring")
+refer_layer = -1  # the block whose heads the referring loss teaches (-1: the last)
+choose = False  # True: the last head of the last layer is taught to look at a lettered answer's option (model.py, "Choosing")
+refer_options = False  # True: at each lettered option's name, the first referring head is taught to look at its object
 image_reader = True  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
 max_iters = 250
@@ -105,7 +108,8 @@ if __name__ == "__main__":
     def get_batch(split, rng):
         return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
                                     per_image=questions_per_image, places=places.get(split), practice=practice,
-                                    branched=branched, coverage=coverage.get(split), refer_heads=refer_heads)
+                                    branched=branched, coverage=coverage.get(split), refer_heads=refer_heads,
+                                    choose=choose, refer_options=refer_options)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]

@@ -4,15 +4,17 @@ heads looking at a comparison's two objects; this asks whether what they bring b
 those objects are. For val questions that compare two objects (depth order: option A against B;
 relation_left: the first named against the second), a linear probe (logistic regression, fit on
 half the questions, scored on the other half) predicts the fact the answer needs from:
-- "looking heads": the attention outputs of the last layer's first two heads at <answer> (what the
-  referring loss teaches to look at the first and second object);
+- "looking heads": the attention outputs at <answer> of the first two heads of the layer the
+  referring loss teaches (model.py, "Referring"), taught to look at the question's first and
+  second referent (data.referents: for depth order the nearer, then the farther object);
 - "answer state": the residual stream at <answer> after the last layer (what the head reads);
 - "place table": the model's own place embedding (wpe_image) averaged over each object's places:
   what a perfect lookup of position alone would bring back, the ceiling of position as it is coded.
-The facts: which object is lower in the image (its centre's row; the lower one is nearer for 98%
+The facts, in the options' order: which object is lower in the image (its centre's row; the lower one is nearer for 98%
 of pairs), which is nearer the camera, and which is further left. Beside them, the model's own
-answers. A fact the probes read but the answers miss is there and unused; one the place table
-holds and the looking heads do not is lost on the way; one the place table lacks is not coded.
+answers, and how much attention each looking head puts on its own referent and on the other one.
+A fact the probes read but the answers miss is there and unused; one the place table holds and
+the looking heads do not is lost on the way; one the place table lacks is not coded.
 
     python runs/what_it_reads.py out/learn/rgb/ckpt.pt --data_dir=data/learn
 
@@ -64,7 +66,7 @@ def pair(q):
 
 asked = [q for q in questions["val"] if pair(q)]
 inputs = []  # the last block's input in each forward
-model.blocks[-1].register_forward_pre_hook(lambda m, a: inputs.append(a))
+model.blocks[model.config.refer_layer].register_forward_pre_hook(lambda m, a: inputs.append(a))
 final = {}
 model.ln_f.register_forward_hook(lambda m, i, o: final.__setitem__("h", o))
 feats = {"looking heads": [], "answer state": [], "place table": []}
@@ -81,13 +83,13 @@ with torch.no_grad():
         pos = ((x == tok.answer) & (m == 1)).float().argmax(1)  # each row's one <answer>
         b = torch.arange(len(chunk))
         h, rope_q, rope_k, _, prior, _ = inputs[0]
-        attn = model.blocks[-1].attn
-        q_, k_, v_ = attn.project(model.blocks[-1].ln_1(h), rope_q, rope_k, prior)
+        block = model.blocks[model.config.refer_layer]
+        q_, k_, v_ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
         out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)  # (B, H, T, D)
         feats["looking heads"].append(out[b, :2, pos].flatten(1))
         first = first_image(x, model.config.image_offset, n_image)
-        targets = torch.stack([torch.stack([torch.from_numpy(data.referent_places(coverage[q["scene"]], [j])) for j in pair(q)])
-                               for q in chunk])  # (B, 2 objects, places): head h's object is the h-th
+        targets = torch.stack([torch.stack([torch.from_numpy(data.referent_places(coverage[q["scene"]], g))
+                                            for g in data.referents(q)[:2]]) for q in chunk])  # (B, 2, places): head h's
         logp = attention_logp(q_[:, :2], k_[:, :2], None, b, pos)
         found.append(torch.stack([place_attention(logp, first, targets).exp(),
                                   place_attention(logp, first, targets.flip(1)).exp()], 1))  # (B, own/other, heads)
@@ -130,8 +132,8 @@ for kind, needs in (("depth_order", "nearer"), ("relation_left", "left")):
         continue
     mass = torch.cat(found)[k].mean(0)
     print(f"\n{kind}: {int(k.sum())} questions; the model's answers right {right[kinds == kind].mean():.3f}; "
-          f"heads 0 and 1 put {mass[0, 0]:.3f} and {mass[0, 1]:.3f} of their attention on the first and second "
-          f"object, and {mass[1, 0]:.3f} and {mass[1, 1]:.3f} on the other one")
+          f"heads 0 and 1 put {mass[0, 0]:.3f} and {mass[0, 1]:.3f} of their attention on their own referent "
+          f"(the first and second), and {mass[1, 0]:.3f} and {mass[1, 1]:.3f} on the other one")
     print(f"{'probe from':<16}" + "".join(f"{f:>9}" for f in facts))
     row = {"n": int(k.sum()), "answers": round(float(right[kinds == kind].mean()), 4),
            "attention_on_own_object": [round(float(a), 4) for a in mass[0]],

@@ -274,12 +274,14 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
         model(idx, targets, loss_mask, places=places[..., :1])
 
 
-def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, monkeypatch):
-    """The referring loss: at each position refer_at marks, -log of the attention that head h of the
-    last layer puts on the first image's places refer names for its question's h-th group, averaged
-    over the (position, head) pairs whose group names a place; computed here from the last layer's
-    q and k as attention itself receives them. Too many groups for the heads stops."""
-    model = tiny_model(tok)
+@pytest.mark.parametrize("refer_layer", [-1, 0])
+def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, monkeypatch, refer_layer):
+    """The referring loss: at each position refer_at marks, -log of the attention that head h of
+    layer refer_layer (the last by default) puts on the first image's places refer names for its
+    question's h-th group, averaged over the (position, head) pairs whose group names a place;
+    computed here from that layer's q and k as attention itself receives them. Too many groups for
+    the heads stops."""
+    model = tiny_model(tok, refer_layer=refer_layer)
     ids, mask = mixed_sequence(tok, 3)
     idx, targets, loss_mask = torch.tensor([ids[:-1]] * 2), torch.tensor([ids[1:]] * 2), torch.tensor([mask[1:]] * 2)
     T = idx.size(1)
@@ -291,8 +293,9 @@ def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, mon
     real_attend = model_module.attend
     monkeypatch.setattr(model_module, "attend", lambda q, k, v, impl, mask=None: seen.append((q, k)) or real_attend(q, k, v, impl, mask))
     _, plain = model(idx, targets, loss_mask)
+    seen.clear()
     _, with_refer = model(idx, targets, loss_mask, refer_at=refer_at, refer=refer)
-    q, k = seen[-1]  # the last layer's
+    q, k = seen[refer_layer]  # the referring layer's
     probs = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
     first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
     want = [-torch.log(probs[b, h, t, [first[p] for p in range(N_IMAGE) if refer[b, qn, h, p]]].sum())
@@ -329,6 +332,30 @@ def test_pointer_adds_the_squared_error_of_where_each_referring_head_points(tok,
         said = (probs[0, h, t] @ v[0, h]) @ model.pointer[h]
         error.append((said - grid[on].mean(0)).square().sum())
     torch.testing.assert_close(with_refer - plain, torch.stack(mass).mean() + torch.stack(error).mean())
+
+
+def test_choose_loss_is_minus_log_the_last_heads_attention_on_the_marked_words(tok, monkeypatch):
+    """With choose, at each position refer_at marks, -log of the attention that the last head of the
+    last layer puts on its question's marked tokens, averaged over the positions whose question
+    marks any; computed here from the q and k that layer's attention receives."""
+    model = tiny_model(tok, n_head=4, n_embd=64)
+    ids, mask = mixed_sequence(tok, 3)
+    idx, targets, loss_mask = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]), torch.tensor([mask[1:]])
+    T = idx.size(1)
+    refer_at = torch.full((1, T), -1)
+    refer_at[0, T - 6], refer_at[0, T - 4], refer_at[0, T - 1] = 0, 1, 2
+    choose = torch.zeros(1, 3, T, dtype=torch.bool)
+    choose[0, 0, [1, 2]], choose[0, 2, [3, T - 3]] = True, True  # question 1 is not lettered
+    seen = []
+    real_attend = model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda q, k, v, impl, mask=None: seen.append((q, k)) or real_attend(q, k, v, impl, mask))
+    _, plain = model(idx, targets, loss_mask)
+    seen.clear()
+    _, with_choose = model(idx, targets, loss_mask, refer_at=refer_at, choose=choose)
+    q, k = seen[-1]
+    probs = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
+    want = [-torch.log(probs[0, 3, t, choose[0, qn]].sum()) for t, qn in [(T - 6, 0), (T - 1, 2)]]
+    torch.testing.assert_close(with_choose - plain, torch.stack(want).mean())
 
 
 TINY_VQ = dict(image_size=8, downsample=4, channels=16, n_res_blocks=1, codebook_size=16, code_dim=4)  # a 2×2 grid
