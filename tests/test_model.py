@@ -274,6 +274,19 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
         model(idx, targets, loss_mask, places=places[..., :1])
 
 
+def attention_seen(monkeypatch):
+    """A list that every attention call appends its (q, k, v) to, in layer order."""
+    seen, real_attend = [], model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda q, k, v, impl, mask=None: seen.append((q, k, v)) or real_attend(q, k, v, impl, mask))
+    return seen
+
+
+def causal_probs(q, k):
+    """Attention weights (B, H, T, T) from q and k as attention receives them, causal."""
+    T = q.size(2)
+    return ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
+
+
 @pytest.mark.parametrize("refer_layer", [-1, 0])
 def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, monkeypatch, refer_layer):
     """The referring loss: at each position refer_at marks, -log of the attention that head h of
@@ -289,14 +302,12 @@ def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, mon
     refer_at[0, T - 1], refer_at[1, T - 5], refer_at[1, T - 2] = 0, 0, 1
     refer = torch.tensor([[[[1, 0, 0, 1], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]],
                           [[[0, 1, 0, 0], [1, 1, 1, 0]], [[0, 0, 1, 0], [0, 1, 0, 0]]]], dtype=torch.bool)
-    seen = []
-    real_attend = model_module.attend
-    monkeypatch.setattr(model_module, "attend", lambda q, k, v, impl, mask=None: seen.append((q, k)) or real_attend(q, k, v, impl, mask))
+    seen = attention_seen(monkeypatch)
     _, plain = model(idx, targets, loss_mask)
     seen.clear()
     _, with_refer = model(idx, targets, loss_mask, refer_at=refer_at, refer=refer)
-    q, k = seen[refer_layer]  # the referring layer's
-    probs = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
+    q, k, _ = seen[refer_layer]  # the referring layer's
+    probs = causal_probs(q, k)
     first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
     want = [-torch.log(probs[b, h, t, [first[p] for p in range(N_IMAGE) if refer[b, qn, h, p]]].sum())
             for b, t, qn, h in [(0, T - 1, 0, 0), (1, T - 5, 0, 0), (1, T - 5, 0, 1), (1, T - 2, 1, 0), (1, T - 2, 1, 1)]]
@@ -316,13 +327,11 @@ def test_pointer_adds_the_squared_error_of_where_each_referring_head_points(tok,
     refer_at = torch.full((1, T), -1)
     refer_at[0, T - 3], refer_at[0, T - 1] = 0, 1
     refer = torch.tensor([[[[1, 0, 0, 1], [0, 1, 0, 0]], [[0, 0, 1, 0], [0, 0, 0, 0]]]], dtype=torch.bool)
-    seen = []
-    real_attend = model_module.attend
-    monkeypatch.setattr(model_module, "attend", lambda q, k, v, impl, mask=None: seen.append((q, k, v)) or real_attend(q, k, v, impl, mask))
+    seen = attention_seen(monkeypatch)
     _, plain = model(idx, targets, loss_mask)
     _, with_refer = model(idx, targets, loss_mask, refer_at=refer_at, refer=refer)
     q, k, v = seen[-1]
-    probs = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
+    probs = causal_probs(q, k)
     first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
     grid = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])  # places 0..3 of a 2×2 grid: (row, col)
     mass, error = [], []
@@ -346,14 +355,12 @@ def test_choose_loss_is_minus_log_the_last_heads_attention_on_the_marked_words(t
     refer_at[0, T - 6], refer_at[0, T - 4], refer_at[0, T - 1] = 0, 1, 2
     choose = torch.zeros(1, 3, T, dtype=torch.bool)
     choose[0, 0, [1, 2]], choose[0, 2, [3, T - 3]] = True, True  # question 1 is not lettered
-    seen = []
-    real_attend = model_module.attend
-    monkeypatch.setattr(model_module, "attend", lambda q, k, v, impl, mask=None: seen.append((q, k)) or real_attend(q, k, v, impl, mask))
+    seen = attention_seen(monkeypatch)
     _, plain = model(idx, targets, loss_mask)
     seen.clear()
     _, with_choose = model(idx, targets, loss_mask, refer_at=refer_at, choose=choose)
-    q, k = seen[-1]
-    probs = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
+    q, k, _ = seen[-1]
+    probs = causal_probs(q, k)
     want = [-torch.log(probs[0, 3, t, choose[0, qn]].sum()) for t, qn in [(T - 6, 0), (T - 1, 2)]]
     torch.testing.assert_close(with_choose - plain, torch.stack(want).mean())
 
