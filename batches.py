@@ -160,8 +160,9 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
     after the questions', whose head 0 looks at that option's object (data.option_objects)."""
     begins = (x == tok.answer) & (m == 1)
     refer_at = torch.where(begins, begins.long().cumsum(1) - 1, -1)
-    options = [[option_tokens(tok, x[r], start, q) for q, start in zip(qs, begins[r].nonzero().flatten().tolist())]
-               for r, qs in enumerate(row_qs)]
+    assert begins.sum(1).tolist() == [len(qs) for qs in row_qs], "one <answer> a question"
+    options = [[option_tokens(tok, x[r], start, q) if choose or graphs is not None else []  # only these losses need them
+                for q, start in zip(qs, begins[r].nonzero().flatten().tolist())] for r, qs in enumerate(row_qs)]
     per_row = [len(qs) + (sum(map(len, opts)) if graphs is not None else 0) for qs, opts in zip(row_qs, options)]
     out = {"refer_at": refer_at}
     if heads:

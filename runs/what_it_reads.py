@@ -57,15 +57,13 @@ coverage = data.place_coverage(split["seg"], side)
 def pair(q):
     """The two compared objects in the order the question names them (the options' order for
     depth order), or None."""
-    scene = split["scenes"][q["scene"]]
     if q["kind"] == "depth_order":
-        id_of = {data.name(o): o["id"] for o in scene["objects"]}
-        return [id_of[n] for n in q["options"]]
+        return data.option_objects(q, split["scenes"][q["scene"]])
     return q["objects"] if q["kind"] == "relation_left" else None
 
 
 asked = [q for q in questions["val"] if pair(q)]
-inputs = []  # the last block's input in each forward
+inputs = []  # the referring block's input in each forward
 model.blocks[model.config.refer_layer].register_forward_pre_hook(lambda m, a: inputs.append(a))
 final = {}
 model.ln_f.register_forward_hook(lambda m, i, o: final.__setitem__("h", o))
