@@ -74,7 +74,7 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     data.place_coverage), adds the referring loss's targets to VQA batches that show the image:
     "refer_at", the question whose answer each position begins, and "refer", the places each
     question's object groups (data.referents) cover, up to refer_heads groups (model.py, "Referring").
-    choose=True adds "choose", the words of each lettered question's answer option, and
+    choose=True adds "choose", the words of each multiple-choice question's answer option, and
     refer_options=True teaches the first referring head at each option's name to look at its object
     (model.py, "Choosing")."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
@@ -154,16 +154,22 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
     row_qs of scenes with place coverages. refer_at (B, T) names the entry of the targets each
     position takes: question k's <answer> (the position predicting its first answer word) entry k,
     -1 for positions that take none. With heads > 0, refer (B, entries, heads, places) bool: the
-    places each entry's object groups (data.referents) cover. With choose, choose (B, entries, T)
-    bool: the tokens where each lettered question's answer option names its object. With graphs
-    (the rows' scene graphs), the last token of each lettered option's name takes an entry too,
-    after the questions', whose head 0 looks at that option's object (data.option_objects)."""
+    places each entry's object groups (data.referents) cover. With graphs (the rows' scene
+    graphs), the last token of each option's name takes an entry too, after the questions', whose
+    head 0 looks at that option's object (data.option_objects). With choose, choose (B, entries, T)
+    bool: each position that predicts a later word of a multiple-choice answer ("cube" of "red
+    cube") takes an entry, after those, marking that word where the answer's option says it in
+    the question."""
     begins = (x == tok.answer) & (m == 1)
     refer_at = torch.where(begins, begins.long().cumsum(1) - 1, -1)
     assert begins.sum(1).tolist() == [len(qs) for qs in row_qs], "one <answer> a question"
+    starts = [begins[r].nonzero().flatten().tolist() for r in range(len(x))]
     options = [[option_tokens(tok, x[r], start, q) if choose or graphs is not None else []  # only these losses need them
-                for q, start in zip(qs, begins[r].nonzero().flatten().tolist())] for r, qs in enumerate(row_qs)]
-    per_row = [len(qs) + (sum(map(len, opts)) if graphs is not None else 0) for qs, opts in zip(row_qs, options)]
+                for q, start in zip(qs, starts[r])] for r, qs in enumerate(row_qs)]
+    copies = [[copied_words(tok, x[r], start, q, opts) if choose else []
+               for q, start, opts in zip(qs, starts[r], options[r])] for r, qs in enumerate(row_qs)]
+    per_row = [len(qs) + (sum(map(len, opts)) if graphs is not None else 0) + sum(map(len, cps))
+               for qs, opts, cps in zip(row_qs, options, copies)]
     out = {"refer_at": refer_at}
     if heads:
         out["refer"] = torch.zeros(len(x), max(per_row), heads, coverages[0].shape[0], dtype=torch.bool)
@@ -174,19 +180,38 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
         for k, q in enumerate(qs):
             for h, group in enumerate(data.referents(q)[:heads]):
                 out["refer"][r, k, h] = torch.from_numpy(data.referent_places(coverages[r], group))
-            if choose and options[r][k]:
-                out["choose"][r, k, options[r][k][q["choices"].index(q["answer"])]] = True
             if graphs is not None and heads and options[r][k]:
                 for obj, words in zip(data.option_objects(q, graphs[r]), options[r][k]):
                     refer_at[r, words[-1]] = entry
                     out["refer"][r, entry, 0] = torch.from_numpy(data.referent_places(coverages[r], [obj]))
                     entry += 1
+        for k in range(len(qs)):
+            for at, word in copies[r][k]:
+                refer_at[r, at] = entry
+                out["choose"][r, entry, word] = True
+                entry += 1
     return out
 
 
+def copied_words(tok, row, answer_at, q, options):
+    """[(position, word)]: for a multiple-choice question q whose <answer> is at answer_at in row,
+    each position predicting its answer's second word on, and the token of the question (among
+    options, option_tokens' positions) that says that word; [] where the answer's tokens do not
+    line up one to one with its option's ("red" begins an answer, " red" a question's option)."""
+    if not options:
+        return []
+    said = options[q["choices"].index(q["answer"])]
+    answer = tok.encode(q["answer"])
+    assert row[answer_at + 1:answer_at + 1 + len(answer)].tolist() == answer, "an answer's words just after its <answer>"
+    words = lambda ids: [tok.decode([int(t)]).strip() for t in ids]
+    if words(answer) != words(row[said]):
+        return []
+    return [(answer_at + i, said[i]) for i in range(1, len(answer))]
+
+
 def option_tokens(tok, row, answer_at, q):
-    """[[positions]]: the tokens of row (ids) where each option of lettered question q names its
-    object (data.option_spans), q's words ending just before the <assistant><answer> at answer_at."""
+    """[[positions]]: the tokens of row (ids) where each option of multiple-choice question q names
+    its object (data.option_spans), q's words ending just before the <assistant><answer> at answer_at."""
     spans = data.option_spans(q)
     if not spans:
         return []

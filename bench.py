@@ -294,8 +294,8 @@ LEARN = dict(
     refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
     pointer=False,  # True: what each referring head brings back must say where it looked (model.py, "Referring")
     refer_layer=-1,  # the block whose heads the referring loss teaches (-1: the last)
-    choose=False,  # True: the last head of the last layer is taught to look at a lettered answer's option (model.py, "Choosing")
-    refer_options=False,  # True: at each lettered option's name, the first referring head is taught to look at its object
+    choose=False,  # True: the last head of the last layer is taught to copy a named answer's words from its option (model.py, "Choosing")
+    refer_options=False,  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
     image_reader=True,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
     batch_size=16, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="muon", muon_lr=0.05, seed=1337, device="auto", compile=False, log_interval=20,

@@ -99,9 +99,8 @@ def _reading(q, names, readings, source):
     "rgb" (the image alone: position and pixel extent, the RE arm's only evidence)."""
     kind, ids = q["kind"], [i for i in q.get("objects", []) if i in readings]
     called = {i: f"the {n}" for i, n in names.items()}
-    if "options" in q:  # multiple choice: the options by their letters, in order ("(A) is at 3.1 m; (B) …")
+    if "options" in q:  # multiple choice: the options in the question's order
         id_of = {n: i for i, n in names.items()}
-        called.update({id_of[n]: f"({c})" for n, c in zip(q["options"], q["choices"])})
         # relative distance: the object the question asks about comes first, as "it"
         anchor = [q["objects"][0]] if kind == "relative_distance" and q["objects"][0] in readings else []
         called.update({i: "it" for i in anchor})

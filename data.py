@@ -382,8 +382,9 @@ def place_labels(split, side, objects=True, depths=False):
 
 
 def referents(q):
-    """The groups of objects (ids) a question is about, in the order it names them: one group of
-    everything a count or an existence drill covers, else each named object alone. Manifest
+    """The groups of objects (ids) a question is about, in q["objects"]' order: one group of
+    everything a count or an existence drill covers, else each object alone. A comparison lists
+    its answer first (depth order, relation), a relative distance its anchor first. Manifest
     questions name none. The referring loss's targets, a group a head (model.py, "Referring")."""
     objs = q.get("objects", [])
     if not objs:
@@ -392,20 +393,23 @@ def referents(q):
 
 
 def option_spans(q):
-    """[(start, end)]: where each option of a lettered question names its object in the question's
-    text ("red cube" in "… (B) the red cube …"), in letter order; [] for other questions. The
-    choosing loss's and the options' referring targets (model.py, "Choosing")."""
-    if "answer_name" not in q:
+    """[(start, end)]: where each option of a multiple-choice question names its object in the
+    question's text ("red cube" in "… the red cube or the blue sphere?"), in the options' order;
+    [] for other questions. The choosing loss's and the options' referring targets (model.py,
+    "Choosing")."""
+    if "options" not in q:
         return []
-    spans = []
-    for letter, option in zip(q["choices"], q["options"]):
-        start = q["question"].index(f"({letter}) the {option}") + len(f"({letter}) the ")
+    spans, at = [], q["question"].index(", the ")  # the options follow the stem
+    for option in q["options"]:
+        start = q["question"].index(f"the {option}", at) + len("the ")
         spans.append((start, start + len(option)))
+        at = start + len(option)
     return spans
 
 
 def option_objects(q, graph):
-    """The ids of a lettered question's options' objects in its scene graph, in letter order."""
+    """The ids of a multiple-choice question's options' objects in its scene graph, in the
+    question's order."""
     id_of = {name(o): o["id"] for o in graph["objects"] if o["visible_pixels"] >= graph["min_visible"]}
     return [id_of[o] for o in q["options"]]
 
@@ -444,20 +448,23 @@ def question(category, kind, text, answer, answer_type, objects, **extra):
 
 
 def multiple_choice(category, kind, stem, options, answer, objects):
-    """A question whose answer is one of `options` (object names), asked the way SIBench asks: the
-    options lettered after the stem, the answer a letter. The options stay in a fixed order here;
-    make_questions shuffles them (lettered), so neither the wording nor the position gives the
-    answer away, and a small model need not spell out a name it has to copy from the question."""
+    """A question whose answer is one of `options` (object names). The options stay in a fixed
+    order here; make_questions shuffles them into the text (offered), so neither the wording nor
+    the position gives the answer away."""
     return question(category, kind, stem, answer, "choice", objects, options=options)
 
 
-def lettered(q, rng):
-    """A multiple_choice candidate with its options shuffled and lettered: (A) … (B) …"""
+def offered(q, rng):
+    """A multiple_choice candidate with its options shuffled and named after the stem, answered
+    with the chosen option's name: "Which is closer to the camera, the red cube or the blue
+    sphere?" -> "red cube". Named, not lettered ("(A) the red cube (B) …" -> "A"): a model that
+    has found the nearer object can say what it is, as it says a colour, where a letter needs one
+    more lookup, from the object found back to the words that name it, which no small model here
+    learned (docs/experiments.md)."""
     options = [q["options"][i] for i in rng.permutation(len(q["options"]))]
-    letters = [chr(ord("A") + i) for i in range(len(options))]
-    text = q["question"] + " " + " ".join(f"({l}) the {o}" for l, o in zip(letters, options))
-    return dict(q, question=text, options=options, choices=letters, answer=letters[options.index(q["answer"])],
-                answer_name=q["answer"])
+    names = [f"the {o}" for o in options]
+    text = q["question"][:-1] + ", " + ", ".join(names[:-1]) + " or " + names[-1] + "?"
+    return dict(q, question=text, options=options, choices=options)
 
 
 def number(category, kind, text, value, unit, objects):
@@ -477,18 +484,18 @@ def candidate_questions(graph):
             q["distance"].append(number("distance", "distance", f"How far apart are the {name(a)} and the {name(b)}, in meters?",
                                         ground_distance(a, b), "m", [a, b]))
         da, db = camera_distance(graph, a), camera_distance(graph, b)
-        if da + 0.5 <= db:
-            for word, ans in (("closer to", a), ("farther from", b)):
+        if da + 0.5 <= db:  # a comparison's objects list its answer first: where the first referring head looks
+            for word, ans, other in (("closer to", a, b), ("farther from", b, a)):
                 q["depth_order"].append(multiple_choice("depth_order", "depth_order", f"Which is {word} the camera?",
-                                                        [name(a), name(b)], name(ans), [a, b]))
+                                                        [name(a), name(b)], name(ans), [ans, other]))
         za, zb = world_to_camera(graph["camera"], a["position"])[2], world_to_camera(graph["camera"], b["position"])[2]
-        if abs(za - zb) >= 0.5:
-            q["relation"].append(question("relation", "relation_front", f"Is the {name(a)} in front of the {name(b)}?",
-                                          "yes" if za < zb else "no", "yesno", [a, b]))
         ua, ub = image_x(graph, a), image_x(graph, b)
-        if abs(ua - ub) >= 0.05 * graph["image_size"]:
-            q["relation"].append(question("relation", "relation_left", f"Is the {name(a)} to the left of the {name(b)}?",
-                                          "yes" if ua < ub else "no", "yesno", [a, b]))
+        for kind, clear, word_a, word_b in (("relation_front", za + 0.5 <= zb, "in front of the other", "behind the other"),
+                                            ("relation_left", ua + 0.05 * graph["image_size"] <= ub, "farther left", "farther right")):
+            if clear:  # a is clearly in front of (left of) b
+                for word, ans, other in ((word_a, a, b), (word_b, b, a)):
+                    q["relation"].append(multiple_choice("relation", kind, f"Which is {word}?", [name(a), name(b)],
+                                                         name(ans), [ans, other]))
     for a in vis:
         q["distance"].append(number("distance", "distance", f"How far is the {name(a)} from the camera, in meters?",
                                     camera_distance(graph, a), "m", [a]))
@@ -540,7 +547,7 @@ def make_questions(graph, rng):
     for category, qs in candidate_questions(graph).items():
         q = pick_question(category, qs, rng)
         if q is not None:
-            out.append(lettered(q, rng) if "options" in q else q)
+            out.append(offered(q, rng) if "options" in q else q)
     return out
 
 
@@ -570,18 +577,19 @@ def drill_questions(graph):
 def practice_questions(graph, rng, k, drills=True, skip=None):
     """Up to k questions about the scene, drawn fresh for a training row: at each draw a category
     at random among those the scene supports (the drills' two kinds among them), then one of its
-    questions as make_questions picks it, lettered; no question twice, none about skip's objects
-    with skip's stem (the row's first question, asked already)."""
+    questions as make_questions picks it, offered; no question twice, none about skip's objects
+    with skip's stem (the row's first question, asked already; an offered question's options take
+    the place of its stem's "?")."""
     pools = {**candidate_questions(graph), **(drill_questions(graph) if drills else {})}
     if skip is not None:
-        pools = {c: [x for x in qs if not (x["objects"] == skip["objects"] and skip["question"].startswith(x["question"]))]
+        pools = {c: [x for x in qs if not (x["objects"] == skip["objects"] and skip["question"].startswith(x["question"][:-1]))]
                  for c, qs in pools.items()}
     pools = {c: qs for c, qs in pools.items() if qs}
     out = []
     while pools and len(out) < k:
         c = list(pools)[int(rng.integers(len(pools)))]
         q = pick_question(c, pools[c], rng)
-        out.append(lettered(q, rng) if "options" in q else q)
+        out.append(offered(q, rng) if "options" in q else q)
         pools[c] = [x for x in pools[c] if x is not q]
         if not pools[c]:
             del pools[c]

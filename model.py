@@ -89,17 +89,18 @@ class GPTConfig:
 # what head h brings back (its attention-weighted values) is trained to give the (row, col) of
 # the centre of the places it is taught to look at, squared error on a [-1, 1] grid.
 #
-# Choosing. A lettered question ("Which is closer to the camera? (A) the red cube (B) the blue
-# sphere") is answered with a letter. The referring heads find the nearer object (0.8 of their
-# attention on it, runs/what_it_reads.py) but the answer stays at chance: which letter names that
-# object is written in the question, and nothing teaches the lookup from the found object back to
-# its option's words. With choose targets, at the position where such an answer begins, the last
-# head of the last layer is trained to put its attention on the words of the answer option's name
-# (-log of the mass there, as for referring; batches.refer_targets). Set refer_layer below the last
-# layer, so that what the referring heads found is there for the choosing head to match. With
-# refer_options, each option's name is also a place the first referring head learns to look from
-# (at its object; with pointer, bringing back where it is), so the options' words carry what the
-# choosing head compares.
+# Choosing. A multiple-choice question offers objects by name and is answered with one ("Which is
+# closer to the camera, the red cube or the blue sphere?" -> "blue sphere"). The referring heads
+# find the answer's object, and its colour comes out right; its shape then has to be copied from
+# the question's option, the word after that colour, and a model that has not learned to copy
+# picks either option's shape. With choose targets, at each position that predicts a later word of
+# such an answer (" sphere" after "blue"), the last head of the last layer is trained to put its
+# attention on that word in the answer's option (-log of the mass there, as for referring;
+# batches.refer_targets): the copy, taught directly. With refer_options, each option's name is
+# also a place the first referring head learns to look from (at its object; with pointer,
+# bringing back where it is). (Asked with letters, "(A) the red cube (B) the blue sphere" -> "B",
+# the heads found the nearer object and the answer still stayed at chance: nothing taught the
+# lookup from the object found back to its letter. docs/experiments.md.)
 #
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
@@ -475,8 +476,8 @@ class GPT(nn.Module):
         refer_at (B, T), the question (0, 1, …) whose answer the token at each position begins (-1:
         none), and refer (B, questions, heads, n_image_tokens), the places of the row's first image
         each question's objects cover, one group a head, add the referring loss (see "Referring");
-        with refer_at, choose (B, questions, T), the words of each question's answer option, adds
-        the choosing loss (see "Choosing")."""
+        with refer_at, choose (B, entries, T), the question's word each position's answer word
+        copies, adds the choosing loss (see "Choosing")."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
@@ -591,8 +592,9 @@ class GPT(nn.Module):
 
     def choose_loss(self, q, k, mask, refer_at, choose):
         """-log of the attention mass that the last head of the last layer puts, at each position
-        where a lettered question's answer begins, on the words of its answer option, averaged over
-        those positions (see "Choosing"). q, k (B, H, T, D) as the last layer computes them."""
+        that predicts a later word of a multiple-choice answer, on that word in the question's
+        answer option, averaged over those positions (see "Choosing"). q, k (B, H, T, D) as the
+        last layer computes them."""
         b, t = (refer_at >= 0).nonzero(as_tuple=True)
         target = choose[b, refer_at[b, t]]  # (n, T)
         has = target.any(-1)

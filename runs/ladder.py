@@ -128,7 +128,7 @@ def one_rung(rung, g, rng):
     else:  # every question data.py writes for the scene (numbers too, scored by exact match here)
         for category, qs in data.candidate_questions(g).items():
             for q in qs:
-                q = data.lettered(q, rng) if "options" in q else q
+                q = data.offered(q, rng) if "options" in q else q
                 out.append((q["question"], q["answer"], category))
     order = rng.permutation(len(out))
     return [out[i] for i in order[:args.per_image]]

@@ -1,11 +1,11 @@
 """
 Can the tiny model learn to compare two depths it has read? A text-only probe, no images: the
-question of each depth-order trace plus the trace's true reading ("(A) is at 6.1 m; (B) is at
-2.9 m, nearer.") -> the answer letter. The full pipeline's COOPER answered every depth-order
-question with one letter, even with the true reading forced into its reply (docs/experiments.md, "Longer RL,
+question of each depth-order trace plus the trace's true reading ("the red cube is at 6.1 m; the
+blue sphere is at 2.9 m, nearer.") -> the answer ("the blue sphere"). The full pipeline's COOPER
+once answered every depth-order question with one option, even with the true reading forced into its reply (docs/experiments.md, "Longer RL,
 and what limits COOPER"); this says whether the skill is learnable at all and how much signal it
 takes. --reading=plain drops the reading's last clause (", nearer"), as traces were before it:
-then only the letter is trained; with the clause, its word is trained too.
+then only the answer is trained; with the clause, its word is trained too.
 
     python runs/probe_comparison.py                       # from scratch, 600 steps of 32
     python runs/probe_comparison.py --reading=plain --steps=1000
@@ -51,12 +51,12 @@ tok = tokenizer.Tokenizer.load(refs["tokenizer"], vqgan.load_vqgan(refs["vq"]).c
 
 
 def without_clause(reading):
-    """'… (B) is at 4.6 m, nearer.' -> '… (B) is at 4.6 m.'"""
+    """'… the blue sphere is at 4.6 m, nearer.' -> '… the blue sphere is at 4.6 m.'"""
     return re.sub(r", (nearer|farther)\.$", ".", reading)
 
 
 def examples(split):
-    """(ids, positions of the supervised tokens: [the clause's word,] the answer letter) for every
+    """(ids, positions of the supervised tokens: [the clause's word,] the answer's words) for every
     depth-order trace of a split."""
     out = []
     for t in conversations.build_traces(data.load_split(refs["data_dir"], split)):
@@ -72,16 +72,18 @@ def examples(split):
         word = [ids.index(tok.end_think) - 2] if args.reading == "clause" else []  # ' nearer' / ' farther'
         if word and tok.decode(ids[word[0]:word[0] + 1]).strip() not in ("nearer", "farther"):
             raise SystemExit(f"this tokenizer splits the clause differently: {tok.decode(ids[word[0] - 2:word[0] + 3])!r}")
-        out.append((ids, word + [ids.index(tok.answer) + 1]))
+        out.append((ids, word + list(range(ids.index(tok.answer) + 1, ids.index(tok.end_answer)))))
     return out
 
 
 def batch(rows):
-    """Right-padded ids (B, T) and the supervised positions (B, K)."""
+    """Right-padded ids (B, T) and the supervised positions (B, K), a row's last one repeated where
+    its answer is shorter."""
     x = torch.full((len(rows), max(len(r) for r, _ in rows)), tok.pad)
     for i, (r, _) in enumerate(rows):
         x[i, :len(r)] = torch.tensor(r)
-    return x, torch.tensor([at for _, at in rows])
+    k = max(len(at) for _, at in rows)
+    return x, torch.tensor([at + at[-1:] * (k - len(at)) for _, at in rows])
 
 
 def logits_at(x, at):
@@ -92,14 +94,16 @@ def logits_at(x, at):
 
 @torch.no_grad()
 def accuracy(rows):
-    """The answer letter's accuracy, greedy; with a clause, after the clause word the model chose."""
+    """The answer's accuracy, greedy (every word right); with a clause, after the clause word the
+    model chose."""
     model.eval()
     truth, at = batch(rows)
     x, rows_ = truth.clone(), torch.arange(len(truth))
     for k in range(at.shape[1]):  # each supervised token in turn, after the model's own earlier choices
         x[rows_, at[:, k]] = logits_at(x, at[:, k:k + 1])[:, 0].argmax(-1)
     model.train()
-    return (x[rows_, at[:, -1]] == truth[rows_, at[:, -1]]).float().mean().item()
+    answer = at[:, 1:] if args.reading == "clause" else at
+    return (x[rows_[:, None], answer] == truth[rows_[:, None], answer]).all(1).float().mean().item()
 
 
 train, val = examples("train"), examples("val")

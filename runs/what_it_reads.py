@@ -1,12 +1,12 @@
 """
 What does the answer read off the objects it finds? runs/where_it_looks.py shows the last layer's
 heads looking at a comparison's two objects; this asks whether what they bring back says where
-those objects are. For val questions that compare two objects (depth order: option A against B;
-relation_left: the first named against the second), a linear probe (logistic regression, fit on
+those objects are. For val questions that compare two objects (depth order and relation_left,
+the options in the question's order), a linear probe (logistic regression, fit on
 half the questions, scored on the other half) predicts the fact the answer needs from:
 - "looking heads": the attention outputs at <answer> of the first two heads of the layer the
   referring loss teaches (model.py, "Referring"), taught to look at the question's first and
-  second referent (data.referents: for depth order the nearer, then the farther object);
+  second referent (data.referents: the answer's object, then the other one);
 - "answer state": the residual stream at <answer> after the last layer (what the head reads);
 - "place table": the model's own place embedding (wpe_image) averaged over each object's places:
   what a perfect lookup of position alone would bring back, the ceiling of position as it is coded.
@@ -55,11 +55,10 @@ coverage = data.place_coverage(split["seg"], side)
 
 
 def pair(q):
-    """The two compared objects in the order the question names them (the options' order for
-    depth order), or None."""
-    if q["kind"] == "depth_order":
+    """The two compared objects in the order the question offers them, or None."""
+    if q["kind"] in ("depth_order", "relation_left"):
         return data.option_objects(q, split["scenes"][q["scene"]])
-    return q["objects"] if q["kind"] == "relation_left" else None
+    return None
 
 
 asked = [q for q in questions["val"] if pair(q)]
@@ -101,7 +100,7 @@ with torch.no_grad():
             facts["lower"].append(a["centroid"][1] > c["centroid"][1])
             facts["nearer"].append(data.camera_distance(scene, a) < data.camera_distance(scene, c))
             facts["left"].append(a["centroid"][0] < c["centroid"][0])
-            right.append(bool(logits[r, pos[r]].argmax() == y[r, pos[r]]))  # the first answer token, greedy
+            right.append(bool((logits[r].argmax(-1) == y[r])[m[r] == 1].all()))  # every answer token, greedy
             kinds.append(q["kind"])
 
 

@@ -46,14 +46,12 @@ def test_readings_quote_the_true_maps(split):
         reading = t["conversation"][-1]["content"][-2]["think"]
         depth, seg = split["depth"][t["scene"]], split["seg"][t["scene"]]
         if t["tool"] == "depth":
-            # objects are quoted by name, by option letter ("(A) is at …"), or as "it" (relative distance's anchor)
-            letters = dict(zip(q.get("choices", []), q.get("options", [])))
+            # objects are quoted by name, or as "it" (relative distance's anchor)
             anchor = next(data.name(o) for o in split["scenes"][t["scene"]]["objects"] if o["id"] == q["objects"][0])
-            quoted = {(who[4:] if who.startswith("the ") else letters[who[1]] if who.startswith("(") else anchor): float(v)
-                      for who, v in re.findall(r"(the \w+ \w+|\([A-H]\)|it) is at (\d+\.\d) m", reading)}
-            if "options" in q:
-                assert not re.search(r"the \w+ \w+ is at", reading)  # options are read by letter, never by name
-                assert set(letters.values()) <= set(quoted)
+            quoted = {(who[4:] if who.startswith("the ") else anchor): float(v)
+                      for who, v in re.findall(r"(the \w+ \w+|it) is at (\d+\.\d) m", reading)}
+            if "options" in q:  # every option, in the question's order
+                assert [n for n in quoted if n in q["options"]] == q["options"]
             for n, v in quoted.items():  # the median true depth inside the object's true mask
                 assert v == pytest.approx(np.median(depth[seg == names[t["scene"]][n]]), abs=0.051)
                 checked["depth"] += 1
@@ -64,19 +62,17 @@ def test_readings_quote_the_true_maps(split):
                 assert first == second or (clause.group(1) == "nearer") == (second < first)
                 checked["clause"] += 1
             if q["kind"] in ("depth_order", "relation_front"):
-                a, b = [data.name(o) for i in q["objects"] for o in split["scenes"][t["scene"]]["objects"] if o["id"] == i]
-                nearer = a if quoted[a] < quoted[b] else b
-                if q["kind"] == "depth_order":
-                    agree["order"].append((nearer == q["answer_name"]) == ("closer" in q["question"]))
-                else:
-                    agree["front"].append((nearer == a) == (q["answer"] == "yes"))
+                nearer = min(q["options"], key=quoted.get)
+                asks_nearer = "closer" in q["question"] or "in front" in q["question"]
+                agree[q["kind"]].append((q["answer"] == nearer) == asks_nearer)
         elif q["kind"] == "counting":
             n_seg, n = map(int, re.search(r"shows (\d+) segments; .* among them: (\d+)", reading).groups())
             assert n_seg == len([k for k in np.unique(seg) if k >= 2]) and n == int(q["answer"])
             checked["count"] += 1
-        elif q["kind"] == "relation_left":
+        elif q["kind"] == "relation_left":  # the segments' columns, in the options' order
             cols = [int(c) for c in re.findall(r"segment at column (\d+)", reading)]
-            agree["left"].append((cols[0] < cols[1]) == (q["answer"] == "yes"))
+            left = q["options"][int(np.argmin(cols))]
+            agree["left"].append((q["answer"] == left) == ("left" in q["question"]))
     assert checked["depth"] > 100 and checked["count"] > 10 and checked["clause"] > 10
     for k, v in agree.items():  # map readings support the true answer (occlusion can shift a mask)
         assert len(v) >= 5 and np.mean(v) >= 0.85, (k, np.mean(v))

@@ -163,7 +163,8 @@ def recompute(q, scene, seg):
         return next(o for o in scene["objects"] if f"{o['color']} {o['shape']}" == text)
 
     text, kind = q["question"], q["kind"]
-    letter_of = {n: c for c, n in re.findall(r"\(([A-H])\) the (\w+ \w+)", text)}  # multiple choice: name -> letter
+    stem, _, offered = text.partition(", the ")  # multiple choice: the options' names follow the stem
+    options = re.findall(r"(?:^|the )(\w+ \w+)", offered)
     if kind == "distance":
         v = ground(*named) if "apart" in text else cam_dist(named[0])
         return f"{v:.1f} m"
@@ -172,23 +173,25 @@ def recompute(q, scene, seg):
         v = 100 * (o["height"] if "tall" in text else 2 * o["radius"])
         return f"{round(v)} cm"
     if kind == "depth_order":
-        assert len(letter_of) == 2
+        assert len(options) == 2
         pick = min if "closer" in text else max
-        return letter_of[data.name(pick(map(by_name, letter_of), key=cam_dist))]
+        return data.name(pick(map(by_name, options), key=cam_dist))
     if kind == "relative_distance":
-        anchor = by_name(text.split("?")[0].split("the ")[-1])
+        anchor = by_name(stem.split("the ")[-1])
         vis = [o for o in scene["objects"] if o is not anchor and (seg == o["id"]).sum() >= scene["min_visible"]]
-        assert sorted(letter_of) == sorted(map(data.name, vis))  # the options are every other visible object
+        assert sorted(options) == sorted(map(data.name, vis))  # the options are every other visible object
         pick = min if "closest" in text else max
-        return letter_of[data.name(pick(vis, key=lambda o: ground(anchor, o)))]
+        return data.name(pick(vis, key=lambda o: ground(anchor, o)))
     if kind == "relation_front":
-        a, b = named
-        return "yes" if (pos[a["id"]] - cam_pos) @ forward < (pos[b["id"]] - cam_pos) @ forward else "no"
+        assert len(options) == 2
+        pick = min if "in front" in text else max
+        return data.name(pick(map(by_name, options), key=lambda o: (pos[o["id"]] - cam_pos) @ forward))
     if kind == "relation_left":
-        a, b = named
+        assert len(options) == 2
         f = (size / 2) / math.tan(cam["fov"] / 2)
-        u = {o["id"]: ((pos[o["id"]] - cam_pos) @ right) / ((pos[o["id"]] - cam_pos) @ forward) * f for o in (a, b)}
-        return "yes" if u[a["id"]] < u[b["id"]] else "no"
+        pick = min if "left" in text else max
+        return data.name(pick(map(by_name, options), key=lambda o: ((pos[o["id"]] - cam_pos) @ right) /
+                              ((pos[o["id"]] - cam_pos) @ forward) * f))
     if kind == "counting":
         word = text.split("How many ")[1].split(" ")[0]
         attr, value = ("shape", word[:-1]) if word.endswith("s") and word[:-1] in data.SHAPES else ("color", word)
@@ -235,8 +238,8 @@ def test_practice_questions_are_right_distinct_and_skip_the_asked_one(dataset):
     for q0 in s["questions"]:
         scene, seg = s["scenes"][q0["scene"]], s["seg"][q0["scene"]]
         qs = data.practice_questions(scene, rng, 1000, drills=True, skip=q0)
-        stems = [(q["question"].split(" (A)")[0], tuple(q["objects"])) for q in qs]
-        assert len(set(stems)) == len(stems) and (q0["question"].split(" (A)")[0], tuple(q0["objects"])) not in stems
+        stems = [(q["question"].split(", the ")[0], tuple(q["objects"])) for q in qs]
+        assert len(set(stems)) == len(stems) and (q0["question"].split(", the ")[0], tuple(q0["objects"])) not in stems
         for q in qs:
             assert recompute(q, scene, seg) == q["answer"], q
             kinds[q["kind"]] += 1
@@ -246,22 +249,24 @@ def test_practice_questions_are_right_distinct_and_skip_the_asked_one(dataset):
 
 
 def test_multiple_choice_answers_are_not_given_away_by_wording_or_position():
-    """Before lettered options, "Which is closer…, the A or the B?" always had the nearer object
-    first, so the wording alone gave the answer. Now the answer's letter is independent of it."""
+    """"Which is closer…, the A or the B?" once always had the nearer object first, so the wording
+    alone gave the answer. Now the answer is the first option no more often than a random one, and
+    it is always one of the options."""
     rng = np.random.default_rng(0)
     cfg = data.SceneConfig(image_size=32)
     seen = collections.defaultdict(list)
     for seed in range(150):
         for q in data.make_questions(data.render_scene([9, seed], cfg)["graph"], rng):
             if "options" in q:
-                assert q["options"][q["choices"].index(q["answer"])] == q["answer_name"]
-                seen[(q["kind"], q["question"].split("?")[0].split(" the ")[0])].append(
-                    (q["answer"] == "A", 1 / len(q["options"])))
+                assert q["choices"] == q["options"] and q["answer"] in q["choices"]
+                seen[(q["kind"], q["question"].split(", the ")[0].split(" the ")[0])].append(
+                    (q["answer"] == q["choices"][0], 1 / len(q["options"])))
     closer, farther = seen[("depth_order", "Which is closer to")], seen[("depth_order", "Which is farther from")]
     assert min(len(closer), len(farther)) > 30
-    for v in (closer, farther, [x for k, v in seen.items() if k[0] == "relative_distance" for x in v]):
-        is_a, share = np.mean(v, axis=0)
-        assert abs(is_a - share) < 0.15, (is_a, share)  # (A) is right as often as a random option would be
+    relation = [x for k, v in seen.items() if k[0].startswith("relation_") for x in v]
+    for v in (closer, farther, relation, [x for k, v in seen.items() if k[0] == "relative_distance" for x in v]):
+        first, share = np.mean(v, axis=0)
+        assert abs(first - share) < 0.15, (first, share)  # the first option is right as often as a random one
 
 
 def test_scene_graph_matches_images(dataset):
@@ -280,7 +285,7 @@ def test_all_categories_and_tools_present(dataset):
     qs = data.load_split(dataset, "train")["questions"]
     assert {q["category"] for q in qs} == set(data.CATEGORIES)
     assert {q["tool"] for q in qs} == {"depth", "seg", "none"}
-    assert {q["answer_type"] for q in qs} == {"number", "choice", "yesno", "integer"}
+    assert {q["answer_type"] for q in qs} == {"number", "choice", "integer"}
 
 
 # --- conversions ---------------------------------------------------------------------------------

@@ -354,7 +354,7 @@ def test_choose_loss_is_minus_log_the_last_heads_attention_on_the_marked_words(t
     refer_at = torch.full((1, T), -1)
     refer_at[0, T - 6], refer_at[0, T - 4], refer_at[0, T - 1] = 0, 1, 2
     choose = torch.zeros(1, 3, T, dtype=torch.bool)
-    choose[0, 0, [1, 2]], choose[0, 2, [3, T - 3]] = True, True  # question 1 is not lettered
+    choose[0, 0, [1, 2]], choose[0, 2, [3, T - 3]] = True, True  # question 1 offers no options
     seen = attention_seen(monkeypatch)
     _, plain = model(idx, targets, loss_mask)
     seen.clear()

@@ -281,38 +281,45 @@ def test_refer_targets_mark_each_answer_and_the_places_of_its_objects(setup, dat
 
 
 def test_choose_and_option_targets_mark_the_words_of_each_option(setup, data_dir):
-    """choose: for each lettered question in a packed row, exactly the tokens that spell its answer
-    option's object name (data.option_spans) in that question's text, and nothing for the others;
-    refer_heads=0 still marks each answer's position. With graphs, the last token of each option's
-    name takes an entry after the questions', whose first head looks at that option's object."""
+    """choose: in a packed row, each position that predicts a multiple-choice answer's second or
+    later word takes an entry after the questions', marking exactly the question's token that says
+    that word in the answer's option (" cube" of "the red cube" where the answer is "red cube");
+    nothing for other questions, and refer_heads=0 still marks each answer's position. With graphs,
+    the last token of each option's name takes an entry after the questions', whose first head
+    looks at that option's object."""
     import conversations
     tok, codes, qs = setup
-    s = next(s for s in range(40) if any(q["scene"] == s and "answer_name" in q for q in qs)
-             and any(q["scene"] == s and "answer_name" not in q for q in qs))
-    asked = sorted((q for q in qs if q["scene"] == s), key=lambda q: "answer_name" in q)[-3:]
-    assert any("answer_name" not in q for q in asked) and "answer_name" in asked[-1]
+    s = next(s for s in range(40) if any(q["scene"] == s and "options" in q for q in qs)
+             and any(q["scene"] == s and "options" not in q for q in qs))
+    asked = sorted((q for q in qs if q["scene"] == s), key=lambda q: "options" in q)[-3:]
+    assert any("options" not in q for q in asked) and "options" in asked[-1]
     rows = [tok.render_conversation(conversations.packed_vqa(asked), batches.scene_codes(codes, s))]
     x, y, m = batches.make_batch(tok, rows, 1024)
     t = batches.refer_targets(tok, x, m, [asked], None, 0, choose=True)
-    assert "refer" not in t and t["choose"].shape == (1, 3, x.size(1))
-    for k, q in enumerate(asked):
-        marked = t["choose"][0, k].nonzero().flatten()
-        if "answer_name" not in q:
-            assert len(marked) == 0
-            continue
-        assert tok.decode(x[0, marked].tolist()).strip() == q["answer_name"]
-        assert (marked.diff() == 1).all() and marked[-1] < (t["refer_at"][0] == k).nonzero().item()
-        before = tok.decode(x[0, :marked[0]].tolist())
-        assert before.rstrip().endswith(f"({q['answer']}) the") and q["question"].split("?")[0] in before
+    starts = ((x[0] == tok.answer) & (m[0] == 1)).nonzero().flatten().tolist()
+    assert "refer" not in t and [int(t["refer_at"][0, p]) for p in starts] == [0, 1, 2]
+    entries = {int(t["refer_at"][0, p]): p for p in (t["refer_at"][0] >= 0).nonzero().flatten().tolist()}
+    said = {}  # position of each multiple-choice answer's words -> the question's tokens of its option
+    for q, start in zip(asked, starts):
+        options = batches.option_tokens(tok, x[0], start, q)
+        assert [tok.decode(x[0, p].tolist()).strip() for p in options] == (q["options"] if "options" in q else [])
+        if options:
+            said.update({start + i: options[q["choices"].index(q["answer"])] for i in range(1, len(tok.encode(q["answer"])))})
+    assert sorted(entries) == list(range(len(entries))) and 3 < len(entries) <= 3 + len(said)
+    assert not t["choose"][0, :3].any()
+    for e in range(3, len(entries)):
+        at, marked = entries[e], t["choose"][0, e].nonzero().flatten().tolist()
+        assert len(marked) == 1 and marked[0] in said[at] and x[0, marked[0]] == y[0, at]  # the word it predicts
 
     graphs = [data.load_scenes(data_dir, "train")[s]]
     cov = data.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
-    t = batches.refer_targets(tok, x, m, [asked], [cov[s]], 2, choose=True, graphs=graphs)
-    q = asked[-1]
+    t = batches.refer_targets(tok, x, m, [asked], [cov[s]], 2, graphs=graphs)
     at = {int(t["refer_at"][0, p]): p for p in (t["refer_at"][0] >= 0).nonzero().flatten().tolist()}
-    assert sorted(at) == list(range(3 + len(q["options"])))  # the questions' entries, then each option's
-    for j, (obj, option) in enumerate(zip(data.option_objects(q, graphs[0]), q["options"])):
+    offered = [(obj, choice) for q in asked if "options" in q  # each option, in the questions' order
+               for obj, choice in zip(data.option_objects(q, graphs[0]), q["choices"])]
+    assert sorted(at) == list(range(3 + len(offered))) and "choose" not in t  # the questions' entries, then each option's
+    for j, (obj, choice) in enumerate(offered):
         p = at[3 + j]
-        assert tok.decode(x[0, :p + 1].tolist()).endswith(f"({q['choices'][j]}) the {option}")
+        assert tok.decode(x[0, :p + 1].tolist()).endswith(choice)
         assert t["refer"][0, 3 + j, 0].tolist() == data.referent_places(cov[s], [obj]).tolist()
-        assert not t["refer"][0, 3 + j, 1].any() and not t["choose"][0, 3 + j].any()
+        assert not t["refer"][0, 3 + j, 1].any()
