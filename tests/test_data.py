@@ -175,23 +175,23 @@ def recompute(q, scene, seg):
     if kind == "depth_order":
         assert len(options) == 2
         pick = min if "closer" in text else max
-        return data.name(pick(map(by_name, options), key=cam_dist))
+        return data.answer_key(data.name(pick(map(by_name, options), key=cam_dist)), options)
     if kind == "relative_distance":
         anchor = by_name(stem.split("the ")[-1])
         vis = [o for o in scene["objects"] if o is not anchor and (seg == o["id"]).sum() >= scene["min_visible"]]
         assert sorted(options) == sorted(map(data.name, vis))  # the options are every other visible object
         pick = min if "closest" in text else max
-        return data.name(pick(vis, key=lambda o: ground(anchor, o)))
+        return data.answer_key(data.name(pick(vis, key=lambda o: ground(anchor, o))), options)
     if kind == "relation_front":
         assert len(options) == 2
         pick = min if "in front" in text else max
-        return data.name(pick(map(by_name, options), key=lambda o: (pos[o["id"]] - cam_pos) @ forward))
+        return data.answer_key(data.name(pick(map(by_name, options), key=lambda o: (pos[o["id"]] - cam_pos) @ forward)), options)
     if kind == "relation_left":
         assert len(options) == 2
         f = (size / 2) / math.tan(cam["fov"] / 2)
         pick = min if "left" in text else max
-        return data.name(pick(map(by_name, options), key=lambda o: ((pos[o["id"]] - cam_pos) @ right) /
-                              ((pos[o["id"]] - cam_pos) @ forward) * f))
+        return data.answer_key(data.name(pick(map(by_name, options), key=lambda o: ((pos[o["id"]] - cam_pos) @ right) /
+                                              ((pos[o["id"]] - cam_pos) @ forward) * f)), options)
     if kind == "counting":
         word = text.split("How many ")[1].split(" ")[0]
         attr, value = ("shape", word[:-1]) if word.endswith("s") and word[:-1] in data.SHAPES else ("color", word)
@@ -248,17 +248,25 @@ def test_practice_questions_are_right_distinct_and_skip_the_asked_one(dataset):
     assert len(data.practice_questions(s["scenes"][0], rng, 3)) == 3
 
 
+def test_answer_key_is_the_shortest_word_that_picks_the_option_out():
+    assert data.answer_key("red cube", ["blue sphere", "red cube"]) == "red"
+    assert data.answer_key("red cube", ["red sphere", "red cube"]) == "cube"
+    assert data.answer_key("red cube", ["red sphere", "blue cube", "red cube"]) == "red cube"
+    assert data.answer_key("blue cube", ["red sphere", "blue cube", "red cube"]) == "blue"
+
+
 def test_multiple_choice_answers_are_not_given_away_by_wording_or_position():
     """"Which is closer…, the A or the B?" once always had the nearer object first, so the wording
     alone gave the answer. Now the answer is the first option no more often than a random one, and
-    it is always one of the options."""
+    it always picks out one option (data.answer_key)."""
     rng = np.random.default_rng(0)
     cfg = data.SceneConfig(image_size=32)
     seen = collections.defaultdict(list)
     for seed in range(150):
         for q in data.make_questions(data.render_scene([9, seed], cfg)["graph"], rng):
             if "options" in q:
-                assert q["choices"] == q["options"] and q["answer"] in q["choices"]
+                assert q["choices"] == [data.answer_key(o, q["options"]) for o in q["options"]] and q["answer"] in q["choices"]
+                assert len(set(q["choices"])) == len(q["choices"])
                 seen[(q["kind"], q["question"].split(", the ")[0].split(" the ")[0])].append(
                     (q["answer"] == q["choices"][0], 1 / len(q["options"])))
     closer, farther = seen[("depth_order", "Which is closer to")], seen[("depth_order", "Which is farther from")]

@@ -283,8 +283,10 @@ def test_refer_targets_mark_each_answer_and_the_places_of_its_objects(setup, dat
 def test_choose_and_option_targets_mark_the_words_of_each_option(setup, data_dir):
     """choose: in a packed row, each position that predicts a multiple-choice answer's second or
     later word takes an entry after the questions', marking exactly the question's token that says
-    that word in the answer's option (" cube" of "the red cube" where the answer is "red cube");
-    nothing for other questions, and refer_heads=0 still marks each answer's position. With graphs,
+    that word in the answer's option (" cube" of "the red cube" where the answer is "red cube", as
+    data.answer_key gives it when no one word picks the option out; here every multiple-choice
+    answer is made so); nothing for other questions, and refer_heads=0 still marks each answer's
+    position. With graphs,
     the last token of each option's name takes an entry after the questions', whose first head
     looks at that option's object."""
     import conversations
@@ -293,6 +295,8 @@ def test_choose_and_option_targets_mark_the_words_of_each_option(setup, data_dir
              and any(q["scene"] == s and "options" not in q for q in qs))
     asked = sorted((q for q in qs if q["scene"] == s), key=lambda q: "options" in q)[-3:]
     assert any("options" not in q for q in asked) and "options" in asked[-1]
+    asked = [dict(q, choices=q["options"], answer=q["options"][q["choices"].index(q["answer"])]) if "options" in q else q
+             for q in asked]
     rows = [tok.render_conversation(conversations.packed_vqa(asked), batches.scene_codes(codes, s))]
     x, y, m = batches.make_batch(tok, rows, 1024)
     t = batches.refer_targets(tok, x, m, [asked], None, 0, choose=True)
