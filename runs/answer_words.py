@@ -1,0 +1,67 @@
+"""
+Which word of an answer does a model get wrong? For each kind of val question, teacher-forced (the
+true answer in context, as eval.direct_scores scores), the share of questions whose answer is
+right at every token, and the share right at each of the answer's words in turn: <answer>, then
+its text's tokens, then </answer> and <|eos|>. A multiple-choice answer named in full ("red cube")
+showed its first word right 0.95 of the time and its second, copied from the question, 0.6: the
+reason answers are now data.answer_key's one word. For a choice, also the share whose first word
+is the first word of another option (the wrong object named) rather than of none.
+
+    python runs/answer_words.py out/learn/rgb/ckpt.pt --data_dir=data/learn --kinds depth_order relation_left
+
+Ends with `final: {json}`.
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import batches  # noqa: E402
+import conversations  # noqa: E402
+import prepare  # noqa: E402
+import trainer  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
+parser.add_argument("--data_dir", default="data/learn")
+parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser.add_argument("--kinds", nargs="+", default=["depth_order", "relation_left", "relation_front", "relative_distance", "general"])
+parser.add_argument("--n", type=int, default=300, help="val questions a kind")
+args = parser.parse_args()
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+model, _ = trainer.load_model(args.ckpt)
+model.eval()
+tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+result = {"ckpt": args.ckpt}
+for kind in args.kinds:
+    asked = [q for q in questions["val"] if q["kind"] == kind][:args.n]
+    if not asked:
+        continue
+    count = collections.Counter()
+    with torch.no_grad():
+        for i in range(0, len(asked), 32):
+            chunk = asked[i:i + 32]
+            rows = [tok.render_conversation(conversations.vqa_conversation(q), batches.scene_codes(codes["val"], q["scene"]))
+                    for q in chunk]
+            x, y, m = batches.make_batch(tok, rows, model.config.block_size)
+            guess = model(x)[0].argmax(-1)
+            for r, q in enumerate(chunk):
+                at = (m[r] == 1).nonzero().flatten()
+                right = (guess[r, at] == y[r, at]).tolist()
+                count["all"] += all(right)
+                names = {tok.answer: "<answer>", tok.end_answer: "</answer>", tok.eos: "<|eos|>"}
+                for j, (ok, t) in enumerate(zip(right, y[r, at].tolist())):
+                    count[names.get(t, f"word {j}")] += ok
+                if "options" in q:  # the first word is another option's (the wrong object named)
+                    first = tok.encode(q["answer"])[0]
+                    others = {tok.encode(c)[0] for c in q["choices"]} - {first}
+                    count["other option"] += int(guess[r, at[1]]) in others
+    row = {k: round(v / len(asked), 3) for k, v in count.items()}
+    print(f"{kind} ({len(asked)}): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    result[kind] = row
+print("final: " + json.dumps(result))
