@@ -2,7 +2,7 @@
 Which word of an answer does a model get wrong? For each kind of val question, teacher-forced (the
 true answer in context, as eval.direct_scores scores), the share of questions whose answer is
 right at every token, and the share right at each of the answer's words in turn: <answer>, then
-its text's tokens, then </answer> and <|eos|>. A multiple-choice answer named in full ("red cube")
+its text's tokens, then </answer> and <|eos|> (each over the answers that have that word). A multiple-choice answer named in full ("red cube")
 showed its first word right 0.95 of the time and its second, copied from the question, 0.6: the
 reason answers are now data.answer_key's one word. For a choice, also the share whose first word
 is the first word of another option (the wrong object named) rather than of none.
@@ -42,7 +42,7 @@ for kind in args.kinds:
     asked = [q for q in questions["val"] if q["kind"] == kind][:args.n]
     if not asked:
         continue
-    count = collections.Counter()
+    count, seen = collections.Counter(), collections.Counter()  # right, and asked (a word only some answers have)
     with torch.no_grad():
         for i in range(0, len(asked), 32):
             chunk = asked[i:i + 32]
@@ -54,14 +54,18 @@ for kind in args.kinds:
                 at = (m[r] == 1).nonzero().flatten()
                 right = (guess[r, at] == y[r, at]).tolist()
                 count["all"] += all(right)
+                seen["all"] += 1
                 names = {tok.answer: "<answer>", tok.end_answer: "</answer>", tok.eos: "<|eos|>"}
                 for j, (ok, t) in enumerate(zip(right, y[r, at].tolist())):
                     count[names.get(t, f"word {j}")] += ok
+                    seen[names.get(t, f"word {j}")] += 1
                 if "options" in q:  # the first word is another option's (the wrong object named)
                     first = tok.encode(q["answer"])[0]
                     others = {tok.encode(c)[0] for c in q["choices"]} - {first}
                     count["other option"] += int(guess[r, at[1]]) in others
-    row = {k: round(v / len(asked), 3) for k, v in count.items()}
-    print(f"{kind} ({len(asked)}): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+                    seen["other option"] += 1
+    row = {k: round(count[k] / n, 3) for k, n in seen.items()}
+    print(f"{kind} ({len(asked)}): " + ", ".join(f"{k} {v:.3f}" + (f" (of {seen[k]})" if seen[k] < len(asked) else "")
+                                                 for k, v in row.items()))
     result[kind] = row
 print("final: " + json.dumps(result))
