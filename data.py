@@ -47,6 +47,7 @@ SEG_PALETTE = np.array([
 MODALITIES = ("rgb", "depth", "seg")
 SPLITS = ("train", "val", "test")
 CATEGORIES = ("distance", "size", "depth_order", "relative_distance", "relation", "counting", "general")
+QUESTION_FORMAT = 2  # meta.json's record of how questions are asked: 2, multiple choice answered with one word (offered)
 # Tool flag per question kind, the rule the CPR reward relies on: depth helps metric and ordering
 # questions, segmentation helps counting and left/right localisation, neither helps colour/shape.
 TOOL_FOR = {"distance": "depth", "size": "depth", "depth_order": "depth", "relative_distance": "depth",
@@ -675,7 +676,7 @@ def build_dataset(out_dir, n_train, n_val, n_test, cfg, seed=0, manifest=""):
         counts[split] = {"scenes": len(scenes), "questions": len(questions)}
         summary[split] = collections.Counter(q["category"] for q in questions)
     meta = {"config": asdict(cfg), "seed": seed, "manifest": manifest, "counts": counts, "categories": summary,
-            "depth_encoding": DEPTH_ENCODING, "seconds": round(time.time() - t0, 1)}
+            "depth_encoding": DEPTH_ENCODING, "question_format": QUESTION_FORMAT, "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:  # written last: its presence means "complete"
         json.dump(meta, f, indent=1)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
@@ -693,14 +694,18 @@ def load_meta(data_dir):
 def prepare(data_dir="data/tiny", **preset):
     """Build the dataset in data_dir if it is not complete yet: the tiny preset, with any of its
     settings (TINY_PRESET) or SceneConfig's far and min_visible given in preset. A dataset already
-    there is used as it is, unless it was built with other scene settings than preset names: then
-    this stops, since stale scenes would quietly ask other questions."""
+    there is used as it is, unless it was built with other scene settings than preset names, or
+    asks its questions in an older format: then this stops, since stale scenes would quietly ask
+    other questions."""
     scene = {k: v for k, v in preset.items() if k in ("far", "min_visible")}
     if os.path.exists(os.path.join(data_dir, "meta.json")):
         meta = load_meta(data_dir)
         stale = {k: meta["config"].get(k) for k, v in scene.items() if meta["config"].get(k) != v}
         if stale:
             raise SystemExit(f"{data_dir} holds scenes built with {stale}, not {scene}: remove it to rebuild, or pick another data_dir")
+        if meta.get("question_format", 1) != QUESTION_FORMAT:
+            raise SystemExit(f"{data_dir} asks its questions in format {meta.get('question_format', 1)}, not {QUESTION_FORMAT} "
+                             "(multiple choice answered with one word): remove it to rebuild, or pick another data_dir")
         return meta
     p = dict(TINY_PRESET, **preset)
     print(f"dataset {data_dir} missing: building it ({p['n_train']}/{p['n_val']}/{p['n_test']} scenes)")
@@ -736,6 +741,7 @@ if __name__ == "__main__":
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else None
     wanted = {"train": n_train, "val": n_val, "test": n_test}
     if (not force and meta and SceneConfig(**meta["config"]) == cfg and meta["seed"] == seed and meta.get("manifest", "") == manifest
+            and meta.get("question_format", 1) == QUESTION_FORMAT
             and (manifest or {s: c["scenes"] for s, c in meta["counts"].items()} == wanted)):
         print(f"{out_dir} already holds this dataset: skipping (--force=True rebuilds it)")
     else:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -367,6 +368,11 @@ def test_prepare_is_a_no_op_on_a_complete_dataset(dataset, capsys):
     assert "building" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="min_visible"):
         data.prepare(dataset, min_visible=data.SceneConfig.min_visible + 1)
+    old = os.path.join(os.path.dirname(dataset), "old_format")  # built before one-word answers: no question_format
+    shutil.copytree(dataset, old)
+    json.dump({k: v for k, v in meta.items() if k != "question_format"}, open(os.path.join(old, "meta.json"), "w"))
+    with pytest.raises(SystemExit, match="format 1"):
+        data.prepare(old)
 
 
 def test_place_objects_names_the_object_covering_most_of_each_place():
