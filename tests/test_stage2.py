@@ -112,7 +112,7 @@ def test_tiny_model_follows_the_tool_loop(setup, tmp_path):
           if q["scene"] == t["scene"] and q["kind"] == t["kind"]][:len(balanced)]
     assert sorted(q["kind"] for q in qs) == sorted(t["kind"] for t in balanced)
     cfg = dict(loop_driver.LOOP, out_dir=str(tmp_path), n_layer=2, n_head=2, n_embd=64, block_size=512,
-               batch_size=8, max_iters=120, warmup_iters=10, learning_rate=3e-3, min_lr=3e-4, log_interval=1000,
+               batch_size=8, max_iters=200, warmup_iters=10, learning_rate=3e-3, min_lr=3e-4, log_interval=1000,
                eval_interval=1000, eval_iters=1, attn_impl="sdpa", peak_tflops=1.0)
     torch.manual_seed(0)
     run = trainer.setup_run("cpu")
