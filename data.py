@@ -498,18 +498,16 @@ def candidate_questions(graph):
             q["distance"].append(number("distance", "distance", f"How far apart are the {name(a)} and the {name(b)}, in meters?",
                                         ground_distance(a, b), "m", [a, b]))
         da, db = camera_distance(graph, a), camera_distance(graph, b)
-        if da + 0.5 <= db:  # a comparison's objects list its answer first: where the first referring head looks
-            for word, ans, other in (("closer to", a, b), ("farther from", b, a)):
-                q["depth_order"].append(multiple_choice("depth_order", "depth_order", f"Which is {word} the camera?",
-                                                        [name(a), name(b)], name(ans), [ans, other]))
         za, zb = world_to_camera(graph["camera"], a["position"])[2], world_to_camera(graph["camera"], b["position"])[2]
         ua, ub = image_x(graph, a), image_x(graph, b)
-        for kind, clear, word_a, word_b in (("relation_front", za + 0.5 <= zb, "in front of the other", "behind the other"),
-                                            ("relation_left", ua + 0.05 * graph["image_size"] <= ub, "farther left", "farther right")):
-            if clear:  # a is clearly in front of (left of) b
-                for word, ans, other in ((word_a, a, b), (word_b, b, a)):
-                    q["relation"].append(multiple_choice("relation", kind, f"Which is {word}?", [name(a), name(b)],
-                                                         name(ans), [ans, other]))
+        for category, kind, clear, word_a, word_b in (
+                ("depth_order", "depth_order", da + 0.5 <= db, "closer to the camera", "farther from the camera"),
+                ("relation", "relation_front", za + 0.5 <= zb, "in front of the other", "behind the other"),
+                ("relation", "relation_left", ua + 0.05 * graph["image_size"] <= ub, "farther left", "farther right")):
+            if clear:  # a is clearly nearer (in front, left): asked both ways, the answer's object listed
+                for word, ans, other in ((word_a, a, b), (word_b, b, a)):  # first, where the first referring head looks
+                    q[category].append(multiple_choice(category, kind, f"Which is {word}?", [name(a), name(b)],
+                                                       name(ans), [ans, other]))
     for a in vis:
         q["distance"].append(number("distance", "distance", f"How far is the {name(a)} from the camera, in meters?",
                                     camera_distance(graph, a), "m", [a]))
