@@ -149,6 +149,13 @@ def place_targets(splits, n_image_tokens, object_head=False, depth_head=False, r
     return places, coverage
 
 
+def vqa_rows(tok, questions, codes, blind=False):
+    """Each question as one direct-answer row (ids, loss mask), with its scene's codes (or, blind,
+    without the image): what evaluation and the probes score."""
+    return [tok.render_conversation(conversations.vqa_conversation(q, image=not blind), scene_codes(codes, q["scene"]))
+            for q in questions]
+
+
 def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None):
     """The referring and choosing losses' targets for VQA rows x (and their loss mask m) asking
     row_qs of scenes with place coverages. refer_at (B, T) names the entry of the targets each

@@ -177,8 +177,7 @@ def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, bat
     they are decoded greedily and scored by MRA. blind=True asks without the image."""
     scores = [0.0] * len(questions)
     forced = [i for i, q in enumerate(questions) if q["answer_type"] != "number"]
-    rows = [tok.render_conversation(conversations.vqa_conversation(questions[i], image=not blind),
-                                    batches.scene_codes(codes, questions[i]["scene"])) for i in forced]
+    rows = batches.vqa_rows(tok, [questions[i] for i in forced], codes, blind)
     for i, right in zip(forced, greedy_right(model, tok, rows, batch_size)):
         scores[i] = float(right)
     numbers = [i for i, q in enumerate(questions) if q["answer_type"] == "number"]

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
-import conversations  # noqa: E402
 import prepare  # noqa: E402
 import trainer  # noqa: E402
 
@@ -46,8 +45,7 @@ for kind in args.kinds:
     with torch.no_grad():
         for i in range(0, len(asked), 32):
             chunk = asked[i:i + 32]
-            rows = [tok.render_conversation(conversations.vqa_conversation(q), batches.scene_codes(codes["val"], q["scene"]))
-                    for q in chunk]
+            rows = batches.vqa_rows(tok, chunk, codes["val"])
             x, y, m = batches.make_batch(tok, rows, model.config.block_size)
             guess = model(x)[0].argmax(-1)
             for r, q in enumerate(chunk):

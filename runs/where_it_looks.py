@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
-import conversations  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import prepare  # noqa: E402
@@ -59,8 +58,7 @@ ids = np.arange(coverage.shape[-1])
 with torch.no_grad():
     for i in range(0, len(asked), 32):
         chunk = asked[i:i + 32]
-        rows = [tok.render_conversation(conversations.vqa_conversation(q), batches.scene_codes(codes["val"], q["scene"]))
-                for q in chunk]
+        rows = batches.vqa_rows(tok, chunk, codes["val"])
         x, _, m = batches.make_batch(tok, rows, model.config.block_size)
         t = batches.refer_targets(tok, x, m, [[q] for q in chunk], [coverage[q["scene"]] for q in chunk], 2)
         inputs.clear()
