@@ -247,12 +247,13 @@ def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_mo
 def grpo_loss(model, batch, clip_eps=0.2, kl_beta=0.0):
     """The clipped GRPO objective over one batch of rollouts -> (loss, stats). Calls model(idx)
     (not model.token_logprobs) so that under DDP the forward goes through the wrapper and the
-    gradients are synchronised. Only the trained positions (loss_mask 1) reach the softmax: the
-    rest (prompt, forced tokens, padding) get neither loss nor gradient, and cost nothing here."""
+    gradients are synchronised. Only the trained positions (loss_mask 1) reach the head and the
+    softmax (GPT.forward with a mask): the rest (prompt, forced tokens, padding) get neither loss
+    nor gradient, and cost nothing there."""
     idx, targets, mask, extra = batch
-    logits, _ = model(idx)
+    logits, _ = model(idx, targets, mask)  # (n, V) over the n trained tokens; its own loss is unused
     trained = mask.bool()
-    logp_all = F.log_softmax(logits[trained].float(), dim=-1)  # (n, V) over the n trained tokens
+    logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(1, targets[trained][:, None]).squeeze(1)  # = model.token_logprobs there
     n = max(1, len(logp))
     ratio = torch.exp(logp - extra["old_logprobs"][trained])

@@ -113,10 +113,11 @@ def trace_loss(model, batch, image_offset, image_weight):
     """(mean loss on text + image_weight × mean loss on drawn map codes, their values): the loop's
     loss_fn. Targets from image_offset up are codes; the batch's mask already excludes forced tokens."""
     x, y, m = batch
-    logits, _ = model(x)
-    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-    is_code = (y >= image_offset).to(nll.dtype)
-    parts = [(nll * w).sum() / w.sum().clamp(min=1) for w in (m * (1 - is_code), m * is_code)]
+    logits, _ = model(x, y, m)  # the logits at the supervised positions alone (model.GPT.forward)
+    at = m > 0
+    nll = torch.nn.functional.cross_entropy(logits.float(), y[at], reduction="none")
+    w, is_code = m[at].to(nll.dtype), (y[at] >= image_offset).to(nll.dtype)
+    parts = [(nll * w * k).sum() / (w * k).sum().clamp(min=1) for k in (1 - is_code, is_code)]
     return parts[0] + image_weight * parts[1], {"loss_text": parts[0].item(), "loss_codes": parts[1].item()}
 
 

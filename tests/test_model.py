@@ -238,12 +238,14 @@ def test_loss_is_mean_over_supervised_positions_and_logprobs_match(tok):
     idx, targets = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
     loss_mask = torch.tensor([mask[1:]])
     logprobs = model.token_logprobs(idx, targets)
-    _, loss = model(idx, targets, loss_mask)
+    masked_logits, loss = model(idx, targets, loss_mask)
     _, loss_all = model(idx, targets)
     assert 0 < loss_mask.sum() < loss_mask.numel()
     torch.testing.assert_close(loss, -(logprobs * loss_mask).sum() / loss_mask.sum())
     torch.testing.assert_close(loss_all, -logprobs.mean())
     assert not torch.isclose(loss, loss_all)
+    # with a mask the head runs only where the loss is, and gives there what the full forward gives
+    torch.testing.assert_close(masked_logits, model(idx)[0][loss_mask.bool()])
 
 
 def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):

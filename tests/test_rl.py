@@ -238,8 +238,8 @@ class LogitsModel(nn.Module):
         super().__init__()
         self.logits = nn.Parameter(torch.randn(B, T, V))
 
-    def forward(self, idx):
-        return self.logits, None
+    def forward(self, idx, targets=None, loss_mask=None):  # GPT.forward's contract: with a mask, its positions' logits
+        return (self.logits if loss_mask is None else self.logits[loss_mask.bool()]), None
 
 
 def test_forced_tokens_and_padding_get_no_gradient():
