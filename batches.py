@@ -55,7 +55,7 @@ def branched_row(rows):
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
                  places=None, practice="file", branched=False, coverage=None, refer_heads=0, choose=False,
-                 refer_options=False):
+                 refer_options=False, map_questions=False):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
@@ -76,7 +76,10 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     question's object groups (data.referents) cover, up to refer_heads groups (model.py, "Referring").
     choose=True adds "choose", the words of each multiple-choice question's answer option, and
     refer_options=True teaches the first referring head at each option's name to look at its object
-    (model.py, "Choosing")."""
+    (model.py, "Choosing"). map_questions=True asks questions after the maps too: a depth or seg
+    example then asks up to per_image of its scene's questions after its map, and a chain example
+    up to per_image - 1 more after its own (drawn fresh from the scene), so that every example
+    trains answering, not only the VQA kind's."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -92,6 +95,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         raise ValueError("practice questions are drawn from rendered scene graphs; real (manifest) data needs practice='file'")
     if not pool:
         raise ValueError(f"no scene has the maps stage-1 {kind} examples need: set {kind}_weight=0")
+    if map_questions and (practice == "file" or per_image < 2):
+        raise ValueError("map_questions draws its questions from the scene: it needs practice='scene' or 'drills' and per_image > 1")
     if refer_options and (refer_heads == 0 or scenes is None):
         raise ValueError("refer_options needs refer_heads > 0 and the split's scene graphs")
     if refer_heads > 0 and coverage is None:
@@ -107,6 +112,7 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     rows, row_scenes, row_qs = [], [], []
     for _ in range(batch_size):
         pick = pool[rng.integers(len(pool))]
+        qs = []
         if kind == "vqa":
             scene, qs = pick["scene"], [pick]
             if per_image > 1 and practice == "file":  # the picked question first, then others of its scene
@@ -118,21 +124,26 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
             while len(row[0]) > block_size + 1 and len(qs) > 1:  # a packed row asks what fits in the block
                 qs.pop()
                 row = pack(qs, scene)
-        elif kind == "chain":
-            scene = pick["scene"]
-            row = tok.render_conversation(conversations.perception_chain(pick), scene_codes(codes, scene))
         else:
-            scene = pick
-            row = tok.render_conversation(conversations.map_request(kind), scene_codes(codes, scene))
+            scene = pick["scene"] if kind == "chain" else pick
+            conv = conversations.perception_chain(pick) if kind == "chain" else conversations.map_request(kind)
+            if map_questions:
+                qs = ([pick] if kind == "chain" else []) + data.practice_questions(
+                    scenes[scene], rng, per_image - (kind == "chain"), practice == "drills", skip=pick if kind == "chain" else None)
+            more = lambda: conv + conversations.packed_vqa(qs[kind == "chain":], image=False)
+            row = tok.render_conversation(more(), scene_codes(codes, scene))
+            while len(row[0]) > block_size + 1 and len(qs) > (kind == "chain"):  # ask what fits in the block
+                qs.pop()
+                row = tok.render_conversation(more(), scene_codes(codes, scene))
         rows.append(row)
         row_scenes.append(scene)
-        row_qs.append(qs if kind == "vqa" else [])
+        row_qs.append(qs)
     x, y, m, *br = make_batch(tok, rows, block_size)
     extra = {"branches": br[0]} if br else {}
     if places is not None:
         extra["places"] = (torch.from_numpy(places[row_scenes]) if not (blind and kind == "vqa")
                            else torch.full((batch_size, *places.shape[1:]), -1))
-    if (refer_heads > 0 or choose) and kind == "vqa" and not blind:
+    if (refer_heads > 0 or choose) and (kind == "vqa" or map_questions) and not blind:
         covs = [coverage[s] for s in row_scenes] if refer_heads else None
         graphs = [scenes[s] for s in row_scenes] if refer_options else None
         extra.update(refer_targets(tok, x, m, row_qs, covs, refer_heads, choose, graphs))

@@ -287,6 +287,7 @@ LEARN = dict(
     questions_per_image=7,  # > 1: up to this many of a scene's questions after its one image (training only)
     practice="scene",  # packed questions from the question file, drawn fresh from the scene, or with drills (batches.py)
     branched=False,  # True: packed questions each see the image and only their own turn (batches.branched_row)
+    map_questions=False,  # True: depth, seg and chain examples ask questions after their maps too (arm=maps; batches.py)
     n_layer=4, n_head=4, n_embd=128, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=True,  # True: a head names the object at each RGB place, its loss added (model.py)
@@ -355,7 +356,8 @@ def bench_learn(argv=()):
                                      w, scenes[split], blind=blind, per_image=c["questions_per_image"],
                                      places=None if blind else places.get(split), practice=c["practice"],
                                      branched=c["branched"], coverage=coverage.get(split), refer_heads=c["refer_heads"],
-                                     choose=c["choose"], refer_options=c["refer_options"])
+                                     choose=c["choose"], refer_options=c["refer_options"],
+                                     map_questions=c["map_questions"] and not blind)
             if split == "train":
                 seen["tokens"] += b[0].numel()
             return b
@@ -381,7 +383,8 @@ def bench_learn(argv=()):
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
     rng = np.random.default_rng([cfg["seed"], 9])
     probe = [batches.stage1_batch(tok, codes["train"], questions["train"], rng, cfg["batch_size"], cfg["block_size"],
-                                  weights, scenes["train"], per_image=cfg["questions_per_image"], practice=cfg["practice"])
+                                  weights, scenes["train"], per_image=cfg["questions_per_image"], practice=cfg["practice"],
+                                  map_questions=cfg["map_questions"])
              for _ in range(20)]
     per_iter = np.mean([b[0].numel() for b in probe]) * cfg["grad_accum"]
     if cfg["tokens"] > 0:

@@ -48,6 +48,7 @@ chain_weight = 0.5
 questions_per_image = 7  # > 1: a VQA example asks up to this many of its scene's questions after one image
 practice = "scene"  # where the packed questions come from: file, scene (drawn fresh) or drills (+ grounding drills; batches.py)
 branched = False  # True: packed questions each see the image and only their own turn, so none reads another's answer
+map_questions = False  # True: depth, seg and chain examples ask up to questions_per_image of their scene's questions after their maps too
 # model
 n_layer = 4
 n_head = 4
@@ -109,7 +110,7 @@ if __name__ == "__main__":
         return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
                                     per_image=questions_per_image, places=places.get(split), practice=practice,
                                     branched=branched, coverage=coverage.get(split), refer_heads=refer_heads,
-                                    choose=choose, refer_options=refer_options)
+                                    choose=choose, refer_options=refer_options, map_questions=map_questions)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]

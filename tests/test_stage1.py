@@ -116,6 +116,29 @@ def test_practice_rows_begin_as_the_file_row_and_ask_fresh_questions_of_its_scen
                              per_image=2, practice="scene")
 
 
+def test_map_questions_ask_the_scenes_questions_after_the_maps(setup, data_dir):
+    """map_questions=True: a depth or seg row is the map request (its map supervised as before),
+    then up to per_image of its scene's questions, each answered; a chain row asks its own question
+    first, then more; every answer brings its referring targets; a short block asks fewer."""
+    tok, codes, qs = setup
+    scenes, cov = data.load_scenes(data_dir, "train"), data.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
+    for kind, n_maps in (("depth", 2), ("seg", 2), ("chain", 3)):
+        x, y, m, extra = batches.stage1_batch(tok, codes, qs, np.random.default_rng(3), 4, 1024, {kind: 1.0}, scenes,
+                                              per_image=3, map_questions=True, practice="scene", coverage=cov, refer_heads=2)
+        for r in range(4):
+            text = tok.decode(torch.cat([x[r, :1], y[r]]).tolist())
+            assert text.count("</answer>") == 3 and text.count("<|image|>") == n_maps  # no second RGB
+            assert text.split("<|image|>")[-1].count("</answer>") == 3  # every question after the last map
+            assert ((y[r] >= tok.image_offset) & (m[r] == 1)).sum() == (n_maps - 1) * N  # every map drawn, supervised
+        assert ((extra["refer_at"] >= 0).sum(1) == 3).all()
+    short = batches.stage1_batch(tok, codes, qs, np.random.default_rng(3), 4, 120, {"depth": 1.0}, scenes,
+                                 per_image=9, map_questions=True, practice="scene")
+    assert short[0].shape[1] <= 120 and ((short[0] == tok.answer).sum(1) < 9).all()
+    with pytest.raises(ValueError, match="map_questions"):
+        batches.stage1_batch(tok, codes, qs, np.random.default_rng(3), 4, 1024, {"depth": 1.0}, scenes, per_image=3,
+                             map_questions=True, practice="file")
+
+
 def test_place_labels_follow_each_rows_scene(setup):
     """With places, a batch brings each row's scene's place labels (any kind of example), and -1
     rows for the blind baseline, whose rows show no image; the three token tensors are unchanged."""
