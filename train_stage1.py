@@ -68,9 +68,9 @@ choose = False  # True: the last head of the last layer is taught to copy a name
 refer_options = False  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
 image_reader = True  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
-max_iters = 250
+max_iters = 1000
 token_budget = 0  # > 0: set max_iters so the run trains on about this many tokens
-batch_size = 16
+batch_size = 4  # small batches, many steps: at a fixed token budget batch 4 learns the answers far sooner than 16 (docs/experiments.md)
 grad_accum = 1
 learning_rate = 1e-3
 min_lr = 1e-4

@@ -9,10 +9,10 @@ data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=6
 tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~1 s
 vqgan = dict(data_dir=_data_dir, image_size=64, max_iters=3200, disc_start=2400)
 # stage 1 (and the Base arm with --aux=False): train_stage1.py's model and learning options; sequences
-# of ~290 (VQA, one question) to ~830 tokens. 600 iterations. The times above and the 4.67M tokens in
+# of ~290 (VQA, one question) to ~830 tokens. 2400 iterations of 4 sequences (the tiny preset's reason). The times above and the 4.67M tokens in
 # ~55 min were measured before that design (4×256, AdamW, one question an image, objects out to 8 m).
-stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=16, max_iters=600, warmup_iters=20,
-              eval_interval=300, eval_scenes=32, eval_questions=140)
+stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=4, max_iters=2400, warmup_iters=20, log_interval=40,
+              eval_interval=1200, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 # stage 2 SFT on interleaved traces (~570 tokens): 200 iterations at ~0.9 s, then 210 val replies.
 stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210)

@@ -12,9 +12,10 @@ tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~12 s
 vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=1600, disc_start=1200)
 # stage 1 (and the Base arm with --aux=False): train_stage1.py's design, 4 layers × 128 wide with
 # Muon, the object head, the referring loss, the pixel reader and 7 questions an image; sequences of
-# ~350 (VQA) to ~520 tokens (RGB, depth, seg, question, answer). 440 iterations, ~0.6 s each.
-stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=16, max_iters=440, warmup_iters=20,
-              eval_interval=440, eval_scenes=32, eval_questions=140)
+# ~350 (VQA) to ~520 tokens (RGB, depth, seg, question, answer). 1760 iterations of 4 sequences, ~0.17 s each:
+# the tokens of 440 iterations of 16, in 4× the steps, which is what the answers need (docs/experiments.md).
+stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=4, max_iters=1760, warmup_iters=20, log_interval=40,
+              eval_interval=1760, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test questions a category, maps of 32 scenes
 # stage 2 SFT on interleaved traces (~350 tokens: RGB, map, text), then 70 val replies through the
 # tool loop. 250 iterations: after 100 the sampled replies broke the format half the time.
