@@ -79,7 +79,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     (model.py, "Choosing"). map_questions=True asks questions after the maps too: a depth or seg
     example then asks up to per_image of its scene's questions after its map, and a chain example
     up to per_image - 1 more after its own (drawn fresh from the scene), so that every example
-    trains answering, not only the VQA kind's."""
+    trains answering, not only the VQA kind's; such a batch's loss mask weighs its text (the
+    answers) as much as its map codes in all."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -147,6 +148,11 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         covs = [coverage[s] for s in row_scenes] if refer_heads else None
         graphs = [scenes[s] for s in row_scenes] if refer_options else None
         extra.update(refer_targets(tok, x, m, row_qs, covs, refer_heads, choose, graphs))
+    if map_questions and kind != "vqa":  # the batch's loss is a mean over its supervised tokens: without
+        is_code = y >= tok.image_offset  # this its ~150 map codes a row would drown its ~7 answer tokens
+        text, drawn = (m > 0) & ~is_code, (m > 0) & is_code
+        m = m.float()
+        m[text] *= drawn.sum() / text.sum().clamp(min=1)  # text and codes weigh alike: the loss is their means' mean
     return (x, y, m, extra) if extra else (x, y, m)
 
 

@@ -129,8 +129,10 @@ def test_map_questions_ask_the_scenes_questions_after_the_maps(setup, data_dir):
             text = tok.decode(torch.cat([x[r, :1], y[r]]).tolist())
             assert text.count("</answer>") == 3 and text.count("<|image|>") == n_maps  # no second RGB
             assert text.split("<|image|>")[-1].count("</answer>") == 3  # every question after the last map
-            assert ((y[r] >= tok.image_offset) & (m[r] == 1)).sum() == (n_maps - 1) * N  # every map drawn, supervised
+            assert ((y[r] >= tok.image_offset) & (m[r] > 0)).sum() == (n_maps - 1) * N  # every map drawn, supervised
         assert ((extra["refer_at"] >= 0).sum(1) == 3).all()
+        is_code = y >= tok.image_offset  # the answers weigh as much as the maps
+        assert set(m[is_code].tolist()) == {0, 1} and m[~is_code].sum().item() == pytest.approx(m[is_code].sum().item())
     short = batches.stage1_batch(tok, codes, qs, np.random.default_rng(3), 4, 120, {"depth": 1.0}, scenes,
                                  per_image=9, map_questions=True, practice="scene")
     assert short[0].shape[1] <= 120 and ((short[0] == tok.answer).sum(1) < 9).all()
