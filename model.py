@@ -467,8 +467,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None, branches=None, refer_at=None, refer=None,
                 choose=None):
-        """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions
-        where loss_mask is 1 (all positions if no mask), or None without targets; with a loss_mask,
+        """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions,
+        weighted by loss_mask (0: none, 1 as a rule; all positions alike if no mask), or None
+        without targets; with a loss_mask,
         logits are (N, V), those of the N positions where the mask is set, in row order. With kv_cache,
         idx continues each row of the cache (see KVCache). places (B, n_image_tokens, heads), the
         labels at each place of a row's first image for each place head in turn (object, then depth;

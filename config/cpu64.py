@@ -9,8 +9,9 @@ data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=6
 tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~1 s
 vqgan = dict(data_dir=_data_dir, image_size=64, max_iters=3200, disc_start=2400)
 # stage 1 (and the Base arm with --aux=False): train_stage1.py's model and learning options; sequences
-# of ~290 (VQA, one question) to ~830 tokens. 2400 iterations of 4 sequences (the tiny preset's reason). The times above and the 4.67M tokens in
-# ~55 min were measured before that design (4×256, AdamW, one question an image, objects out to 8 m).
+# of ~290 (VQA, one question) to ~830 tokens. 2400 iterations of 4 sequences, for the tiny preset's
+# reason. The times above and the 4.67M tokens in ~55 min were measured before that design (4×256,
+# AdamW, one question an image, objects out to 8 m) and before batches of 4.
 stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=4, max_iters=2400, warmup_iters=20, log_interval=40,
               eval_interval=1200, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
