@@ -469,8 +469,9 @@ class GPT(nn.Module):
                 choose=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions,
         weighted by loss_mask (0: none, 1 as a rule; all positions alike if no mask), or None
-        without targets; with a loss_mask,
-        logits are (N, V), those of the N positions where the mask is set, in row order. With kv_cache,
+        without targets. With a loss_mask, targets or not, logits are (N, V): those of the N
+        positions where the mask is set, in row order (a caller with its own loss passes the mask
+        alone). With kv_cache,
         idx continues each row of the cache (see KVCache). places (B, n_image_tokens, heads), the
         labels at each place of a row's first image for each place head in turn (object, then depth;
         -1: none asked), adds each head's mean cross entropy to the loss (see "Place heads").
@@ -523,16 +524,18 @@ class GPT(nn.Module):
             last_in = x  # the last block's input: what the choosing loss reads
             x = block(x, rope_q, rope_k, cache, prior, mask)
         x = self.ln_f(x)
-        if targets is None:
-            return self.lm_head(x), None
         if loss_mask is None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1))
-        else:  # the head and its softmax only where the loss is: ~1 position in 9 of a VQA row, 1 in 2 of a map's
+        else:  # the head only where a loss will be: ~1 position in 9 of a VQA row, 1 in 2 of a map's
             at = loss_mask > 0
-            logits, weight = self.lm_head(x[at]), loss_mask[at].float()
-            nll = F.cross_entropy(logits.float(), targets[at], reduction="none")
-            loss = (nll * weight).sum() / weight.sum().clamp(min=1)
+            logits = self.lm_head(x[at])
+        if targets is None:
+            return logits, None
+        if loss_mask is None:
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1))
+        else:
+            weight = loss_mask[at].float()
+            loss = (F.cross_entropy(logits.float(), targets[at], reduction="none") * weight).sum() / weight.sum().clamp(min=1)
         if places is not None:
             loss = loss + self.place_loss(x, idx, places)
         if refer is not None:  # the referring layer's q and k again: attention kernels do not return their weights

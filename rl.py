@@ -251,7 +251,7 @@ def grpo_loss(model, batch, clip_eps=0.2, kl_beta=0.0):
     softmax (GPT.forward with a mask): the rest (prompt, forced tokens, padding) get neither loss
     nor gradient, and cost nothing there."""
     idx, targets, mask, extra = batch
-    logits, _ = model(idx, targets, mask)  # (n, V) over the n trained tokens; its own loss is unused
+    logits, _ = model(idx, loss_mask=mask)  # (n, V) over the n trained tokens
     trained = mask.bool()
     logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(1, targets[trained][:, None]).squeeze(1)  # = model.token_logprobs there

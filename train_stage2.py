@@ -113,7 +113,7 @@ def trace_loss(model, batch, image_offset, image_weight):
     """(mean loss on text + image_weight × mean loss on drawn map codes, their values): the loop's
     loss_fn. Targets from image_offset up are codes; the batch's mask already excludes forced tokens."""
     x, y, m = batch
-    logits, _ = model(x, y, m)  # the logits at the supervised positions alone (model.GPT.forward)
+    logits, _ = model(x, loss_mask=m)  # the logits at the supervised positions alone (model.GPT.forward)
     at = m > 0
     nll = torch.nn.functional.cross_entropy(logits.float(), y[at], reduction="none")
     w, is_code = m[at].to(nll.dtype), (y[at] >= image_offset).to(nll.dtype)

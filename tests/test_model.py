@@ -246,6 +246,7 @@ def test_loss_is_mean_over_supervised_positions_and_logprobs_match(tok):
     assert not torch.isclose(loss, loss_all)
     # with a mask the head runs only where the loss is, and gives there what the full forward gives
     torch.testing.assert_close(masked_logits, model(idx)[0][loss_mask.bool()])
+    torch.testing.assert_close(model(idx, loss_mask=loss_mask)[0], masked_logits)  # a mask without targets: no loss
 
 
 def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
