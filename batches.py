@@ -113,7 +113,6 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     rows, row_scenes, row_qs = [], [], []
     for _ in range(batch_size):
         pick = pool[rng.integers(len(pool))]
-        qs = []
         if kind == "vqa":
             scene, qs = pick["scene"], [pick]
             if per_image > 1 and practice == "file":  # the picked question first, then others of its scene
@@ -121,21 +120,20 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
                 qs += [others[j] for j in rng.permutation(len(others))[:per_image - 1]]
             elif per_image > 1:
                 qs += data.practice_questions(scenes[scene], rng, per_image - 1, practice == "drills", skip=pick)
-            row = pack(qs, scene)
-            while len(row[0]) > block_size + 1 and len(qs) > 1:  # a packed row asks what fits in the block
-                qs.pop()
-                row = pack(qs, scene)
+            render, keep = (lambda: pack(qs, scene)), 1
         else:
             scene = pick["scene"] if kind == "chain" else pick
-            conv = conversations.perception_chain(pick) if kind == "chain" else conversations.map_request(kind)
-            if map_questions:
-                qs = ([pick] if kind == "chain" else []) + data.practice_questions(
-                    scenes[scene], rng, per_image - (kind == "chain"), practice == "drills", skip=pick if kind == "chain" else None)
-            more = lambda: conv + conversations.packed_vqa(qs[kind == "chain":], image=False)
-            row = tok.render_conversation(more(), scene_codes(codes, scene))
-            while len(row[0]) > block_size + 1 and len(qs) > (kind == "chain"):  # ask what fits in the block
-                qs.pop()
-                row = tok.render_conversation(more(), scene_codes(codes, scene))
+            own = [pick] if kind == "chain" else []  # a chain asks its own question, after both maps
+            conv = conversations.perception_chain(pick) if own else conversations.map_request(kind)
+            qs = own + (data.practice_questions(scenes[scene], rng, per_image - len(own), practice == "drills",
+                                                skip=pick if own else None) if map_questions else [])
+            render = lambda: tok.render_conversation(conv + conversations.packed_vqa(qs[len(own):], image=False),
+                                                     scene_codes(codes, scene))
+            keep = len(own)
+        row = render()
+        while len(row[0]) > block_size + 1 and len(qs) > keep:  # a packed row asks what fits in the block
+            qs.pop()
+            row = render()
         rows.append(row)
         row_scenes.append(scene)
         row_qs.append(qs)
