@@ -95,7 +95,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
-optimizer = "adamw"  # or "muon": Muon for the blocks' matrices at muon_lr (model.Muon)
+optimizer = "adamw"  # or "muon": Muon for the blocks' matrices at muon_lr (optim.Muon)
 muon_lr = 0.02
 # logging
 log_interval = 1

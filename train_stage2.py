@@ -79,7 +79,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
-optimizer = "muon"  # muon: Muon for the blocks' matrices at muon_lr (model.Muon), AdamW for the rest; or adamw
+optimizer = "muon"  # muon: Muon for the blocks' matrices at muon_lr (optim.Muon), AdamW for the rest; or adamw
 muon_lr = 0.05  # a 4×128 model under AdamW still broke the reply format a fifth of the time after 250 iterations
 # logging and evaluation
 log_interval = 10

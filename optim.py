@@ -1,0 +1,61 @@
+"""
+Muon, the optimizer the models here train with (model.GPT.configure_optimizers builds it): for a
+weight matrix, take the momentum of its gradient and replace it by the nearest semi-orthogonal
+matrix (all singular values ~1), found by a few Newton-Schulz iterations (Keller Jordan;
+modded-nanogpt, nanochat). Adam's step follows the gradient's large directions; a circuit that must
+grow out of a tiny signal (a head that finds the object a question names) sits in the small ones,
+and orthogonalising lifts them to the same size. On this project's lookup probes that shortened the
+plateau several-fold (docs/experiments.md). Embeddings, the head and the norm gains keep AdamW, in
+the same optimizer.
+"""
+import torch
+
+
+def newton_schulz(g, steps=5):
+    """An approximately semi-orthogonal matrix with g's singular vectors (singular values in about
+    [0.7, 1.2]): the quintic iteration tuned for speed over exactness."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float() / (g.float().norm() + 1e-7)
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x if wide else x.T).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups marked muon=True, AdamW for the others, in one optimizer so the loop,
+    the schedule (group["lr"] = lr x lr_scale) and checkpoints treat it like any other. The fused
+    q|k|v projection (3C x C) is orthogonalised as three C x C matrices; an m x n update is scaled
+    by sqrt(max(1, m/n)) so tall and square matrices take steps of the same RMS. No weight decay on
+    Muon's matrices."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.95), momentum=0.95, eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0, muon=False, lr_scale=1.0))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr = group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    chunks = update.chunk(3) if p.size(0) == 3 * p.size(1) else (update,)
+                    update = torch.cat([newton_schulz(u) for u in chunks])
+                    p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                    continue
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                beta1, beta2 = group["betas"]
+                state["step"] += 1
+                p.mul_(1 - lr * group["weight_decay"])
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** state["step"]))
