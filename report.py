@@ -137,6 +137,12 @@ def curves(run_root, report_dir):
     return files
 
 
+def started_from(run_root, stage):
+    """The init_from a stage's run was trained from, as its saved config says ("scratch" if none saved)."""
+    p = os.path.join(run_root, stage, "config.json")
+    return json.load(open(p)).get("init_from", "scratch") if os.path.exists(p) else "scratch"
+
+
 def trace_markdown(tok, vq, q, reply, report_dir, name):
     """One interleaved reply as text, with the maps it drew saved as PNGs beside the report."""
     from PIL import Image
@@ -203,6 +209,7 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
                              f"{c}: depth {100 * t[f'use_depth_{c}']:.0f}% / seg {100 * t[f'use_seg_{c}']:.0f}%"
                              for c in sorted({k.split('_', 2)[2] for k in t if k.startswith('use_depth_')})))
     figures = curves(roots[0], report_dir)
+    pe_from = started_from(roots[0], "stage1")
     report = [
         "# nanoCOOPER report", "",
         f"Test split of `{data_dir}`: {n_questions} questions balanced over categories, {len(roots)} seed(s) "
@@ -213,7 +220,7 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
         *rows, "",
         "What else differs from the paper: the base here is trained from scratch on the synthetic scenes "
         "(BAGEL is a pretrained 14B model); PE is the stage-1 checkpoint (Base's VQA examples plus map generation "
-        "and maps-in-context VQA); RE and COOPER are the text-only and interleaved arms after SFT and GRPO. "
+        f"and maps-in-context VQA, started from {'the Base arm' if pe_from.endswith('base/ckpt.pt') else pe_from}); RE and COOPER are the text-only and interleaved arms after SFT and GRPO. "
         "PE (direct) is the PE checkpoint answering from the RGB alone. The last two rows ask what limits COOPER: "
         "its stage-2 trace is forced into the reply up to the true map (its VQ codes), or also the true reading "
         "of that map, and the model writes the rest (`eval.answer_given`). Where they are no better than COOPER's "

@@ -8,10 +8,16 @@ The model learns, in one vocabulary and with one next-token loss, to
   (d) answer with its maps in context, the way the PE arm is judged: RGB -> depth -> seg -> question -> answer
 Loss falls only on what the assistant says. `--aux=False` trains the Base arm on the same VQA
 examples (a) alone; `--token_budget=N` sizes a run by tokens instead of iterations (a Base run
-with the same total tokens as stage 1 tells whether a gain is more than extra compute).
+with the tokens of Base and stage 1 together tells whether a gain is more than extra compute).
 
-    python train_stage1.py                           # tiny preset; prepare.py builds data, BPE, VQ and codes if missing
-    python train_stage1.py --aux=False --out_dir=out/base
+The paper starts stage 1 from a pretrained model that already answers questions; here that model
+is the Base arm, so the pipeline (runs/tiny_cpu.sh) trains Base first and starts stage 1 from it
+with --init_from. From scratch, the tiny preset's stage 1 spends its steps learning to draw as well
+as to answer, and its answers rarely left their prior; from Base it keeps Base's comparisons
+while it learns the maps (docs/experiments.md).
+
+    python train_stage1.py --aux=False --out_dir=out/base   # the Base arm; prepare.py builds data, BPE, VQ and codes if missing
+    python train_stage1.py --init_from=out/base/ckpt.pt     # stage 1 from Base (from scratch without --init_from)
     torchrun --standalone --nproc_per_node=8 train_stage1.py config/full_gpu.py
 """
 import json

@@ -1,7 +1,8 @@
 # Eight GPUs with torchrun, 256×256 images, a ~200M-parameter transformer, real data through manifests.
 #   python data.py config/full_gpu.py          # imports real/{train,val,test}.jsonl (README, "Real data": the manifest format)
 #   python tokenizer.py config/full_gpu.py && python vqgan.py config/full_gpu.py
-#   torchrun --standalone --nproc_per_node=8 train_stage1.py config/full_gpu.py
+#   torchrun --standalone --nproc_per_node=8 train_stage1.py config/full_gpu.py --aux=False --out_dir=out/full/base
+#   torchrun --standalone --nproc_per_node=8 train_stage1.py config/full_gpu.py --init_from=out/full/base/ckpt.pt
 #   torchrun --standalone --nproc_per_node=8 train_stage2.py config/full_gpu.py
 #   torchrun --standalone --nproc_per_node=8 rl.py config/full_gpu.py
 # Stage 2's traces read values off scene graphs, which real manifests do not have: until a trace

@@ -1,6 +1,7 @@
 # One GPU, about an hour end to end: 128×128 scenes, a 16×16-code VQ, a ~25M-parameter transformer.
 #   python data.py config/small_gpu.py && python tokenizer.py config/small_gpu.py && python vqgan.py config/small_gpu.py
-#   python train_stage1.py config/small_gpu.py && python train_stage1.py config/small_gpu.py --aux=False --out_dir=out/small/base
+#   python train_stage1.py config/small_gpu.py --aux=False --out_dir=out/small/base   # the Base arm, then stage 1 from it:
+#   python train_stage1.py config/small_gpu.py --init_from=out/small/base/ckpt.pt
 #   python train_stage2.py config/small_gpu.py && python rl.py config/small_gpu.py
 # Costs are estimates from FLOP counts (6·N·tokens at ~40% of an A100's bf16 peak), not measurements.
 _data, _out = "data/small", "out/small"

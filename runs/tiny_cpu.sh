@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole nanoCOOPER pipeline on the tiny CPU preset (2 cores, under 20 min), one step after another:
-# data -> tokenizer -> VQ -> stage 1 (and the Base arm) -> stage 2 SFT (COOPER and RE arms) -> RL
+# data -> tokenizer -> VQ -> the Base arm -> stage 1 (from Base) -> stage 2 SFT (COOPER and RE arms) -> RL
 # -> eval ($OUT/report/report.md). Every step writes under $OUT (default out/); a step whose
 # $OUT/<name>/final.json exists is skipped, so a rerun continues where it stopped; `rm -r out data`
 # starts over. Each step's last line is `final: {json}`, kept as final.json.
-# EXTRA=1 also trains the token-matched Base arm (same total tokens as stage 1); UNTIL=<step> stops after that step.
+# EXTRA=1 also trains the token-matched Base arm (the tokens of Base and stage 1 together); UNTIL=<step> stops after that step.
 # SEEDS=N also trains every arm again with seeds 2..N under $OUT/seed<s>/ (same data, tokenizer and VQ)
 # and evaluates all N: the full experiment. (With $OUT/eval done, `rm -r $OUT/eval` to re-evaluate.)
 set -euo pipefail
@@ -54,10 +54,11 @@ step vqgan python vqgan.py $PRESET --out_dir=$OUT/vqgan            # the VQ toke
 
 arms() {  # arms PREFIX SEED_ARGS: train every arm under $OUT/PREFIX, each stage from the one before it
   local p=$1 s=$2 R=$OUT${1:+/${1%/}}
-  step ${p}stage1 python train_stage1.py $PRESET $s --vq_ckpt=$VQ --out_dir=$R/stage1              # VQA + depth/seg generation
   step ${p}base python train_stage1.py $PRESET $s --vq_ckpt=$VQ --aux=False --out_dir=$R/base      # the Base arm: VQA only
+  # stage 1 starts from Base, as the paper's starts from a pretrained model that already answers questions
+  step ${p}stage1 python train_stage1.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/base/ckpt.pt --out_dir=$R/stage1  # + depth/seg generation
   if [ -z "$p" ] && [ "${EXTRA:-0}" = 1 ]; then
-    TOKENS=$(python -c "import json; print(json.load(open('$R/stage1/final.json'))['tokens'])")
+    TOKENS=$(python -c "import json; print(sum(json.load(open(f'$R/{a}/final.json'))['tokens'] for a in ('base', 'stage1')))")
     step base_tokens python train_stage1.py $PRESET --vq_ckpt=$VQ --aux=False --out_dir=$R/base_tokens --token_budget=$TOKENS
   fi
   step ${p}stage2 python train_stage2.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage1/ckpt.pt --out_dir=$R/stage2  # COOPER: interleaved SFT
