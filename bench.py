@@ -279,7 +279,7 @@ LEARN = dict(
     out_dir="out/learn",
     arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1)
     blind=True,  # also train the blind baseline: the same VQA batches without the image
-    minutes=20.0,  # the arm's training budget (evaluations and the blind baseline come on top)
+    minutes=30.0,  # the arm's training budget, timed from whole steps (evaluations and the blind baseline come on top)
     tokens=0,  # > 0: the budget in tokens instead
     evals=4,  # evaluations along the way
     per_category=400,  # val questions a category at each evaluation (s.e. <= 2.5 points)
@@ -345,24 +345,28 @@ def bench_learn(argv=()):
     run = trainer.setup_run(cfg["device"])
     val_split = data.load_split(cfg["data_dir"], "val") if cfg["arm"] == "maps" else None
 
+    def batch_maker(blind, seen):
+        """The get_batch of an arm (blind: VQA only, no image), counting the train tokens in seen."""
+        w = {"vqa": 1.0} if blind else weights
+
+        def get_batch(split, rng):
+            b = batches.stage1_batch(tok, codes[split], questions[split], rng, cfg["batch_size"], cfg["block_size"],
+                                     w, scenes[split], blind=blind, per_image=cfg["questions_per_image"],
+                                     places=None if blind else places.get(split), practice=cfg["practice"],
+                                     branched=cfg["branched"], coverage=coverage.get(split), refer_heads=cfg["refer_heads"],
+                                     choose=cfg["choose"], refer_options=cfg["refer_options"],
+                                     map_questions=cfg["map_questions"] and not blind)
+            if split == "train":
+                seen["tokens"] += b[0].numel()
+            return b
+        return get_batch
+
     def train_arm(name, blind, max_iters):
         """Train one model; returns its curve [{iter, tokens, acc_<cat>}] and the loop's last metrics."""
         c = dict(cfg, out_dir=os.path.join(cfg["out_dir"], name), max_iters=max_iters,
                  eval_interval=-(-max_iters // cfg["evals"]))  # the last evaluation is the run's final one
-        w = {"vqa": 1.0} if blind else weights
         seen = {"tokens": 0}
-
-        def get_batch(split, rng):
-            b = batches.stage1_batch(tok, codes[split], questions[split], rng, c["batch_size"], c["block_size"],
-                                     w, scenes[split], blind=blind, per_image=c["questions_per_image"],
-                                     places=None if blind else places.get(split), practice=c["practice"],
-                                     branched=c["branched"], coverage=coverage.get(split), refer_heads=c["refer_heads"],
-                                     choose=c["choose"], refer_options=c["refer_options"],
-                                     map_questions=c["map_questions"] and not blind)
-            if split == "train":
-                seen["tokens"] += b[0].numel()
-            return b
-
+        get_batch = batch_maker(blind, seen)
         curve = []
 
         def evaluate(model, it):
@@ -391,13 +395,20 @@ def bench_learn(argv=()):
     if cfg["tokens"] > 0:
         max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))
     else:
+        # whole training steps, as the loop takes them: the batch built (with its place targets), the
+        # losses, backward and the optimizer (timing forward and backward alone came out ~1.6x short)
         torch.manual_seed(cfg["seed"])
         model, optimizer, _ = trainer.init_model(dict(cfg, out_dir=cfg["out_dir"]), run, tok, n_image, patches, vq)
-        t0 = time.time()
-        for x, y, m in probe[:6]:
-            model(x.to(run.device), y.to(run.device), m.to(run.device))[1].backward()
+        get_batch, times = batch_maker(False, {"tokens": 0}), []
+        for _ in range(8):
+            t0 = time.time()
+            for _ in range(cfg["grad_accum"]):
+                b = get_batch("train", rng)
+                trainer.lm_loss(model, trainer.to_device(b, run.device))[0].backward()
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        step = (time.time() - t0) / 6 * cfg["grad_accum"]
+            times.append(time.time() - t0)
+        step = float(np.median(times[2:]))  # the first steps warm up
         max_iters = max(cfg["evals"], round(cfg["minutes"] * 60 / step))
         del model, optimizer
     print(f"learn: arm {cfg['arm']}, {max_iters} iterations (~{max_iters * per_iter / 1e6:.2f}M tokens), "

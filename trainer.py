@@ -255,7 +255,7 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
               f"iterations {start_iter}→{cfg['max_iters']}, {cfg['grad_accum']}×{cfg['batch_size']} sequences an iteration")
 
     def batch(split, seed_parts):
-        return _to_device(get_batch(split, np.random.default_rng([cfg["seed"], *seed_parts])), run.device)
+        return to_device(get_batch(split, np.random.default_rng([cfg["seed"], *seed_parts])), run.device)
 
     @torch.no_grad()
     def val_loss():
@@ -346,14 +346,14 @@ def train(cfg, run, model, optimizer, start, get_batch, evaluate=None, refs=None
     return last
 
 
-def _to_device(obj, device):
+def to_device(obj, device):
     """A batch's tensors, wherever they sit in tuples, lists and dicts, moved to the device."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
