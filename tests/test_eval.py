@@ -284,3 +284,10 @@ def test_balanced_sample_and_accuracy_of_no_questions():
     assert ev.balanced_sample(qs, 6) == picked  # a fixed order
     assert len(ev.balanced_sample(qs, 1)) == 3 and ev.balanced_sample(qs, 0) == []
     assert metrics.vqa_accuracy(None, [], []) == {}
+
+
+def test_report_reads_what_a_stage_started_from(tmp_path):
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "config.json").write_text('{"init_from": "out/base/ckpt.pt", "max_iters": 10}')
+    assert report.started_from(str(tmp_path), "stage1") == "out/base/ckpt.pt"
+    assert report.started_from(str(tmp_path), "stage2") == "scratch"  # no saved config
