@@ -251,6 +251,22 @@ def load_traces(data_dir, split, tools, seed=0):
     return traces, conversations.trace_stats(traces)
 
 
+def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage, blind=False):
+    """get_batch(split, rng) over stage1_batch with a script's options: cfg's batch_size,
+    block_size, questions_per_image, practice, branched, refer_heads, choose, refer_options and
+    map_questions; codes, questions, scenes, places and coverage by split (place_targets' dicts).
+    train_stage1.py's batches, and bench.py learn's (blind=True: its blind model's, no image and no
+    place labels)."""
+    def get_batch(split, rng):
+        return stage1_batch(tok, codes[split], questions[split], rng, cfg["batch_size"], cfg["block_size"], weights,
+                            scenes[split], blind=blind, per_image=cfg["questions_per_image"],
+                            places=None if blind else places.get(split), practice=cfg["practice"],
+                            branched=cfg["branched"], coverage=coverage.get(split), refer_heads=cfg["refer_heads"],
+                            choose=cfg["choose"], refer_options=cfg["refer_options"],
+                            map_questions=cfg["map_questions"] and not blind)
+    return get_batch
+
+
 def stage2_batch(tok, codes, traces, rng, batch_size, block_size):
     """A batch of traces, rendered with their scene's codes (the true maps stand in for the ones
     the model will draw)."""

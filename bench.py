@@ -347,15 +347,11 @@ def bench_learn(argv=()):
 
     def batch_maker(blind, seen):
         """The get_batch of an arm (blind: VQA only, no image), counting the train tokens in seen."""
-        w = {"vqa": 1.0} if blind else weights
+        batch = batches.stage1_batches(tok, codes, questions, scenes, cfg, {"vqa": 1.0} if blind else weights,
+                                       places, coverage, blind)
 
         def get_batch(split, rng):
-            b = batches.stage1_batch(tok, codes[split], questions[split], rng, cfg["batch_size"], cfg["block_size"],
-                                     w, scenes[split], blind=blind, per_image=cfg["questions_per_image"],
-                                     places=None if blind else places.get(split), practice=cfg["practice"],
-                                     branched=cfg["branched"], coverage=coverage.get(split), refer_heads=cfg["refer_heads"],
-                                     choose=cfg["choose"], refer_options=cfg["refer_options"],
-                                     map_questions=cfg["map_questions"] and not blind)
+            b = batch(split, rng)
             if split == "train":
                 seen["tokens"] += b[0].numel()
             return b

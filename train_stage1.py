@@ -112,11 +112,7 @@ if __name__ == "__main__":
               for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads}
     places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads)
 
-    def get_batch(split, rng):
-        return batches.stage1_batch(tok, codes[split], questions[split], rng, batch_size, block_size, weights, scenes[split],
-                                    per_image=questions_per_image, places=places.get(split), practice=practice,
-                                    branched=branched, coverage=coverage.get(split), refer_heads=refer_heads,
-                                    choose=choose, refer_options=refer_options, map_questions=map_questions)
+    get_batch = batches.stage1_batches(tok, codes, questions, scenes, config, weights, places, coverage)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]
