@@ -69,6 +69,12 @@ def perception_chain(q, answer=True):
 # RGB image shows (where each object is, how many pixels it spans), never a map value.
 # Every trace has one tool call at most (2 turns; MAX_TURNS allows 3). See `balance_traces` for
 # how the training set is balanced.
+#
+# reading="brief" replaces the final <think>'s reading with one fixed sentence (BRIEF), so the
+# answer follows the question and the map, as in stage 1's chain, rather than a reading the model
+# must write first. At the tiny preset the model does not learn to write correct readings (it
+# copies the wrong objects' names, and its answers follow what it wrote), while it does answer
+# from the image; the brief trace keeps much of that skill through SFT (docs/experiments.md).
 PLANS = {  # the first <think> of a trace, by question kind: why this tool (or none) helps
     "distance": "Distances need depth, so I will estimate a depth map.",
     "size": "Real size follows from image size and depth, so I will estimate a depth map.",
@@ -140,32 +146,40 @@ def _reading(q, names, readings, source):
     return f"{where} {said}."
 
 
-def trace_conversation(q, scene, readings, tools="all"):
+BRIEF = "I answer from what I see."  # the final <think> of a reading="brief" trace
+READINGS = ("values", "brief")
+
+
+def trace_conversation(q, scene, readings, tools="all", reading="values"):
     """The SFT conversation for question q of `scene` (its graph), given map_readings of the scene.
     tools="all": the COOPER trace (the flagged tool, or text only for "none"); tools="none": the
-    RE arm's text-only chain of thought."""
+    RE arm's text-only chain of thought. reading="values": the final <think> reads the question's
+    objects off the map (or the RGB); "brief": it is BRIEF."""
+    if reading not in READINGS:
+        raise ValueError(f"reading={reading!r}: expected one of {', '.join(READINGS)}")
     names = {o["id"]: data.name(o) for o in scene.get("objects", [])}
     tool = q.get("tool", "none") if tools == "all" else "none"
     user = [{"role": "user", "content": [{"image": "rgb"}, {"text": q["question"]}]}]
     if tool == "none":
         lead = PLANS["general"] + " " if q["kind"] == "general" and tools == "all" else ""
-        thought = lead + _reading(q, names, readings, "rgb")
+        thought = lead + (BRIEF if reading == "brief" else _reading(q, names, readings, "rgb"))
         return user + [{"role": "assistant", "content": [{"think": thought}, {"answer": q["answer"]}]}]
     plan = PLANS.get(q["kind"], f"A {tool} map will help, so I will generate one.")
     reply = [{"think": plan}, {"tool": tool}, {"image": tool}, {"forced": REFLECTION_PROMPT},
-             {"think": _reading(q, names, readings, tool)}, {"answer": q["answer"]}]
+             {"think": BRIEF if reading == "brief" else _reading(q, names, readings, tool)}, {"answer": q["answer"]}]
     return user + [{"role": "assistant", "content": reply}]
 
 
-def build_traces(split, tools="all"):
+def build_traces(split, tools="all", reading="values"):
     """A trace for every question of a split (load_split's dict): [{"scene", "category", "kind",
-    "tool" (the tool the trace calls, or "none"), "conversation"}]."""
+    "tool" (the tool the trace calls, or "none"), "conversation"}]; tools and reading as
+    trace_conversation takes them."""
     readings, out = {}, []
     for q in split["questions"]:
         s = q["scene"]
         if s not in readings:
             readings[s] = map_readings(split["depth"][s], split["seg"][s])
-        conv = trace_conversation(q, split["scenes"][s], readings[s], tools)
+        conv = trace_conversation(q, split["scenes"][s], readings[s], tools, reading)
         used = [p["tool"] for p in conv[-1]["content"] if "tool" in p]
         out.append({"scene": s, "category": q["category"], "kind": q["kind"], "tool": used[0] if used else "none",
                     "conversation": conv})

@@ -126,13 +126,14 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
 
 
 @torch.no_grad()
-def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batch_size=64, **sampling):
+def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batch_size=64, reading="values", **sampling):
     """Interleaved replies with the truth forced into them, to see what limits an interleaved arm.
     Each question's stage-2 trace (conversations.trace_conversation, which reads the true maps) is
     forced up to a point and the model writes the rest: upto="map" forces the plan, the tool call,
     the true map (its VQ codes) and the reflection prompt, so the model reads a perfect map and
     answers; upto="reading" also forces the trace's reading of it, so the model only answers. (A
     question the trace answers without a tool: "map" forces nothing, "reading" its text reading.)
+    reading is the trace style the model was fine-tuned on (conversations.trace_conversation's).
     Returns whole replies, forced part included, as `answer` does; split is load_split's dict."""
     if upto not in ("map", "reading"):
         raise ValueError(f"upto={upto!r}: expected 'map' or 'reading'")
@@ -144,7 +145,7 @@ def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batc
             s = q["scene"]
             if s not in readings:
                 readings[s] = conversations.map_readings(split["depth"][s], split["seg"][s])
-            *user, reply = conversations.trace_conversation(q, split["scenes"][s], readings[s])
+            *user, reply = conversations.trace_conversation(q, split["scenes"][s], readings[s], reading=reading)
             parts = reply["content"]  # [think, tool, image, forced, think, answer] or [think, answer]
             cut = len(parts) - 1 if upto == "reading" else max([i + 1 for i, p in enumerate(parts) if "forced" in p], default=0)
             ids = tok.render_conversation(user + [{"role": "assistant", "content": parts[:cut]}], batches.scene_codes(codes, s))[0]
@@ -255,9 +256,10 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
             out["per_seed_direct"].append(metrics.question_scores(tok, qs, answer(model, tok, qs, codes, n_image, mode="direct",
                                                                           batch_size=batch_size, **DECODE)))
         if arm == "COOPER":  # what limits it: the same questions with the true map, then its true reading, forced in
+            reading = report.run_config(root, "stage2").get("reading", "values")  # the traces it was fine-tuned on
             for upto, per_seed in out["given"].items():
                 per_seed.append(metrics.question_scores(tok, qs, answer_given(model, tok, qs, test, codes, n_image, upto,
-                                                                      batch_size=batch_size, **DECODE)))
+                                                                      batch_size=batch_size, reading=reading, **DECODE)))
         if mode == "interleaved":
             out["tools"].append(metrics.tool_use(tok, qs, replies))
             if use_tools and out["example"] is None:

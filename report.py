@@ -137,10 +137,15 @@ def curves(run_root, report_dir):
     return files
 
 
+def run_config(run_root, stage):
+    """A stage's saved config.json under a run root ({} if it saved none)."""
+    p = os.path.join(run_root, stage, "config.json")
+    return json.load(open(p)) if os.path.exists(p) else {}
+
+
 def started_from(run_root, stage):
     """The init_from a stage's run was trained from, as its saved config says ("scratch" if none saved)."""
-    p = os.path.join(run_root, stage, "config.json")
-    return json.load(open(p)).get("init_from", "scratch") if os.path.exists(p) else "scratch"
+    return run_config(run_root, stage).get("init_from", "scratch")
 
 
 def trace_markdown(tok, vq, q, reply, report_dir, name):
@@ -210,6 +215,7 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
                              for c in sorted({k.split('_', 2)[2] for k in t if k.startswith('use_depth_')})))
     figures = curves(roots[0], report_dir)
     pe_from = started_from(roots[0], "stage1")
+    brief = run_config(roots[0], "stage2").get("reading") == "brief"
     report = [
         "# nanoCOOPER report", "",
         f"Test split of `{data_dir}`: {n_questions} questions balanced over categories, {len(roots)} seed(s) "
@@ -220,10 +226,11 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
         *rows, "",
         "What else differs from the paper: the base here is trained from scratch on the synthetic scenes "
         "(BAGEL is a pretrained 14B model); PE is the stage-1 checkpoint (Base's VQA examples plus map generation "
-        f"and maps-in-context VQA, started from {'the Base arm' if pe_from.endswith('base/ckpt.pt') else pe_from}); RE and COOPER are the text-only and interleaved arms after SFT and GRPO. "
-        "PE (direct) is the PE checkpoint answering from the RGB alone. The last two rows ask what limits COOPER: "
-        "its stage-2 trace is forced into the reply up to the true map (its VQ codes), or also the true reading "
-        "of that map, and the model writes the rest (`eval.answer_given`). Where they are no better than COOPER's "
+        f"and maps-in-context VQA, started from {'the Base arm' if pe_from.endswith('base/ckpt.pt') else pe_from}); RE and COOPER are the text-only and interleaved arms after SFT and GRPO"
+        + (", whose traces end in one fixed thought rather than a reading of the map or image (`reading=brief`). " if brief else ". ")
+        + "PE (direct) is the PE checkpoint answering from the RGB alone. The last two rows ask what limits COOPER: "
+        "its stage-2 trace is forced into the reply up to the true map (its VQ codes), or also the trace's "
+        "last thought (the true reading of that map, or the fixed thought), and the model writes the rest (`eval.answer_given`). Where they are no better than COOPER's "
         "own row, its answers do not follow what it perceives.", "",
         "## Claims", "", *[f"- {c}" for c in claims(table)], "",
         "## Distinct answers", "",

@@ -11,6 +11,11 @@ answers:
     RGB, question -> <think>plan</think><depth-estimation>…</depth-estimation><|image|> map <|/image|>
                      REFLECTION_PROMPT <think>the red cube is at 4.2 m; …</think><answer>…</answer>
 
+With reading="brief" the second <think> is one fixed sentence instead of a reading (the tiny
+presets): a model this small does not learn to write readings that name the right objects, and an
+answer that follows a wrong reading undoes what stage 1 learned; the brief trace keeps more of it
+(docs/experiments.md, "Brief traces").
+
 The set is balanced over categories (conversations.balance_traces says how tool / no tool comes
 out). The loss is the mean over the assistant's own text plus image_loss × the mean over the codes
 of the maps it draws, each normalised on its own (`trace_loss`); the tokens the sampler forces
@@ -49,6 +54,7 @@ import numpy as np
 import torch
 
 import batches
+import conversations
 import eval as ev
 import metrics
 import prepare
@@ -67,6 +73,7 @@ compile = False  # torch.compile the model (CUDA)
 attn_impl = "auto"  # auto: triton on CUDA, sdpa otherwise
 # the arm and its loss
 tools = "all"  # all: the COOPER arm (interleaved tool calls); none: the RE arm (text-only reasoning)
+reading = "values"  # values: the final <think> reads the question's objects off the map; brief: one fixed sentence (conversations.py)
 image_loss = 0.5  # weight of the drawn maps' mean code loss beside the text's mean loss (0: text only)
 # optimisation: an iteration is grad_accum micro-batches of batch_size traces, split across ranks
 max_iters = 200
@@ -134,6 +141,8 @@ if __name__ == "__main__":
     config = configure(globals(), section="stage2")  # config/*.py and --key=value; bad keys stop here
     t_start = time.time()
     init_from, out_dir = arm_paths(tools, init_from, out_dir)
+    if reading not in conversations.READINGS:
+        raise SystemExit(f"config error: reading must be one of {', '.join(conversations.READINGS)}, got {reading!r}")
     config.update(init_from=init_from, out_dir=out_dir)
     print(f"stage 2, {'COOPER' if tools == 'all' else 'RE'} arm (tools={tools}): {init_from} -> {out_dir}")
     require_init(init_from, tools)
@@ -143,7 +152,7 @@ if __name__ == "__main__":
     n_image = codes["train"].shape[-1]
     traces = {}
     for split in ("train", "val"):
-        traces[split], stats = batches.load_traces(data_dir, split, tools, seed)
+        traces[split], stats = batches.load_traces(data_dir, split, tools, seed, reading)
         if run.master:
             print(f"{split} traces: " + json.dumps(stats))
     model, optimizer, start = trainer.init_model(config, run, tok, n_image)

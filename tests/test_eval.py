@@ -213,6 +213,10 @@ def test_answer_given_forces_the_true_map_then_its_reading(tmp_path):
     assert by["reading"][0][ends[1] + 1] == tok.answer
     with pytest.raises(ValueError, match="upto"):
         ev.answer_given(model, tok, [with_tool], split, codes, n_image, "maps")
+    # a model fine-tuned on brief traces gets its own last thought forced, not a reading
+    brief = ev.answer_given(model, tok, [with_tool], split, codes, n_image, "reading", reading="brief", temperature=0.0)[0]
+    thoughts = [p.get("think") for p in tok.parse_reply(brief)[0]]
+    assert conversations.BRIEF in thoughts and reading not in thoughts
 
 
 def test_eval_script_writes_the_report_and_workers_agree(tmp_path):

@@ -64,11 +64,17 @@ def test_trace_masks_forced_zero_generated_one(setup, image_loss):
     assert mask[ids.index(tok.assistant) + 1:] == [1] * len(reply_of(tok, ids)) and tok.image_start not in reply_of(tok, ids)
 
 
-@pytest.mark.parametrize("tools", ["all", "none"])
-def test_every_trace_parses_back(setup, tools):
+@pytest.mark.parametrize("tools,reading", [("all", "values"), ("none", "values"), ("all", "brief"), ("none", "brief")])
+def test_every_trace_parses_back(setup, tools, reading):
     tok, codes, split = setup
-    traces = conversations.build_traces(split, tools)
+    traces = conversations.build_traces(split, tools, reading)
     assert len(traces) == len(split["questions"]) > 100
+    if reading == "brief":  # the same trace but for its last thought
+        for t, v in zip(traces, conversations.build_traces(split, tools)):
+            *rest, thought, answer = t["conversation"][-1]["content"]
+            assert thought["think"].endswith(conversations.BRIEF) and thought != v["conversation"][-1]["content"][-2]
+            assert t["conversation"][:-1] + [rest, answer] == v["conversation"][:-1] + [v["conversation"][-1]["content"][:-2],
+                                                                                        v["conversation"][-1]["content"][-1]]
     for t, q in zip(traces, split["questions"]):
         ids, _ = tok.render_conversation(t["conversation"], batches.scene_codes(codes, t["scene"]))
         parts, error = tok.parse_reply(reply_of(tok, ids))
@@ -145,7 +151,8 @@ def test_arm_defaults():
 
 
 @pytest.mark.parametrize("arg,msg", [("--tools=some", "tools must be one of all, none"),
-                                     ("--image_loss=yes", "expected float")])
+                                     ("--image_loss=yes", "expected float"),
+                                     ("--reading=short", "reading must be one of values, brief")])
 def test_bad_config_fails_before_any_work(tmp_path, arg, msg):
     r = subprocess.run([sys.executable, "train_stage2.py", f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/o",
                         f"--init_from={tmp_path}/i/ckpt.pt", arg], cwd=ROOT, capture_output=True, text=True, timeout=120)
