@@ -172,8 +172,8 @@ def trace_conversation(q, scene, readings, tools="all", reading="values"):
 
 def build_traces(split, tools="all", reading="values"):
     """A trace for every question of a split (load_split's dict): [{"scene", "category", "kind",
-    "tool" (the tool the trace calls, or "none"), "conversation"}]; tools and reading as
-    trace_conversation takes them."""
+    "tool" (the tool the trace calls, or "none"), "conversation", "question" (q itself)}]; tools
+    and reading as trace_conversation takes them."""
     readings, out = {}, []
     for q in split["questions"]:
         s = q["scene"]
@@ -182,7 +182,7 @@ def build_traces(split, tools="all", reading="values"):
         conv = trace_conversation(q, split["scenes"][s], readings[s], tools, reading)
         used = [p["tool"] for p in conv[-1]["content"] if "tool" in p]
         out.append({"scene": s, "category": q["category"], "kind": q["kind"], "tool": used[0] if used else "none",
-                    "conversation": conv})
+                    "conversation": conv, "question": q})
     return out
 
 

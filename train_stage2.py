@@ -14,7 +14,9 @@ answers:
 With reading="brief" the second <think> is one fixed sentence instead of a reading (the tiny
 presets): a model this small does not learn to write readings that name the right objects, and an
 answer that follows a wrong reading undoes what stage 1 learned; the brief trace keeps more of it
-(docs/experiments.md, "Brief traces").
+(docs/experiments.md, "Brief traces"). With place_losses=True stage 1's object-head and referring
+losses stay on during SFT, the referring heads looking from each trace's <answer>: the lookup that
+answers the question is trained where the trace answers it.
 
 The set is balanced over categories (conversations.balance_traces says how tool / no tool comes
 out). The loss is the mean over the assistant's own text plus image_loss × the mean over the codes
@@ -55,6 +57,7 @@ import torch
 
 import batches
 import conversations
+import data
 import eval as ev
 import metrics
 import prepare
@@ -74,6 +77,7 @@ attn_impl = "auto"  # auto: triton on CUDA, sdpa otherwise
 # the arm and its loss
 tools = "all"  # all: the COOPER arm (interleaved tool calls); none: the RE arm (text-only reasoning)
 reading = "values"  # values: the final <think> reads the question's objects off the map; brief: one fixed sentence (conversations.py)
+place_losses = False  # True: the init model's object-head and referring losses (stage 1's) on the traces too
 image_loss = 0.5  # weight of the drawn maps' mean code loss beside the text's mean loss (0: text only)
 # optimisation: an iteration is grad_accum micro-batches of batch_size traces, split across ranks
 max_iters = 200
@@ -118,14 +122,16 @@ def require_init(path, tools):
 
 def trace_loss(model, batch, image_offset, image_weight):
     """(mean loss on text + image_weight × mean loss on drawn map codes, their values): the loop's
-    loss_fn. Targets from image_offset up are codes; the batch's mask already excludes forced tokens."""
-    x, y, m = batch
-    logits, _ = model(x, loss_mask=m)  # the logits at the supervised positions alone (model.GPT.forward)
+    loss_fn. Targets from image_offset up are codes; the batch's mask already excludes forced tokens.
+    A batch with stage 1's place and referring targets (place_losses=True) adds those losses too."""
+    x, y, m, *extra = batch  # extra: stage 1's place and referring targets (place_losses=True)
+    logits, full = model(x, y if extra else None, loss_mask=m, **(extra[0] if extra else {}))  # logits at the supervised positions
     at = m > 0
     nll = torch.nn.functional.cross_entropy(logits.float(), y[at], reduction="none")
     w, is_code = m[at].to(nll.dtype), (y[at] >= image_offset).to(nll.dtype)
     parts = [(nll * w * k).sum() / (w * k).sum().clamp(min=1) for k in (1 - is_code, is_code)]
-    return parts[0] + image_weight * parts[1], {"loss_text": parts[0].item(), "loss_codes": parts[1].item()}
+    place = full - (nll * w).sum() / w.sum().clamp(min=1) if extra else 0  # the model's loss less its token part
+    return parts[0] + image_weight * parts[1] + place, {"loss_text": parts[0].item(), "loss_codes": parts[1].item()}
 
 
 def print_table(scores, init_scores, categories, init_name):
@@ -162,8 +168,17 @@ if __name__ == "__main__":
                    for t in traces["train"][:2000]]
         print(f"trace length: mean {np.mean(lengths):.0f}, max {max(lengths)} tokens (block_size {block})")
 
+    places, coverage, heads = {}, {}, 0
+    if place_losses:  # the losses as the init model's stage-1 run set them
+        init_cfg = trainer.load_checkpoint(init_from)["config"]
+        heads = init_cfg.get("refer_heads", 0)
+        splits = {s: data.load_split(data_dir, s) for s in ("train", "val")}
+        places, coverage = batches.place_targets(splits, n_image, init_cfg.get("object_head", False),
+                                                 init_cfg.get("depth_head", False), heads)
+
     def get_batch(split, rng):
-        return batches.stage2_batch(tok, codes[split], traces[split], rng, batch_size, block)
+        return batches.stage2_batch(tok, codes[split], traces[split], rng, batch_size, block, places.get(split),
+                                    coverage.get(split), heads)
 
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
     categories = sorted({q["category"] for q in eval_qs})

@@ -180,3 +180,25 @@ def test_trace_loss_normalises_text_and_codes_apart(setup):
     loss1, _ = s2.trace_loss(model, batch, tok.image_offset, 0.5)
     torch.testing.assert_close(loss1, loss0 + 0.5 * -(logp * code_mask).sum() / code_mask.sum())
     assert parts["loss_codes"] == pytest.approx((-(logp * code_mask).sum() / code_mask.sum()).item(), rel=1e-5)
+
+
+def test_trace_batches_carry_stage_1s_place_and_referring_losses(setup):
+    """place_losses=True: a trace batch's 4th item holds each row's place labels and the referring
+    targets at its one <answer>; trace_loss then adds exactly what those add to the model's own loss."""
+    tok, codes, split = setup
+    side = int(N ** 0.5)
+    places, coverage = data.place_labels(split, side, True, False), data.place_coverage(split["seg"], side)
+    traces = conversations.build_traces(split, reading="brief")
+    x, y, m, extra = batches.stage2_batch(tok, codes, traces, np.random.default_rng(0), 4, 512, places, coverage, 2)
+    assert ((extra["refer_at"] == 0) == ((x == tok.answer) & (m == 1))).all()  # where each trace's answer begins
+    assert extra["refer"].shape == (4, 1, 2, N) and extra["places"].shape == (4, N, 1)
+    again = batches.stage2_batch(tok, codes, traces, np.random.default_rng(0), 4, 512)
+    assert all(torch.equal(a, b) for a, b in zip((x, y, m), again))  # the same rows with or without the targets
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          image_offset=tok.image_offset, n_image_tokens=N, object_classes=data.N_OBJECT_CLASSES))
+    plain, _ = s2.trace_loss(model, (x, y, m), tok.image_offset, 0.5)
+    with_places, _ = s2.trace_loss(model, (x, y, m, extra), tok.image_offset, 0.5)
+    added = model(x, y, m, **extra)[1] - model(x, y, m)[1]
+    assert added > 0
+    torch.testing.assert_close(with_places, plain + added)
