@@ -16,7 +16,7 @@ stage1 = dict(data_dir=_data_dir, block_size=1024, batch_size=4, max_iters=2400,
               eval_interval=1200, eval_scenes=32, eval_questions=140)
 eval = dict(data_dir=_data_dir, n_questions=280, n_map_scenes=64)
 # stage 2 SFT on interleaved traces (~570 tokens): 200 iterations at ~0.9 s, then 210 val replies.
-# Brief traces, as the tiny preset's (config/tiny_cpu.py says why).
+# Brief traces and the place losses, as the tiny preset's (config/tiny_cpu.py says why).
 stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=210, reading="brief",
               place_losses=True)
 # RL: 4 questions × 8 rollouts an iteration; Adam 3e-5 (at 1e-4 entropy climbed and accuracy fell
