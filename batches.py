@@ -245,9 +245,10 @@ def option_tokens(tok, row, answer_at, q):
     return [[first + j for j, (a, b) in enumerate(zip(offsets, ends)) if a < end and b > start] for start, end in spans]
 
 
-def load_traces(data_dir, split, tools, seed=0, reading="values"):
-    """The balanced trace set of a split (conversations.build_traces, balance_traces) and its statistics."""
-    traces = conversations.balance_traces(conversations.build_traces(data.load_split(data_dir, split), tools, reading), seed)
+def load_traces(split, tools, seed=0, reading="values"):
+    """The balanced trace set of a split (load_split's dict; conversations.build_traces,
+    balance_traces) and its statistics."""
+    traces = conversations.balance_traces(conversations.build_traces(split, tools, reading), seed)
     return traces, conversations.trace_stats(traces)
 
 

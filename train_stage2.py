@@ -156,9 +156,10 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     tok, vq, codes, questions, refs = prepare.stage_data(data_dir, vq_ckpt)
     n_image = codes["train"].shape[-1]
+    splits = {s: data.load_split(data_dir, s) for s in ("train", "val")}  # read once: traces, place targets
     traces = {}
     for split in ("train", "val"):
-        traces[split], stats = batches.load_traces(data_dir, split, tools, seed, reading)
+        traces[split], stats = batches.load_traces(splits[split], tools, seed, reading)
         if run.master:
             print(f"{split} traces: " + json.dumps(stats))
     model, optimizer, start = trainer.init_model(config, run, tok, n_image)
@@ -172,7 +173,6 @@ if __name__ == "__main__":
     if place_losses:  # the losses as the init model's stage-1 run set them
         init_cfg = trainer.load_checkpoint(init_from)["config"]
         heads = init_cfg.get("refer_heads", 0)
-        splits = {s: data.load_split(data_dir, s) for s in ("train", "val")}
         places, coverage = batches.place_targets(splits, n_image, init_cfg.get("object_head", False),
                                                  init_cfg.get("depth_head", False), heads)
 
