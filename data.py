@@ -481,9 +481,14 @@ def answer_key(option, options):
     return shape if all(s != shape for _, s in others) else option
 
 
+def number_text(value, unit):
+    """How an answer writes a length: metres to a tenth, centimetres whole ("4.5 m", "99 cm")."""
+    return f"{value:.1f} {unit}" if unit == "m" else f"{round(value)} {unit}"
+
+
 def number(category, kind, text, value, unit, objects):
-    shown = f"{value:.1f}" if unit == "m" else f"{round(value)}"
-    return question(category, kind, text, f"{shown} {unit}", "number", objects, value=float(shown), unit=unit)
+    shown = number_text(value, unit)
+    return question(category, kind, text, shown, "number", objects, value=float(shown.split()[0]), unit=unit)
 
 
 def candidate_questions(graph):

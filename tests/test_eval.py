@@ -279,6 +279,39 @@ def test_direct_scores_equal_greedy_answers(tmp_path, blind):
     assert said == [float(q["answer"] == "1") for q in qs if q["answer_type"] != "number"] and 0 < sum(said) < len(said)
 
 
+def test_number_answers_are_the_median_of_sampled_answers(tmp_path):
+    """A number question's reply keeps its greedy part through <answer> and then says the median of
+    the values the sampler draws after it (the same draws for the same seed); any other reply is
+    the greedy one. The model below writes 2, 3 or 7 equally likely, so greedy (the first of a
+    tie) says 2 and the median of 9 draws is usually 3."""
+    from tests.test_model import BigramMock
+    import sampler
+    import vqgan
+    d, _, tok, _ = tiny_data_and_vq(tmp_path)
+    codes = vqgan.load_codes(d, "val").astype(np.int64)
+    split = [q for q in data.load_questions(d, "val") if q["scene"] < len(codes)]
+    qs = [next(q for q in split if q["answer_type"] == "number"), next(q for q in split if q["answer_type"] != "number")]
+    model = BigramMock(tok, block_size=1024)
+    model.prefer(tok.assistant, tok.answer)
+    digits = [tok.encode(c)[0] for c in "237"]
+    for t in digits:
+        model.table.data[tok.answer, t] = 100.0  # the same logit for each digit
+        model.prefer(t, tok.end_answer)
+    model.prefer(tok.end_answer, tok.eos)
+    n = codes.shape[-1]
+    greedy = ev.answer(model, tok, qs, codes, n, seed=0, temperature=0.0, number_samples=1)
+    median = ev.answer(model, tok, qs, codes, n, seed=0, temperature=0.0, number_samples=9)
+    start = greedy[0][:greedy[0].index(tok.answer) + 1]
+    assert greedy[0] == start + [digits[0], tok.end_answer, tok.eos] and median[1] == greedy[1]
+    prompt = tok.render_prompt(conversations.vqa_conversation(qs[0], answer=False), batches.scene_codes(codes, qs[0]["scene"]))
+    draws = sampler.generate(model, tok, [prompt + start] * 9, ev.MAX_NUMBER_TOKENS, n, tools=False, temperature=1.0,
+                             generator=torch.Generator().manual_seed(0))
+    values = [float(tok.enc.decode([draws.row(b)[0]])) for b in range(9)]
+    want = data.number_text(float(np.median(values)), qs[0]["unit"])
+    assert median[0] == start + tok.encode(want) + [tok.end_answer, tok.eos] and len(set(values)) > 1
+    assert metrics.parse_number(tok.answer_of(tok.parse_reply(median[0])[0]), qs[0]["unit"]) != 2.0
+
+
 def test_balanced_sample_and_accuracy_of_no_questions():
     """n questions split evenly over the categories, at least one each; n = 0 asks none, and no
     questions score nothing rather than NaN."""
