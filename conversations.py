@@ -74,7 +74,8 @@ def perception_chain(q, answer=True):
 # answer follows the question and the map, as in stage 1's chain, rather than a reading the model
 # must write first. At the tiny preset the model does not learn to write correct readings (it
 # copies the wrong objects' names, and its answers follow what it wrote), while it does answer
-# from the image; the brief trace keeps much of that skill through SFT (docs/experiments.md).
+# from the image; the brief trace keeps much of that skill through SFT (docs/experiments.md). A
+# brief trace without a tool is that sentence alone, with no plan before it.
 PLANS = {  # the first <think> of a trace, by question kind: why this tool (or none) helps
     "distance": "Distances need depth, so I will estimate a depth map.",
     "size": "Real size follows from image size and depth, so I will estimate a depth map.",
@@ -161,7 +162,9 @@ def trace_conversation(q, scene, readings, tools="all", reading="values"):
     tool = q.get("tool", "none") if tools == "all" else "none"
     user = [{"role": "user", "content": [{"image": "rgb"}, {"text": q["question"]}]}]
     if tool == "none":
-        lead = PLANS["general"] + " " if q["kind"] == "general" and tools == "all" else ""
+        # brief: BRIEF alone, as in the RE arm; after the plan ("… so no map is needed") a tiny
+        # model answered colour questions with the shape the question named
+        lead = PLANS["general"] + " " if q["kind"] == "general" and tools == "all" and reading == "values" else ""
         thought = lead + (BRIEF if reading == "brief" else _reading(q, names, readings, "rgb"))
         return user + [{"role": "assistant", "content": [{"think": thought}, {"answer": q["answer"]}]}]
     plan = PLANS.get(q["kind"], f"A {tool} map will help, so I will generate one.")
