@@ -163,7 +163,7 @@ def trace_conversation(q, scene, readings, tools="all", reading="values"):
     user = [{"role": "user", "content": [{"image": "rgb"}, {"text": q["question"]}]}]
     if tool == "none":
         # brief: BRIEF alone, as in the RE arm; after the plan ("… so no map is needed") a tiny
-        # model answered colour questions with the shape the question named
+        # model answered colour questions with a shape word
         lead = PLANS["general"] + " " if q["kind"] == "general" and tools == "all" and reading == "values" else ""
         thought = lead + (BRIEF if reading == "brief" else _reading(q, names, readings, "rgb"))
         return user + [{"role": "assistant", "content": [{"think": thought}, {"answer": q["answer"]}]}]
