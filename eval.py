@@ -132,6 +132,8 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
     direct       RGB + question -> answer (Base, stage 1)
     chain        the PE arm the paper's way: the model generates depth, then segmentation, then answers
                  with its own maps in context
+    chain_true   the same chain with the scene's true maps (their VQ codes) in place of the model's:
+                 what the chain's answers lose to the maps' quality, and what to its format
     interleaved  RGB + question -> the model's own reasoning, tool calls and maps (stage 2, RL); the
                  budget is max_answer_tokens of text plus room for MAX_TURNS-1 maps. tools=False
                  masks the tool calls (the text-only RE arm)
@@ -141,8 +143,9 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
     replies, sampling = [], one_stream(model, sampling)
     for chunk in _chunks(questions, batch_size):
         images = [batches.scene_codes(codes, q["scene"]) for q in chunk]
-        if mode == "chain":
+        if mode in ("chain", "chain_true"):
             convs = [conversations.perception_chain(q, answer=False) for q in chunk]
+        if mode == "chain":
             images = [{"rgb": im["rgb"]} for im in images]  # the true maps are never shown
             for tool, upto in (("depth", 1), ("seg", 3)):
                 drawn = generate_map_codes(model, tok, [c[:upto] for c in convs], images, n_image_tokens,
@@ -150,7 +153,7 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
                 images = [dict(im, **{tool: d}) for im, d in zip(images, drawn)]
         elif mode in ("direct", "interleaved"):
             convs = [conversations.vqa_conversation(q, answer=False, image=not blind) for q in chunk]
-        else:
+        elif mode != "chain_true":
             raise ValueError(f"unknown answer mode {mode!r}")
         prompts = [tok.render_prompt(c, im) for c, im in zip(convs, images)]
         budget, use_tools = max_answer_tokens or 24, False
@@ -282,8 +285,8 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
     codes = vqgan.load_codes(data_dir, "test").astype(np.int64)
     n_image = codes.shape[-1]
     qs = balanced_sample(test["questions"], n_questions)
-    out = {"per_seed": [], "per_seed_direct": [], "given": {"map": [], "reading": []}, "tools": [], "maps": [],
-           "example": None}
+    out = {"per_seed": [], "per_seed_direct": [], "per_seed_true_maps": [], "given": {"map": [], "reading": []},
+           "tools": [], "maps": [], "example": None}
     for root in roots:
         path = os.path.join(root, stage, "ckpt.pt")
         if not os.path.exists(path):
@@ -293,9 +296,10 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
         print(f"{arm}: {path}, answering {len(qs)} test questions ({mode})", flush=True)
         replies = answer(model, tok, qs, codes, n_image, mode=mode, tools=use_tools, batch_size=batch_size, **DECODE)
         out["per_seed"].append(metrics.question_scores(tok, qs, replies))
-        if arm == "PE":  # the PE arm both ways: direct answers as well as the paper's chain
-            out["per_seed_direct"].append(metrics.question_scores(tok, qs, answer(model, tok, qs, codes, n_image, mode="direct",
-                                                                          batch_size=batch_size, **DECODE)))
+        if arm == "PE":  # the PE arm three ways: direct answers, and the paper's chain with the true maps too
+            for key, how in (("per_seed_direct", "direct"), ("per_seed_true_maps", "chain_true")):
+                out[key].append(metrics.question_scores(tok, qs, answer(model, tok, qs, codes, n_image, mode=how,
+                                                                        batch_size=batch_size, **DECODE)))
         if arm == "COOPER":  # what limits it: the same questions with the true map, then its true reading, forced in
             reading = report.run_config(root, "stage2").get("reading", "values")  # the traces it was fine-tuned on
             for upto, per_seed in out["given"].items():

@@ -178,6 +178,8 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
         if r["per_seed_direct"]:
             extra["PE (direct)"] = summarise(r["per_seed_direct"])
             distinct["PE (direct)"] = distinct_answers(r["per_seed_direct"])
+        if r["per_seed_true_maps"]:
+            extra["PE, true maps"] = summarise(r["per_seed_true_maps"])
         for upto, per_seed in r["given"].items():
             if per_seed:
                 extra[f"COOPER, true {upto} forced"] = summarise(per_seed)
@@ -228,7 +230,9 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
         "(BAGEL is a pretrained 14B model); PE is the stage-1 checkpoint (Base's VQA examples plus map generation "
         f"and maps-in-context VQA, started from {'the Base arm' if pe_from.endswith('base/ckpt.pt') else pe_from}); RE and COOPER are the text-only and interleaved arms after SFT and GRPO"
         + (", whose traces end in one fixed thought rather than a reading of the map or image (`reading=brief`). " if brief else ". ")
-        + "PE (direct) is the PE checkpoint answering from the RGB alone. The last two rows ask what limits COOPER: "
+        + "PE (direct) is the PE checkpoint answering from the RGB alone, and PE, true maps its chain with the "
+        "scene's true depth and segmentation (their VQ codes) in place of its own: below PE (direct), the chain's "
+        "format costs more than its maps. The last two rows ask what limits COOPER: "
         "its stage-2 trace is forced into the reply up to the true map (its VQ codes), or also the trace's "
         "last thought (the true reading of that map, or the fixed thought), and the model writes the rest (`eval.answer_given`). Where they are no better than COOPER's "
         "own row, its answers do not follow what it perceives.", "",

@@ -312,6 +312,32 @@ def test_number_answers_are_the_median_of_sampled_answers(tmp_path):
     assert metrics.parse_number(tok.answer_of(tok.parse_reply(median[0])[0]), qs[0]["unit"]) != 2.0
 
 
+def test_chain_with_true_maps_reads_the_scenes_own_codes(tmp_path):
+    """mode="chain_true" asks the perception chain's question after the scene's true depth and seg
+    codes (no map is drawn: the model sees one prompt a question, holding all three images), where
+    mode="chain" shows the maps the model draws itself."""
+    from tests.test_model import BigramMock
+    import vqgan
+    d, _, tok, _ = tiny_data_and_vq(tmp_path)
+    codes = vqgan.load_codes(d, "val").astype(np.int64)
+    q = next(q for q in data.load_questions(d, "val") if q["scene"] < len(codes))
+    model = BigramMock(tok, block_size=1024)
+    model.prefer(tok.assistant, tok.answer)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    n = codes.shape[-1]
+    ev.answer(model, tok, [q], codes, n, mode="chain_true", temperature=0.0, number_samples=1)
+    prefill = seen[0][0].tolist()
+    true = batches.scene_codes(codes, q["scene"])
+    for m in ("rgb", "depth", "seg"):
+        want = [tok.image_start] + (np.asarray(true[m]) + tok.image_offset).tolist() + [tok.image_end]
+        assert any(prefill[i:i + len(want)] == want for i in range(len(prefill))), m
+    assert prefill[-1] == tok.assistant and len(seen) > 1  # then it decodes its answer
+    seen.clear()
+    ev.answer(model, tok, [q], codes, n, mode="chain", temperature=0.0, number_samples=1)
+    assert seen[0].shape[1] < len(prefill)  # the first call only asks for the depth map
+
+
 def test_balanced_sample_and_accuracy_of_no_questions():
     """n questions split evenly over the categories, at least one each; n = 0 asks none, and no
     questions score nothing rather than NaN."""
