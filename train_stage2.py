@@ -120,6 +120,17 @@ def require_init(path, tools):
                          "or bash runs/tiny_cpu.sh for the whole pipeline)")
 
 
+def place_settings(init_from, out_dir):
+    """The place and referring losses that place_losses=True keeps on: {"object_head", "depth_head",
+    "refer_heads"} as the stage-1 run that trained the init model set them. A stage-2 run keeps them
+    in its own config, so a resume (init_from="resume", the checkpoint in out_dir) reads them back."""
+    path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    saved = trainer.load_checkpoint(path)["config"]
+    return saved.get("place_settings") or {"object_head": saved.get("object_head", False),
+                                           "depth_head": saved.get("depth_head", False),
+                                           "refer_heads": saved.get("refer_heads", 0)}
+
+
 def trace_loss(model, batch, image_offset, image_weight):
     """(mean loss on text + image_weight × mean loss on drawn map codes, their values): the loop's
     loss_fn. Targets from image_offset up are codes; the batch's mask already excludes forced tokens.
@@ -170,11 +181,10 @@ if __name__ == "__main__":
         print(f"trace length: mean {np.mean(lengths):.0f}, max {max(lengths)} tokens (block_size {block})")
 
     places, coverage, heads = {}, {}, 0
-    if place_losses:  # the losses as the init model's stage-1 run set them
-        init_cfg = trainer.load_checkpoint(init_from)["config"]
-        heads = init_cfg.get("refer_heads", 0)
-        places, coverage = batches.place_targets(splits, n_image, init_cfg.get("object_head", False),
-                                                 init_cfg.get("depth_head", False), heads)
+    if place_losses:  # kept in the run's config, where a resume finds them
+        config["place_settings"] = kept = place_settings(init_from, out_dir)
+        heads = kept["refer_heads"]
+        places, coverage = batches.place_targets(splits, n_image, kept["object_head"], kept["depth_head"], heads)
 
     def get_batch(split, rng):
         return batches.stage2_batch(tok, codes[split], traces[split], rng, batch_size, block, places.get(split),

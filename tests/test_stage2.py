@@ -161,6 +161,21 @@ def test_bad_config_fails_before_any_work(tmp_path, arg, msg):
     assert not any(os.path.exists(tmp_path / p) for p in ("d", "o", "i"))
 
 
+def test_place_settings_come_from_the_stage_1_run_and_survive_a_resume(tmp_path):
+    """place_losses=True keeps the losses the init model's stage-1 run set; the stage-2 run's own
+    checkpoint carries them, so init_from=resume (which names no stage-1 checkpoint) finds them."""
+    stage1 = {"object_head": True, "depth_head": False, "refer_heads": 2}
+    torch.save({"config": dict(stage1, learning_rate=1e-3)}, tmp_path / "stage1.pt")
+    kept = s2.place_settings(str(tmp_path / "stage1.pt"), str(tmp_path / "out"))
+    assert kept == stage1
+    os.makedirs(tmp_path / "out")
+    torch.save({"config": {"place_losses": True, "place_settings": kept}}, tmp_path / "out" / "ckpt.pt")
+    assert s2.place_settings("resume", str(tmp_path / "out")) == stage1
+    torch.save({"config": {}}, tmp_path / "plain.pt")  # a run that set none of them
+    assert s2.place_settings(str(tmp_path / "plain.pt"), str(tmp_path / "out")) == {
+        "object_head": False, "depth_head": False, "refer_heads": 0}
+
+
 def test_trace_loss_normalises_text_and_codes_apart(setup):
     """weight 0 is the text-only loss (the mask rendered with image_loss=False); the code part is
     the mean over the drawn codes alone, whatever the text/code ratio of the batch."""
