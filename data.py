@@ -9,7 +9,8 @@ plane. From one scene graph it produces, exactly and at once:
 and spatial questions whose answers are computed from the scene graph, so every label is exact.
 
 COOPER's trick is to turn depth and segmentation into RGB-like "pseudo-images" so one image
-generator can produce all three: `depth_to_rgb`/`rgb_to_depth` and `seg_to_rgb`/`rgb_to_seg`.
+generator can produce all three: `depth_to_rgb`/`rgb_to_depth` and `seg_to_rgb`/`rgb_to_seg`. The
+segmentation pseudo-image paints each object in its own colour's palette entry (`seg_palette_ids`).
 
 Real data enters through manifest.py: a JSONL of image/depth/seg files and questions.
 
@@ -36,14 +37,17 @@ COLORS = {  # name -> albedo (0..1)
     "cyan": (0.15, 0.80, 0.85), "white": (0.92, 0.92, 0.92),
 }
 SHAPES = ("cube", "sphere", "cylinder")
-# Segmentation palette: sky, ground, then up to 14 objects; colours far apart in RGB so a lossy
-# image tokenizer cannot blur one into another.
+# Segmentation palette: sky, ground, the eight object colours' own entries (in COLORS' order, each
+# near the colour it stands for, so a map reads at a glance), then six spares for a second object
+# of one colour (seg_palette_ids); all far apart in RGB so a lossy image tokenizer cannot blur one
+# into another.
 SEG_PALETTE = np.array([
     (0, 0, 0), (128, 128, 128),
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
-    (255, 255, 255), (128, 0, 0),
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (245, 130, 48),
+    (70, 240, 240), (255, 255, 255), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (170, 110, 40), (128, 0, 0),
 ], dtype=np.uint8)
+N_SPARE = len(SEG_PALETTE) - 2 - len(COLORS)
 MODALITIES = ("rgb", "depth", "seg")
 SPLITS = ("train", "val", "test")
 CATEGORIES = ("distance", "size", "depth_order", "relative_distance", "relation", "counting", "general")
@@ -310,6 +314,35 @@ def seg_to_rgb(seg):
     return SEG_PALETTE[seg]
 
 
+def seg_palette_ids(seg, scenes):
+    """Instance ids (N, H, W) -> the palette indices the segmentation pseudo-images are drawn in.
+    Each object takes the entry of its own colour (2 + its index in COLORS); a second object of one
+    colour, left to right, takes that colour's spare (one of N_SPARE after the eight; each colour
+    has its own, so a spare still says which colour it stands for). The ids themselves stay
+    left to right (questions and readings use them); only the colours change, because a generator
+    then decides an object's colour from what it sees at that place, not from the object's rank
+    among all centroids, a fact about the whole image. Scenes whose objects carry no colour
+    (manifest data) keep their left-to-right ids."""
+    seg = np.asarray(seg)
+    out = seg.copy()
+    for i, g in enumerate(scenes):
+        objs = sorted((o for o in g.get("objects") or [] if o.get("id") is not None), key=lambda o: o["id"])
+        if not objs or any(o.get("color") not in COLORS for o in objs):
+            continue
+        lut, used = np.arange(len(SEG_PALETTE), dtype=np.uint8), set()
+        for o in objs:
+            if not (seg[i] == o["id"]).any():
+                continue
+            c = list(COLORS).index(o["color"])
+            # its own entry, else its colour's spare, else the next free spare, else (beyond the
+            # palette) its own entry again
+            spares = [2 + len(COLORS) + (c + k) % N_SPARE for k in range(N_SPARE)]
+            lut[o["id"]] = next((e for e in [2 + c] + spares if e not in used), 2 + c)
+            used.add(int(lut[o["id"]]))
+        out[i] = lut[seg[i]]
+    return out
+
+
 def rgb_to_seg(img):
     """Palette image (..., H, W, 3) -> ids of the nearest palette colour (a lossy decoder's
     colours snap back to the right object)."""
@@ -320,7 +353,7 @@ def rgb_to_seg(img):
 
 def pseudo_images(split):
     """{"rgb", "depth", "seg"} -> the three images per scene as uint8 (N, H, W, 3)."""
-    return {"rgb": split["rgb"], "depth": depth_to_rgb(split["depth"]), "seg": seg_to_rgb(split["seg"])}
+    return {"rgb": split["rgb"], "depth": depth_to_rgb(split["depth"]), "seg": seg_to_rgb(seg_palette_ids(split["seg"], split["scenes"]))}
 
 
 # --- questions with exact answers ----------------------------------------------------------------

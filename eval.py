@@ -83,7 +83,8 @@ def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampl
         maps[tool] = vq.decode(np.stack(gen)).numpy()
     true_seg, seg = split["seg"][ids], data.rgb_to_seg(maps["seg"])
     scores = metrics.depth_metrics(data.rgb_to_depth(maps["depth"], vq.depth_encoding), split["depth"][ids], true_seg)
-    scores["seg_miou"], scores["seg_miou_matched"] = metrics.seg_miou(seg, true_seg), metrics.seg_miou_matched(seg, true_seg)
+    scores["seg_miou"] = metrics.seg_miou(seg, data.seg_palette_ids(true_seg, [split["scenes"][i] for i in ids]))  # colours as the pseudo-images have them
+    scores["seg_miou_matched"] = metrics.seg_miou_matched(seg, true_seg)
     return scores, maps
 
 
@@ -254,7 +255,7 @@ def map_grid(path, split, maps, scene_ids, vq_encoding, scale=3):
     rows = []
     for k, i in enumerate(scene_ids):
         cells = [split["rgb"][i], maps["depth"][k], data.depth_to_rgb(split["depth"][i], vq_encoding),
-                 maps["seg"][k], data.seg_to_rgb(split["seg"][i])]
+                 maps["seg"][k], data.seg_to_rgb(data.seg_palette_ids(split["seg"][i:i + 1], split["scenes"][i:i + 1])[0])]
         rows.append(np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells], axis=1))
     grid = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)
     Image.fromarray(grid).save(path)

@@ -7,7 +7,8 @@ so every later stage reads real and synthetic data alike.
 
 Depth and segmentation are brought to the renderer's conventions: depth in metres within
 [DEPTH_MIN, DEPTH_MAX] with NaN where there is no reading, and instance ids renumbered 2… left to
-right (data.py's canonical palette order). Every error names the manifest line and the file.
+right (data.py's canonical order; manifest objects carry no colour, so these ids are also
+their palette entries). Every error names the manifest line and the file.
 """
 import json
 import os

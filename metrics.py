@@ -123,8 +123,8 @@ def seg_miou(pred, true):
 def seg_miou_matched(pred, true):
     """seg_miou with each image's predicted object ids matched one-to-one to its true objects
     (greedily, best IoU first) instead of compared by palette index. The gap to seg_miou is what
-    drawing the right shapes in the wrong colours costs: the canonical left-to-right colour order
-    is a fact about the whole image, harder to learn than an object's outline."""
+    drawing the right shapes in the wrong colours costs (a second object of one colour takes a
+    spare entry, which depends on the other object: data.seg_palette_ids)."""
     ious = []
     for p, t in zip(pred, true):
         ts, ps = [k for k in np.unique(t) if k >= 2], [k for k in np.unique(p) if k >= 2]

@@ -380,7 +380,7 @@ def evaluate(model, split, images, depth_encoding):
         # _floor: the pseudo-image itself, before any VQ: the 8-bit encoding's own error
         m = metrics.depth_metrics(data.rgb_to_depth(img, encoding=depth_encoding), split["depth"], seg)
         scores.update({f"{k}{name}": m[k] for k in ("depth_absrel", "depth_absrel_median", "object_depth_absrel")})
-    scores["seg_miou"] = metrics.seg_miou(data.rgb_to_seg(recon["seg"].numpy()), seg)
+    scores["seg_miou"] = metrics.seg_miou(data.rgb_to_seg(recon["seg"].numpy()), data.seg_palette_ids(seg, split["scenes"]))
     scores["code_usage"], scores["perplexity"] = usage, perplexity
     return {k: round(v, 4) for k, v in scores.items()}, recon
 

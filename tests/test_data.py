@@ -333,6 +333,25 @@ def test_seg_round_trip_exact_and_snaps_noisy_colours():
         data.seg_to_rgb(np.full((2, 2), len(data.SEG_PALETTE)))
 
 
+def test_seg_palette_ids_colour_objects_by_their_own_colour(dataset):
+    seg = np.zeros((2, 4, 8), dtype=np.uint8)
+    seg[:, 2:] = 1
+    seg[:, 1, 0:2], seg[:, 1, 3:5], seg[:, 1, 6:8] = 2, 3, 4  # three objects, ids left to right
+    objs = [{"id": 2, "color": "blue"}, {"id": 3, "color": "red"}, {"id": 4, "color": "blue"}]
+    scenes = [{"objects": objs}, {"objects": [{"id": 2}, {"id": 3}, {"id": 4}]}]  # the second: no colours (manifest)
+    out = data.seg_palette_ids(seg, scenes)
+    blue = list(data.COLORS).index("blue")
+    assert out[0, 1, 0] == 2 + blue and out[0, 1, 3] == 2 + list(data.COLORS).index("red")
+    assert out[0, 1, 6] == 2 + len(data.COLORS) + blue % data.N_SPARE  # the second blue, further right: blue's spare
+    assert (out[0, :1] == 0).all() and (out[0, 2:] == 1).all()  # sky and ground keep their entries
+    assert (out[1] == seg[1]).all()  # no colours: the left-to-right ids as they are
+    # the real scenes: one entry per visible object, never shared while spares last
+    split = data.load_split(dataset, "train")
+    pal = data.seg_palette_ids(split["seg"], split["scenes"])
+    for a, b in zip(split["seg"], pal):
+        pairs = set(zip(a.ravel().tolist(), b.ravel().tolist()))
+        assert len({x for x, _ in pairs}) == len(pairs) == len({y for _, y in pairs})
+
 # --- files ---------------------------------------------------------------------------------------
 def digest(d):
     h = hashlib.sha256()
