@@ -148,6 +148,10 @@ def _reading(q, names, readings, source):
 
 
 BRIEF = "I answer from what I see."  # the final <think> of a reading="brief" trace
+# the first <think> of a brief trace that calls a tool: one sentence a tool, so the choice is one
+# word; the seven PLANS sentences were more than the tiny model learned in SFT (it wrote
+# "I an segment lies, so I will segment the image." and then answered without the map)
+BRIEF_PLANS = {"depth": "I will estimate a depth map.", "seg": "I will segment the image."}
 READINGS = ("values", "brief")
 
 
@@ -167,7 +171,7 @@ def trace_conversation(q, scene, readings, tools="all", reading="values"):
         lead = PLANS["general"] + " " if q["kind"] == "general" and tools == "all" and reading == "values" else ""
         thought = lead + (BRIEF if reading == "brief" else _reading(q, names, readings, "rgb"))
         return user + [{"role": "assistant", "content": [{"think": thought}, {"answer": q["answer"]}]}]
-    plan = PLANS.get(q["kind"], f"A {tool} map will help, so I will generate one.")
+    plan = BRIEF_PLANS[tool] if reading == "brief" else PLANS.get(q["kind"], f"A {tool} map will help, so I will generate one.")
     reply = [{"think": plan}, {"tool": tool}, {"image": tool}, {"forced": REFLECTION_PROMPT},
              {"think": BRIEF if reading == "brief" else _reading(q, names, readings, tool)}, {"answer": q["answer"]}]
     return user + [{"role": "assistant", "content": reply}]

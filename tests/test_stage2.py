@@ -69,13 +69,14 @@ def test_every_trace_parses_back(setup, tools, reading):
     tok, codes, split = setup
     traces = conversations.build_traces(split, tools, reading)
     assert len(traces) == len(split["questions"]) > 100
-    if reading == "brief":  # the same trace but for its last thought
+    if reading == "brief":  # the same trace but for its thoughts: one fixed plan a tool, and BRIEF
         for t, v in zip(traces, conversations.build_traces(split, tools)):
             *rest, thought, answer = t["conversation"][-1]["content"]
-            assert thought["think"].endswith(conversations.BRIEF) and thought != v["conversation"][-1]["content"][-2]
-            assert thought["think"] == conversations.BRIEF or rest  # no plan before it where no tool is called
-            assert t["conversation"][:-1] + [rest, answer] == v["conversation"][:-1] + [v["conversation"][-1]["content"][:-2],
-                                                                                        v["conversation"][-1]["content"][-1]]
+            *v_rest, v_thought, v_answer = v["conversation"][-1]["content"]
+            assert thought["think"] == conversations.BRIEF and thought != v_thought and answer == v_answer
+            if rest:  # a tool call, planned in its one sentence
+                assert rest[0] == {"think": conversations.BRIEF_PLANS[rest[1]["tool"]]} and rest[1:] == v_rest[1:]
+            assert t["conversation"][:-1] == v["conversation"][:-1]
     for t, q in zip(traces, split["questions"]):
         ids, _ = tok.render_conversation(t["conversation"], batches.scene_codes(codes, t["scene"]))
         parts, error = tok.parse_reply(reply_of(tok, ids))
