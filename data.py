@@ -48,6 +48,7 @@ SEG_PALETTE = np.array([
     (170, 110, 40), (128, 0, 0),
 ], dtype=np.uint8)
 N_SPARE = len(SEG_PALETTE) - 2 - len(COLORS)
+SEG_COLOURING = 2  # a VQ checkpoint's record of its seg pseudo-images: 2, each object its colour's entry; 1, left to right
 MODALITIES = ("rgb", "depth", "seg")
 SPLITS = ("train", "val", "test")
 CATEGORIES = ("distance", "size", "depth_order", "relative_distance", "relation", "counting", "general")

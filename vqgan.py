@@ -401,6 +401,9 @@ def load_vqgan(path, device="cpu"):
     """The tokenizer from a checkpoint, in eval mode. `model.depth_encoding` says how its depth
     pseudo-images map to metres (pass it to data.rgb_to_depth)."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
+    if ckpt.get("seg_colouring", 1) != data.SEG_COLOURING:  # its seg codes would mean other objects
+        raise SystemExit(f"{path} was trained on segmentation pseudo-images coloured in format {ckpt.get('seg_colouring', 1)}, "
+                         f"not {data.SEG_COLOURING} (data.seg_palette_ids): remove it to train it again (python vqgan.py)")
     model = VQModel(VQConfig(**ckpt["model_args"])).to(device)
     model.load_state_dict(ckpt["model"])
     model.depth_encoding = ckpt["depth_encoding"]
@@ -465,7 +468,8 @@ def train(tc, mc):
     save_recon_grid(val_images, recon, os.path.join(tc.out_dir, "recon.png"))
     trainer.save_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), {
         "model_args": asdict(mc), "model": model.state_dict(), "discriminator": disc.state_dict(),
-        "config": asdict(tc), "depth_encoding": encoding, "step": tc.max_iters, "metrics": scores})
+        "config": asdict(tc), "depth_encoding": encoding, "seg_colouring": data.SEG_COLOURING, "step": tc.max_iters,
+        "metrics": scores})
     print(f"wrote {os.path.join(tc.out_dir, 'ckpt.pt')} and {os.path.join(tc.out_dir, 'recon.png')}")
     return {"grid": mc.grid, "depth_encoding": encoding, **scores}
 

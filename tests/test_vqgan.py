@@ -134,6 +134,10 @@ def test_train_writes_loadable_checkpoint_and_grid(tiny_data, tmp_path):
     assert Image.open(tmp_path / "recon.png").size == (2 * 6 * (2 * 64 + 4), 2 * 3 * (64 + 4))  # 3 rows × 6 pairs, ×2
     model = vqgan.load_vqgan(str(tmp_path / "ckpt.pt"))
     assert not model.training
+    ckpt["seg_colouring"] = data.SEG_COLOURING - 1  # a tokenizer trained on other seg colours is refused, by name
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="coloured in format"):
+        vqgan.load_vqgan(str(tmp_path / "old.pt"))
 
 
 def test_weighted_l1_counts_each_pixel_by_its_weight():
