@@ -175,7 +175,8 @@ def tiny_data_and_vq(tmp_path):
     mc = vqgan.VQConfig(image_size=32, channels=16, n_res_blocks=1, codebook_size=32)
     torch.manual_seed(0)
     vq_path = str(tmp_path / "vq.pt")
-    trainer.save_checkpoint(vq_path, {"model_args": asdict(mc), "model": vqgan.VQModel(mc).state_dict(), "depth_encoding": "log"})
+    trainer.save_checkpoint(vq_path, {"model_args": asdict(mc), "model": vqgan.VQModel(mc).state_dict(), "depth_encoding": "log",
+                                     "seg_colouring": data.SEG_COLOURING})
     prepare.ensure_codes(d, vq_path)
     return d, vq_path, tokenizer.build_tokenizer(d, 300, mc.codebook_size), mc
 

@@ -28,7 +28,8 @@ def tiny_data(tmp_path_factory):
 def tiny_checkpoint(path, seed=0):
     torch.manual_seed(seed)
     model = vqgan.VQModel(TINY)
-    vqgan.trainer.save_checkpoint(path, {"model_args": asdict(TINY), "model": model.state_dict(), "depth_encoding": "log"})
+    vqgan.trainer.save_checkpoint(path, {"model_args": asdict(TINY), "model": model.state_dict(), "depth_encoding": "log",
+                                         "seg_colouring": data.SEG_COLOURING})
     return path
 
 
