@@ -149,8 +149,8 @@ def _reading(q, names, readings, source):
 
 BRIEF = "I answer from what I see."  # the final <think> of a reading="brief" trace
 # the first <think> of a brief trace that calls a tool: one sentence a tool, so the choice is one
-# word; the seven PLANS sentences were more than the tiny model learned in SFT (it wrote
-# "I an segment lies, so I will segment the image." and then answered without the map)
+# word. With the seven PLANS the tiny model once blended two ("I an segment lies, so I will segment
+# the image.") and answered without the map, and SFT kept less of stage 1 (docs/experiments.md)
 BRIEF_PLANS = {"depth": "I will estimate a depth map.", "seg": "I will segment the image."}
 READINGS = ("values", "brief")
 

@@ -25,8 +25,9 @@ stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=4, max_iters=1760, 
 eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test questions a category, maps of 32 scenes
 # stage 2 SFT on interleaved traces (~350 tokens: RGB, map, text), then 70 val replies through the
 # tool loop. 250 iterations: after 100 the sampled replies broke the format half the time.
-# reading="brief": the traces' last thought is one fixed sentence, not a reading of the map; the
-# readings this model writes name the wrong objects and its answers follow them. place_losses: stage
+# reading="brief": the traces' plan is one fixed sentence a tool and their last thought one fixed
+# sentence, not a reading of the map; the readings this model writes name the wrong objects and
+# its answers follow them. place_losses: stage
 # 1's object and referring losses stay on, which keeps more of its comparisons (docs/experiments.md).
 stage2 = dict(data_dir=_data_dir, max_iters=250, eval_interval=250, batch_size=8, eval_questions=70, reading="brief",
               place_losses=True)
