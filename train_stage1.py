@@ -104,12 +104,12 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     tok, vq, codes, questions, refs = prepare.stage_data(data_dir, vq_ckpt)
     n_image = codes["train"].shape[-1]
-    scenes = {s: data.load_scenes(data_dir, s) for s in ("train", "val")}
     weights = {"vqa": vqa_weight, "depth": depth_weight if aux else 0, "seg": seg_weight if aux else 0,
                "chain": chain_weight if aux else 0}
 
     splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels
               for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads}
+    scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(data_dir, s) for s in ("train", "val")}
     places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads)
 
     get_batch = batches.stage1_batches(tok, codes, questions, scenes, config, weights, places, coverage)
