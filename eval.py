@@ -83,8 +83,8 @@ def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampl
         maps[tool] = vq.decode(np.stack(gen)).numpy()
     true_seg, seg = split["seg"][ids], data.rgb_to_seg(maps["seg"])
     scores = metrics.depth_metrics(data.rgb_to_depth(maps["depth"], vq.depth_encoding), split["depth"][ids], true_seg)
-    scores["seg_miou"] = metrics.seg_miou(seg, data.seg_palette_ids(true_seg, [split["scenes"][i] for i in ids]))  # colours as the pseudo-images have them
-    scores["seg_miou_matched"] = metrics.seg_miou_matched(seg, true_seg)
+    palette = data.seg_palette_ids(true_seg, [split["scenes"][i] for i in ids])  # the colours the pseudo-images have
+    scores["seg_miou"], scores["seg_miou_matched"] = metrics.seg_miou(seg, palette), metrics.seg_miou_matched(seg, true_seg)
     return scores, maps
 
 
@@ -146,15 +146,15 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
         images = [batches.scene_codes(codes, q["scene"]) for q in chunk]
         if mode in ("chain", "chain_true"):
             convs = [conversations.perception_chain(q, answer=False) for q in chunk]
-        if mode == "chain":
-            images = [{"rgb": im["rgb"]} for im in images]  # the true maps are never shown
-            for tool, upto in (("depth", 1), ("seg", 3)):
-                drawn = generate_map_codes(model, tok, [c[:upto] for c in convs], images, n_image_tokens,
-                                           batch_size=batch_size, **sampling)
-                images = [dict(im, **{tool: d}) for im, d in zip(images, drawn)]
+            if mode == "chain":  # its own maps: the true ones are never shown
+                images = [{"rgb": im["rgb"]} for im in images]
+                for tool, upto in (("depth", 1), ("seg", 3)):
+                    drawn = generate_map_codes(model, tok, [c[:upto] for c in convs], images, n_image_tokens,
+                                               batch_size=batch_size, **sampling)
+                    images = [dict(im, **{tool: d}) for im, d in zip(images, drawn)]
         elif mode in ("direct", "interleaved"):
             convs = [conversations.vqa_conversation(q, answer=False, image=not blind) for q in chunk]
-        elif mode != "chain_true":
+        else:
             raise ValueError(f"unknown answer mode {mode!r}")
         prompts = [tok.render_prompt(c, im) for c, im in zip(convs, images)]
         budget, use_tools = max_answer_tokens or 24, False
@@ -252,10 +252,11 @@ def balanced_sample(questions, n, seed=0):
 def map_grid(path, split, maps, scene_ids, vq_encoding, scale=3):
     """PNG: one row per scene: RGB | generated depth | true depth | generated seg | true seg."""
     from PIL import Image
-    rows = []
-    for k, i in enumerate(scene_ids):
+    rows, ids = [], list(scene_ids)
+    true_seg = data.seg_to_rgb(data.seg_palette_ids(split["seg"][ids], [split["scenes"][i] for i in ids]))
+    for k, i in enumerate(ids):
         cells = [split["rgb"][i], maps["depth"][k], data.depth_to_rgb(split["depth"][i], vq_encoding),
-                 maps["seg"][k], data.seg_to_rgb(data.seg_palette_ids(split["seg"][i:i + 1], split["scenes"][i:i + 1])[0])]
+                 maps["seg"][k], true_seg[k]]
         rows.append(np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells], axis=1))
     grid = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)
     Image.fromarray(grid).save(path)

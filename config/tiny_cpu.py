@@ -28,8 +28,8 @@ eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test que
 # tool loop. 250 iterations: after 100 the sampled replies broke the format half the time.
 # reading="brief": the traces' plan is one fixed sentence a tool and their last thought one fixed
 # sentence, not a reading of the map; the readings this model writes name the wrong objects and
-# its answers follow them. place_losses: stage
-# 1's object and referring losses stay on, which keeps more of its comparisons (docs/experiments.md).
+# its answers follow them. place_losses: stage 1's object and referring losses stay on, which
+# keeps more of its comparisons (docs/experiments.md).
 stage2 = dict(data_dir=_data_dir, max_iters=250, eval_interval=250, batch_size=8, eval_questions=70, reading="brief",
               place_losses=True)
 # RL (GRPO + CPR): an iteration is 4 questions × 8 rollouts, ~10 s on one thread; held-out replies
