@@ -67,9 +67,11 @@ grid_prior = 6.0  # map codes' attention starts on the aligned place (model.py)
 code_patches = False  # True: each code's mean pixel patch joins its embedding (model.py, GPTConfig.code_patch_dim)
 object_head = True  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
 depth_head = False  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads")
+ground_head = False  # True: two heads give where on the ground each RGB place is, binned, their losses added (model.py, "Place heads")
 refer_heads = 2  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
 pointer = False  # True: what each referring head brings back must say where it looked (model.py, "Referring")
 refer_layer = -1  # the block whose heads the referring loss teaches (-1: the last)
+refer_relative = False  # True: the referring loss asks for the object's share of the head's mass on the image (model.py, "Referring")
 choose = False  # True: the last head of the last layer is taught to copy a named answer's words from its option (model.py, "Choosing")
 refer_options = False  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
 image_reader = True  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
@@ -108,9 +110,9 @@ if __name__ == "__main__":
                "chain": chain_weight if aux else 0}
 
     splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels
-              for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads}
+              for s in ("train", "val") if s == "val" or object_head or depth_head or ground_head or refer_heads}
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(data_dir, s) for s in ("train", "val")}
-    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads)
+    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads, ground_head)
 
     get_batch = batches.stage1_batches(tok, codes, questions, scenes, config, weights, places, coverage)
 
