@@ -297,7 +297,6 @@ LEARN = dict(
     refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
     pointer=False,  # True: what each referring head brings back must say where it looked (model.py, "Referring")
     refer_layer=-1,  # the block whose heads the referring loss teaches (-1: the last)
-    refer_relative=False,  # True: the referring loss asks for the object's share of the head's mass on the image (model.py, "Referring")
     choose=False,  # True: the last head of the last layer is taught to copy a named answer's words from its option (model.py, "Choosing")
     refer_options=False,  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
     image_reader=True,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)

@@ -55,7 +55,6 @@ class GPTConfig:
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
     pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
     refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
-    refer_relative: bool = False  # the referring loss asks for the object's share of the head's mass on the image (see "Referring")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +68,9 @@ class GPTConfig:
 # is the cube?". With ground_bins > 0 two more heads give where on the ground the place's points
 # are, right and ahead of the camera (data.place_ground): "how far apart are the red cube and the
 # blue sphere?" needs both objects' positions, which a depth and an image column give only through
-# the camera's unknown height, pitch and field of view. A map the model draws is no substitute: teacher-forced, each map code can be
-# copied from the codes before it, so little of its signal reaches the image's places.
+# the camera's unknown height, pitch and field of view. A map the model draws is no substitute:
+# teacher-forced, each map code can be copied from the codes before it, so little of its signal
+# reaches the image's places.
 #
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
 # one colour's patches spread over hundreds of ids seen a few times each; even with the object head,
@@ -88,11 +88,7 @@ class GPTConfig:
 # position where an answer begins, head h of the last layer is trained to put its attention on the
 # places covered by the question's h-th object ("the red cube"; for a count, every object counted),
 # -log of the attention mass there (batches.stage1_batch builds the targets from the segmentation).
-# The other heads, and every other position, stay free. With refer_relative the loss asks only for
-# the object's share of the mass the head puts on the image's places: the head may keep the rest on
-# the text before the answer. A softmax average over the object's places says what the object is,
-# never how many there are; with part of the mass resting elsewhere, the head brings back a sum
-# over those places instead of their mean, which can carry a count.
+# The other heads, and every other position, stay free.
 # Pointing. A comparison needs more than the two objects found: which is lower, which further left.
 # The place embedding holds that, but a linear probe reads it at chance from what the referring
 # heads bring back (runs/what_it_reads.py): their values carry what an object is, not where, and
@@ -599,8 +595,6 @@ class GPT(nn.Module):
             return q.sum() * 0
         logp = attention_logp(q[:, :heads], k[:, :heads], mask, b, t)
         mass = place_attention(logp, first[b], target)
-        if self.config.refer_relative:
-            mass = mass - place_attention(logp, first[b], torch.ones_like(target))
         has = target.any(-1)
         loss = -mass[has].mean()
         if self.config.pointer:
