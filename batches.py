@@ -154,12 +154,12 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     return (x, y, m, extra) if extra else (x, y, m)
 
 
-def place_targets(splits, n_image_tokens, object_head=False, depth_head=False, refer_heads=0, ground_head=False):
+def place_targets(splits, n_image_tokens, object_head=False, depth_head=False, refer_heads=0):
     """({split: data.place_labels}, {split: data.place_coverage}) for load_split's splits, each {}
     when its loss is off: what stage1_batch's places= and coverage= take."""
     side = math.isqrt(n_image_tokens)
-    places = ({s: data.place_labels(sp, side, object_head, depth_head, ground_head) for s, sp in splits.items()}
-              if object_head or depth_head or ground_head else {})
+    places = ({s: data.place_labels(sp, side, object_head, depth_head) for s, sp in splits.items()}
+              if object_head or depth_head else {})
     coverage = {s: data.place_coverage(sp["seg"], side) for s, sp in splits.items()} if refer_heads else {}
     return places, coverage
 

@@ -405,42 +405,14 @@ def place_depths(depth, scenes, side):
     return bins
 
 
-N_GROUND_BINS = 16  # the ground head's classes on each axis: 0.5 m steps over GROUND_X and GROUND_Z
-GROUND_X, GROUND_Z = (-4.0, 4.0), (0.0, 8.0)  # metres right of and ahead of the camera's foot; beyond them, the end bins
-
-
-def place_ground(depth, scenes, side):
-    """(N, side², 2) int64: where on the ground each place is, as the bins of the median of its
-    pixels' world points, right (GROUND_X) and ahead (GROUND_Z) of the camera's foot, from the true
-    z-depth and the scene's camera; -1 for a place that is mostly sky (depth DEPTH_MAX) and for a
-    scene without a camera or a true depth map (manifest data). The ground head's targets (model.py)."""
-    n, size = len(depth), depth.shape[1]
-    p = size // side
-    out = np.full((n, side * side, 2), -1, dtype=np.int64)
-    for i, g in enumerate(scenes):
-        if "camera" not in g or not g.get("has_depth", True):
-            continue
-        _, rays = camera_rays(g["camera"], size)
-        d = np.nan_to_num(depth[i], nan=DEPTH_MAX)
-        xz = np.where((d < DEPTH_MAX)[..., None], d[..., None] * rays[..., [0, 2]], np.nan)  # a hit at z-depth t is t·ray
-        blocks = xz.reshape(side, p, side, p, 2).transpose(0, 2, 1, 3, 4).reshape(side * side, p * p, 2)
-        seen = np.isfinite(blocks[..., 0]).sum(-1) * 2 >= p * p
-        mid = np.nanmedian(blocks[seen], axis=1)  # (seen places, 2)
-        for axis, (lo, hi) in enumerate((GROUND_X, GROUND_Z)):
-            out[i, seen, axis] = np.clip(((mid[:, axis] - lo) / (hi - lo) * N_GROUND_BINS).astype(np.int64), 0, N_GROUND_BINS - 1)
-    return out
-
-
-def place_labels(split, side, objects=True, depths=False, ground=False):
+def place_labels(split, side, objects=True, depths=False):
     """(N, side², heads): the place heads' labels for a loaded split (load_split), in the model's
-    order (object, depth, then the ground's two axes)."""
+    order (object, then depth)."""
     cols = []
     if objects:
         cols.append(place_objects(split["seg"], split["scenes"], side))
     if depths:
         cols.append(place_depths(split["depth"], split["scenes"], side))
-    if ground:
-        cols.extend(np.moveaxis(place_ground(split["depth"], split["scenes"], side), -1, 0))
     return np.stack(cols, -1)
 
 

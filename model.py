@@ -51,7 +51,6 @@ class GPTConfig:
     code_patch_dim: int = 0  # > 0: each code's mean pixel patch (vqgan.code_patches) joins its embedding
     object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (see "Place heads")
     depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (see "Place heads")
-    ground_bins: int = 0  # > 0: two heads give where on the ground each such place is, binned on each axis (see "Place heads")
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
     pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
     refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
@@ -65,12 +64,8 @@ class GPTConfig:
 # colour and shape, 0 for none), and its cross entropy joins the loss: a label at every place, read
 # from the image alone. With depth_bins > 0 a second head does the same for the place's depth
 # (data.place_depths), so "how far is the red cube?" becomes the same one-hop lookup as "what colour
-# is the cube?". With ground_bins > 0 two more heads give where on the ground the place's points
-# are, right and ahead of the camera (data.place_ground): "how far apart are the red cube and the
-# blue sphere?" needs both objects' positions, which a depth and an image column give only through
-# the camera's unknown height, pitch and field of view. A map the model draws is no substitute:
-# teacher-forced, each map code can be copied from the codes before it, so little of its signal
-# reaches the image's places.
+# is the cube?". A map the model draws is no substitute: teacher-forced, each map code can be
+# copied from the codes before it, so little of its signal reaches the image's places.
 #
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
 # one colour's patches spread over hundreds of ids seen a few times each; even with the object head,
@@ -438,9 +433,6 @@ class GPT(nn.Module):
             self.object_head = nn.Linear(config.n_embd, config.object_classes)
         if config.depth_bins:
             self.depth_head = nn.Linear(config.n_embd, config.depth_bins)
-        if config.ground_bins:
-            self.ground_x_head = nn.Linear(config.n_embd, config.ground_bins)
-            self.ground_z_head = nn.Linear(config.n_embd, config.ground_bins)
         if config.reader_vq:
             self.reader = ImageReader(config.reader_vq, config.n_embd)
         if config.pointer:  # per head: its value space -> (row, col)
@@ -559,8 +551,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def place_heads(self):
-        return [getattr(self, name) for name in ("object_head", "depth_head", "ground_x_head", "ground_z_head")
-                if hasattr(self, name)]
+        return [getattr(self, name) for name in ("object_head", "depth_head") if hasattr(self, name)]
 
     def place_loss(self, hidden, idx, places):
         """The sum of the place heads' cross entropies over the places of each row's first image

@@ -67,7 +67,6 @@ grid_prior = 6.0  # map codes' attention starts on the aligned place (model.py)
 code_patches = False  # True: each code's mean pixel patch joins its embedding (model.py, GPTConfig.code_patch_dim)
 object_head = True  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
 depth_head = False  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads")
-ground_head = False  # True: two heads give where on the ground each RGB place is, binned, their losses added (model.py, "Place heads")
 refer_heads = 2  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
 pointer = False  # True: what each referring head brings back must say where it looked (model.py, "Referring")
 refer_layer = -1  # the block whose heads the referring loss teaches (-1: the last)
@@ -109,9 +108,9 @@ if __name__ == "__main__":
                "chain": chain_weight if aux else 0}
 
     splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels
-              for s in ("train", "val") if s == "val" or object_head or depth_head or ground_head or refer_heads}
+              for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads}
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(data_dir, s) for s in ("train", "val")}
-    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads, ground_head)
+    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads)
 
     get_batch = batches.stage1_batches(tok, codes, questions, scenes, config, weights, places, coverage)
 

@@ -413,37 +413,6 @@ def test_place_objects_names_the_object_covering_most_of_each_place():
     assert labels.max() < data.N_OBJECT_CLASSES
 
 
-def test_place_ground_bins_where_on_the_ground_each_place_is():
-    """The ground head's labels, on a rendered scene: at a place all of whose pixels are ground,
-    the bins of the median ground point that each pixel's ray meets (worked out here from the
-    camera alone: the ray from height h down to y = 0); -1 at sky places and for a scene without
-    a camera (manifest data). place_labels puts the two axes after the object and depth labels."""
-    scene = data.render_scene(3, data.SceneConfig(image_size=48))
-    side, p = 12, 4
-    split = {"seg": scene["seg"][None], "depth": scene["depth"][None], "scenes": [scene["graph"]]}
-    labels = data.place_ground(split["depth"], split["scenes"], side)[0]
-    cam = scene["graph"]["camera"]
-    _, rays = data.camera_rays(cam, 48)
-    t = -cam["height"] / rays[..., 1]  # where each ray meets the ground plane
-    seg = scene["seg"].reshape(side, p, side, p).transpose(0, 2, 1, 3).reshape(side * side, p * p)
-    ground = [k for k in range(side * side) if (seg[k] == 1).all() and scene["depth"].reshape(side, p, side, p)
-              .transpose(0, 2, 1, 3).reshape(side * side, -1)[k].max() < data.DEPTH_MAX]
-    sky = [k for k in range(side * side) if (seg[k] == 0).all()]
-    assert len(ground) > 20 and len(sky) > 5
-    for k in ground:
-        r, c = divmod(k, side)
-        pts = (t[..., None] * rays[..., [0, 2]])[r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1, 2)
-        for axis, (lo, hi) in enumerate((data.GROUND_X, data.GROUND_Z)):
-            want = min(max(int((np.median(pts[:, axis]) - lo) / (hi - lo) * data.N_GROUND_BINS), 0), data.N_GROUND_BINS - 1)
-            assert labels[k, axis] == want
-    assert (labels[sky] == -1).all()
-    assert len(set(labels[ground, 0].tolist())) > 3 and len(set(labels[ground, 1].tolist())) > 3
-    manifest = data.place_ground(split["depth"], [{"image": "real.png"}], side)
-    assert (manifest == -1).all()
-    both = data.place_labels(split, side, objects=True, depths=True, ground=True)
-    assert both.shape == (1, side * side, 4) and (both[0, :, 2:] == labels).all()
-
-
 def test_referent_places_are_what_a_questions_objects_cover():
     """The referring loss's targets, on a hand-made 2×2 grid of 4×4-pixel places: an object's places
     are those it covers a quarter of; one too small for any gets its fullest place; a count's objects
