@@ -332,7 +332,8 @@ def bench_learn(argv=()):
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     n_image = codes["train"].shape[-1]
     targets = {k: cfg[k] for k in ("object_head", "depth_head", "refer_heads")}
-    splits = {s: data.load_split(cfg["data_dir"], s) for s in ("train", "val")} if any(targets.values()) else {}
+    splits = {s: data.load_split(cfg["data_dir"], s)  # each split read once: for the place labels, val for the maps too
+              for s in ("train", "val") if any(targets.values()) or (s == "val" and cfg["arm"] == "maps")}
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     places, coverage = batches.place_targets(splits, n_image, **targets)
     chance = metrics.chance_scorer(questions["train"])
@@ -343,7 +344,7 @@ def bench_learn(argv=()):
     if cfg["arm"] == "maps":
         weights.update(depth=cfg["depth_weight"], seg=cfg["seg_weight"], chain=cfg["chain_weight"])
     run = trainer.setup_run(cfg["device"])
-    val_split = (splits.get("val") or data.load_split(cfg["data_dir"], "val")) if cfg["arm"] == "maps" else None
+    val_split = splits.get("val") if cfg["arm"] == "maps" else None
 
     def batch_maker(blind, seen):
         """The get_batch of an arm (blind: VQA only, no image), counting the train tokens in seen."""
