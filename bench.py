@@ -287,6 +287,7 @@ LEARN = dict(
     vqa_weight=1.0, depth_weight=0.5, seg_weight=0.5, chain_weight=0.5,  # stage 1's mixture (arm=maps)
     questions_per_image=7,  # > 1: up to this many of a scene's questions after its one image (training only)
     practice="scene",  # packed questions from the question file, drawn fresh from the scene, or with drills (batches.py)
+    practice_weights={},  # {category: w}: the fresh questions' categories drawn in proportion to w (1 if not named)
     branched=False,  # True: packed questions each see the image and only their own turn (batches.branched_row)
     map_questions=False,  # True: depth, seg and chain examples ask questions after their maps too (arm=maps; batches.py)
     n_layer=4, n_head=4, n_embd=128, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
@@ -386,6 +387,7 @@ def bench_learn(argv=()):
     rng = np.random.default_rng([cfg["seed"], 9])
     probe = [batches.stage1_batch(tok, codes["train"], questions["train"], rng, cfg["batch_size"], cfg["block_size"],
                                   weights, scenes["train"], per_image=cfg["questions_per_image"], practice=cfg["practice"],
+                                  practice_weights=cfg["practice_weights"],
                                   map_questions=cfg["map_questions"])
              for _ in range(20)]
     per_iter = np.mean([b[0].numel() for b in probe]) * cfg["grad_accum"]

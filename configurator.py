@@ -75,7 +75,7 @@ def configure(g, section=None, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # config = the lowercase globals of simple types; UPPERCASE module constants are not config
     keys = {k for k, v in g.items() if not k.startswith("_") and k == k.lower()
-            and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+            and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}
     if any(a in ("-h", "--help") for a in argv):
         doc = (g.get("__doc__") or "").strip()
         print(doc + "\n\nconfig keys (override with --key=value, or pass a config/*.py file):")

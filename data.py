@@ -625,20 +625,25 @@ def drill_questions(graph):
     return q
 
 
-def practice_questions(graph, rng, k, drills=True, skip=None):
+def practice_questions(graph, rng, k, drills=True, skip=None, weights=None):
     """Up to k questions about the scene, drawn fresh for a training row: at each draw a category
-    at random among those the scene supports (the drills' two kinds among them), then one of its
-    questions as make_questions picks it, offered; no question twice, none about skip's objects
-    with skip's stem (the row's first question, asked already; an offered question's options take
-    the place of its stem's "?")."""
+    at random among those the scene supports (the drills' two kinds among them; with weights
+    {category: w}, in proportion to w, 1 for a category not named), then one of its questions as
+    make_questions picks it, offered; no question twice, none about skip's objects with skip's stem
+    (the row's first question, asked already; an offered question's options take the place of its
+    stem's "?")."""
     pools = {**candidate_questions(graph), **(drill_questions(graph) if drills else {})}
     if skip is not None:
         pools = {c: [x for x in qs if not (x["objects"] == skip["objects"] and skip["question"].startswith(x["question"][:-1]))]
                  for c, qs in pools.items()}
-    pools = {c: qs for c, qs in pools.items() if qs}
+    pools = {c: qs for c, qs in pools.items() if qs and (weights or {}).get(c, 1.0) > 0}
     out = []
     while pools and len(out) < k:
-        c = list(pools)[int(rng.integers(len(pools)))]
+        if weights:
+            w = np.array([weights.get(c, 1.0) for c in pools])
+            c = list(pools)[int(rng.choice(len(pools), p=w / w.sum()))]
+        else:
+            c = list(pools)[int(rng.integers(len(pools)))]
         q = pick_question(c, pools[c], rng)
         out.append(offered(q, rng) if "options" in q else q)
         pools[c] = [x for x in pools[c] if x is not q]

@@ -8,15 +8,15 @@ from configurator import configure
 
 
 def fresh():
-    return {"__doc__": "demo", "batch_size": 4, "lr": 1e-3, "aux": True, "name": "x", "init": None}
+    return {"__doc__": "demo", "batch_size": 4, "lr": 1e-3, "aux": True, "name": "x", "init": None, "weights": {}}
 
 
 def test_overrides_and_files(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("# a preset\nbatch_size = 16\nname = 'from_file'\n")
     g = fresh()
-    out = configure(g, argv=[str(cfg), "--lr=1", "--aux=False", "--name=cli"])
-    assert out == {"aux": False, "batch_size": 16, "init": None, "lr": 1.0, "name": "cli"}
+    out = configure(g, argv=[str(cfg), "--lr=1", "--aux=False", "--name=cli", "--weights={'a': 2}"])
+    assert out == {"aux": False, "batch_size": 16, "init": None, "lr": 1.0, "name": "cli", "weights": {"a": 2}}
     assert g["batch_size"] == 16 and isinstance(g["lr"], float)
 
 
@@ -25,6 +25,7 @@ def test_overrides_and_files(tmp_path):
     (["--aux=1"], "--aux=1: expected bool, got int"),
     (["--batch_size=2.5"], "expected int, got float"),
     (["--lr=fast"], "expected float, got str"),
+    (["--weights=3"], "expected dict, got int"),
     (["batch_size=3"], "cannot read config file"),
     (["--batch_size"], "expected --key=value"),
 ])

@@ -249,6 +249,18 @@ def test_practice_questions_are_right_distinct_and_skip_the_asked_one(dataset):
     assert len(data.practice_questions(s["scenes"][0], rng, 3)) == 3
 
 
+def test_practice_weights_set_how_often_a_category_is_drawn(dataset):
+    """practice_weights: a category weighted 0 never comes, one weighted 4 comes about 4x as often
+    as one left at 1 while both have questions left (k=2 draws from a fresh scene)."""
+    scenes, rng = data.load_split(dataset, "train")["scenes"], np.random.default_rng(0)
+    n = collections.Counter()
+    for _ in range(20):
+        for scene in scenes:
+            for q in data.practice_questions(scene, rng, 2, drills=False, weights={"distance": 4, "general": 0}):
+                n[q["category"]] += 1
+    assert n["general"] == 0 and n["distance"] > 2.5 * n["size"] > 0
+
+
 def test_answer_key_is_the_shortest_word_that_picks_the_option_out():
     assert data.answer_key("red cube", ["blue sphere", "red cube"]) == "red"
     assert data.answer_key("red cube", ["red sphere", "red cube"]) == "cube"

@@ -109,6 +109,12 @@ def test_practice_rows_begin_as_the_file_row_and_ask_fresh_questions_of_its_scen
     assert sum(a in own for a, own in asked) < len(asked) / 2
     full = batches.stage1_batch(tok, codes, qs, np.random.default_rng(5), 8, 200, w, scenes, per_image=50, practice="scene")
     assert full[0].shape[1] <= 200 and (full[1][:, -40:] != tok.pad).any()  # as many questions as fit the block
+    with pytest.raises(ValueError, match="practice_weights takes"):
+        batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="scene",
+                             practice_weights={"distances": 2})
+    with pytest.raises(ValueError, match="practice_weights weighs"):
+        batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="file",
+                             practice_weights={"distance": 2})
     with pytest.raises(ValueError, match="practice must be"):
         batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="all")
     with pytest.raises(ValueError, match="manifest"):
