@@ -10,33 +10,24 @@ by the form of the right answer, how many are right and what kind of word the mo
 
 Ends with `final: {json}`.
 """
-import argparse
 import collections
 import json
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import metrics  # noqa: E402
-import prepare  # noqa: E402
-import trainer  # noqa: E402
+import probe  # noqa: E402 (runs/probe.py)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", help="a model trained on data_dir's scenes")
-parser.add_argument("--data_dir", default="data/learn")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser = probe.parser(__doc__, "a model trained on data_dir's scenes")
 parser.add_argument("--mode", default="direct", choices=("direct", "interleaved"), help="eval.answer's mode")
 parser.add_argument("--categories", nargs="+", default=["depth_order", "relation", "relative_distance"])
 args = parser.parse_args()
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-model, _ = trainer.load_model(args.ckpt)
-model.eval()
-tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+model, tok, codes, questions = probe.load(args)
 asked = [q for q in questions["val"] if q["category"] in args.categories]
 replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], mode=args.mode, **ev.DECODE)
 

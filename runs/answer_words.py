@@ -11,7 +11,6 @@ is the first word of another option (the wrong object named) rather than of none
 
 Ends with `final: {json}`.
 """
-import argparse
 import collections
 import json
 import os
@@ -21,21 +20,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
-import prepare  # noqa: E402
-import trainer  # noqa: E402
+import probe  # noqa: E402 (runs/probe.py)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
-parser.add_argument("--data_dir", default="data/learn")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser = probe.parser(__doc__)
 parser.add_argument("--kinds", nargs="+", default=["depth_order", "relation_left", "relation_front", "relative_distance", "general"])
 parser.add_argument("--n", type=int, default=300, help="val questions a kind")
 args = parser.parse_args()
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-model, _ = trainer.load_model(args.ckpt)
-model.eval()
-tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+model, tok, codes, questions = probe.load(args)
 result = {"ckpt": args.ckpt}
 for kind in args.kinds:
     asked = [q for q in questions["val"] if q["kind"] == kind][:args.n]

@@ -9,32 +9,23 @@ question. A model that finds the counted objects but cannot tell how many there 
 
 Ends with `final: {json}`.
 """
-import argparse
 import collections
 import json
 import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import metrics  # noqa: E402
-import prepare  # noqa: E402
-import trainer  # noqa: E402
+import probe  # noqa: E402 (runs/probe.py)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
-parser.add_argument("--data_dir", default="data/learn")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser = probe.parser(__doc__)
 args = parser.parse_args()
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-model, _ = trainer.load_model(args.ckpt)
-model.eval()
-tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+model, tok, codes, questions = probe.load(args)
 asked = [q for q in questions["val"] if q["category"] == "counting"]
 replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], temperature=0.0)
 scores = metrics.question_scores(tok, asked, replies)

@@ -12,34 +12,25 @@ camera, distance apart, size), beside the chance baseline (the train median of t
 
 Ends with `final: {json}`.
 """
-import argparse
 import collections
 import json
 import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as ev  # noqa: E402
 import metrics  # noqa: E402
-import prepare  # noqa: E402
-import trainer  # noqa: E402
+import probe  # noqa: E402 (runs/probe.py)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
-parser.add_argument("--data_dir", default="data/learn")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser = probe.parser(__doc__)
 parser.add_argument("--blind", action="store_true", help="ask without the image (a blind baseline's checkpoint)")
 parser.add_argument("--samples", type=int, default=ev.NUMBER_SAMPLES, help="answers whose median is taken")
 parser.add_argument("--per_category", type=int, default=400, help="val questions a category, as bench.py learn")
 args = parser.parse_args()
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-model, _ = trainer.load_model(args.ckpt)
-model.eval()
-tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+model, tok, codes, questions = probe.load(args)
 n_image = codes["val"].shape[-1]
 cats = sorted({q["category"] for q in questions["val"]})
 asked = [q for q in ev.balanced_sample(questions["val"], args.per_category * len(cats)) if q["answer_type"] == "number"]

@@ -11,35 +11,27 @@ evaluation, one question a row, never offers it (batches.branched_row packs them
 
 Ends with `final: {json}`.
 """
-import argparse
 import collections
 import json
 import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
 import conversations  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
-import prepare  # noqa: E402
-import trainer  # noqa: E402
+import probe  # noqa: E402 (runs/probe.py)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
-parser.add_argument("--data_dir", default="data/learn")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser = probe.parser(__doc__)
 parser.add_argument("--per_category", type=int, default=400)
 parser.add_argument("--before", type=int, default=6, help="questions asked before the scored one")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-model, _ = trainer.load_model(args.ckpt)
-tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+model, tok, codes, questions = probe.load(args)
 scenes = data.load_scenes(args.data_dir, "val")
 asked = [q for q in ev.balanced_sample(questions["val"], 10 ** 9) if q["answer_type"] != "number"]
 asked = [q for c in sorted({q["category"] for q in asked}) for q in [x for x in asked if x["category"] == c][:args.per_category]]

@@ -20,7 +20,6 @@ the looking heads do not is lost on the way; one the place table lacks is not co
 
 Ends with `final: {json}`.
 """
-import argparse
 import json
 import math
 import os
@@ -33,20 +32,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
 import data  # noqa: E402
-import prepare  # noqa: E402
-import trainer  # noqa: E402
+import probe  # noqa: E402 (runs/probe.py)
 from model import attention_logp, first_image, place_attention  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", help="a model trained on data_dir's scenes with refer_heads >= 2 (bench.py learn writes out_dir/rgb/ckpt.pt)")
-parser.add_argument("--data_dir", default="data/learn")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser = probe.parser(__doc__, "a model trained on data_dir's scenes with refer_heads >= 2 (bench.py learn writes out_dir/rgb/ckpt.pt)")
 args = parser.parse_args()
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 torch.manual_seed(0)
 
-model, _ = trainer.load_model(args.ckpt)
-tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+model, tok, codes, questions = probe.load(args)
 n_image = codes["val"].shape[-1]
 side = math.isqrt(n_image)
 split = data.load_split(args.data_dir, "val")

@@ -14,7 +14,6 @@ pixels (quartiles). A lookup can only answer what the places show.
 
 Ends with `final: {json}`.
 """
-import argparse
 import json
 import math
 import os
@@ -27,20 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
-import prepare  # noqa: E402
-import trainer  # noqa: E402
+import probe  # noqa: E402 (runs/probe.py)
 from model import attention_logp, first_image, place_attention  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", help="a model trained on data_dir's scenes (bench.py learn writes out_dir/rgb/ckpt.pt)")
-parser.add_argument("--data_dir", default="data/learn")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser = probe.parser(__doc__)
 parser.add_argument("--n", type=int, default=800, help="val questions, balanced over categories")
 args = parser.parse_args()
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-model, _ = trainer.load_model(args.ckpt)
-tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
+model, tok, codes, questions = probe.load(args)
 n_image = codes["val"].shape[-1]
 split = data.load_split(args.data_dir, "val")
 coverage = data.place_coverage(split["seg"], math.isqrt(n_image))
