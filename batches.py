@@ -96,10 +96,10 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         raise ValueError(f"practice must be file, scene or drills, got {practice!r}")
     if practice_weights and practice == "file":
         raise ValueError("practice_weights weighs the questions drawn fresh from the scene: it needs practice='scene' or 'drills'")
-    unknown = set(practice_weights or ()) - set(data.CATEGORIES) - {"exist", "where"}
+    unknown = set(practice_weights or ()) - set(data.CATEGORIES) - set(data.DRILLS)
     if unknown or any(not isinstance(v, (int, float)) or v < 0 for v in (practice_weights or {}).values()):
         raise ValueError(f"practice_weights takes {{category: weight >= 0}} over {data.CATEGORIES} and the drills "
-                         f"(exist, where); got {practice_weights!r}")
+                         f"{data.DRILLS}; got {practice_weights!r}")
     if practice != "file" and (scenes is None or any("camera" not in g for g in scenes)):
         raise ValueError("practice questions are drawn from rendered scene graphs; real (manifest) data needs practice='file'")
     if not pool:

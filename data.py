@@ -52,6 +52,7 @@ SEG_COLOURING = 2  # a VQ checkpoint's record of its seg pseudo-images: 2, each 
 MODALITIES = ("rgb", "depth", "seg")
 SPLITS = ("train", "val", "test")
 CATEGORIES = ("distance", "size", "depth_order", "relative_distance", "relation", "counting", "general")
+DRILLS = ("exist", "where")  # the grounding drills' kinds (drill_questions), asked in training only
 QUESTION_FORMAT = 2  # meta.json's record of how questions are asked: 2, multiple choice answered with one word (offered)
 # Tool flag per question kind, the rule the CPR reward relies on: depth helps metric and ordering
 # questions, segmentation helps counting and left/right localisation, neither helps colour/shape.
@@ -610,7 +611,7 @@ def drill_questions(graph):
     object is nearer the camera)."""
     objs, size = graph["objects"], graph["image_size"]
     vis = [o for o in objs if o["visible_pixels"] >= graph["min_visible"]]
-    q = {"exist": [], "where": []}
+    q = {kind: [] for kind in DRILLS}
     for c in COLORS:
         group = [o for o in objs if o["color"] == c]
         if not any(0 < o["visible_pixels"] < graph["min_visible"] for o in group):
@@ -639,7 +640,7 @@ def practice_questions(graph, rng, k, drills=True, skip=None, weights=None):
     pools = {c: qs for c, qs in pools.items() if qs and (weights or {}).get(c, 1.0) > 0}
     out = []
     while pools and len(out) < k:
-        if weights:
+        if weights:  # (without, the draw every preset's figures were measured with)
             w = np.array([weights.get(c, 1.0) for c in pools])
             c = list(pools)[int(rng.choice(len(pools), p=w / w.sum()))]
         else:
