@@ -51,6 +51,7 @@ class GPTConfig:
     code_patch_dim: int = 0  # > 0: each code's mean pixel patch (vqgan.code_patches) joins its embedding
     object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (see "Place heads")
     depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (see "Place heads")
+    depth_head_weight: float = 1.0  # the depth head's cross entropy is scaled by this in the loss (see "Place heads")
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
     pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
     refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
@@ -64,8 +65,11 @@ class GPTConfig:
 # colour and shape, 0 for none), and its cross entropy joins the loss: a label at every place, read
 # from the image alone. With depth_bins > 0 a second head does the same for the place's depth
 # (data.place_depths), so "how far is the red cube?" becomes the same one-hop lookup as "what colour
-# is the cube?". A map the model draws is no substitute: teacher-forced, each map code can be
-# copied from the codes before it, so little of its signal reaches the image's places.
+# is the cube?". Its loss has a weight of its own, depth_head_weight: at full weight the depth head
+# costs relative distance (how far apart two objects are) as much as it gives size, and a quarter
+# keeps the size at half that cost (docs/experiments.md). A map the model draws is no substitute:
+# teacher-forced, each map code can be copied from the codes before it, so little of its signal
+# reaches the image's places.
 #
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
 # one colour's patches spread over hundreds of ids seen a few times each; even with the object head,
@@ -410,6 +414,8 @@ class KVCache:
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.depth_head_weight < 0:
+            raise ValueError(f"depth_head_weight must be >= 0, got {config.depth_head_weight}")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -554,18 +560,19 @@ class GPT(nn.Module):
         return [getattr(self, name) for name in ("object_head", "depth_head") if hasattr(self, name)]
 
     def place_loss(self, hidden, idx, places):
-        """The sum of the place heads' cross entropies over the places of each row's first image
-        (rows without an image, and labels of -1, count for nothing)."""
+        """The sum of the place heads' cross entropies (the depth head's times depth_head_weight) over
+        the places of each row's first image (rows without an image, and labels of -1, count for nothing)."""
         heads = self.place_heads()
+        weights = [self.config.depth_head_weight if head is getattr(self, "depth_head", None) else 1.0 for head in heads]
         if places.shape[-1] != len(heads):
             raise ValueError(f"places has {places.shape[-1]} labels a place, the model {len(heads)} place heads")
         first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)
         has, loss = first.any(1), hidden.sum() * 0
-        for j, head in enumerate(heads):
+        for j, (head, w) in enumerate(zip(heads, weights)):
             target = torch.full_like(idx, -1)
             target[first] = places[has][..., j].reshape(-1)
             if (target >= 0).any():
-                loss = loss + F.cross_entropy(head(hidden[target >= 0]).float(), target[target >= 0])
+                loss = loss + w * F.cross_entropy(head(hidden[target >= 0]).float(), target[target >= 0])
         return loss
 
     def refer_loss(self, q, k, v, idx, mask, refer_at, refer):

@@ -269,9 +269,15 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
     model.ln_f.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
     model(idx)
     h = hidden["h"][0, first]
-    want = (torch.nn.functional.cross_entropy(model.object_head(h)[[0, 1, 3]], torch.tensor([0, 3, 4]))
-            + torch.nn.functional.cross_entropy(model.depth_head(h)[[0, 2, 3]], torch.tensor([2, 0, 1])))
-    torch.testing.assert_close(with_places - plain, want)
+    object_ce = torch.nn.functional.cross_entropy(model.object_head(h)[[0, 1, 3]], torch.tensor([0, 3, 4]))
+    depth_ce = torch.nn.functional.cross_entropy(model.depth_head(h)[[0, 2, 3]], torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(with_places - plain, object_ce + depth_ce)
+    model.config.depth_head_weight = 0.25  # the depth head's share of the loss, and only its share, scales
+    _, quarter = model(idx, targets, loss_mask, places=places)
+    torch.testing.assert_close(quarter - plain, object_ce + 0.25 * depth_ce)
+    model.config.depth_head_weight = 1.0
+    with pytest.raises(ValueError, match="depth_head_weight"):
+        tiny_model(tok, depth_bins=3, depth_head_weight=-1.0)
     _, ignored = model(idx, targets, loss_mask, places=torch.full_like(places, -1))
     torch.testing.assert_close(ignored, plain)
     with pytest.raises(ValueError, match="place heads"):

@@ -105,6 +105,12 @@ def test_checkpoint_of_another_model_version_fails_clearly(tmp_path):
         trainer.load_model(bad)
 
 
+def test_init_model_gives_the_depth_head_its_weight(tmp_path):
+    cfg = dict(loop_driver.config(str(tmp_path), 1, 1), depth_head=True, depth_head_weight=0.25)
+    model = trainer.init_model(cfg, trainer.setup_run("cpu"), loop_driver.TOK, 0)[0]
+    assert hasattr(model, "depth_head") and model.config.depth_head_weight == 0.25
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = loop_driver.get_batch
     calls = {"n": 0}
