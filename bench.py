@@ -385,13 +385,8 @@ def bench_learn(argv=()):
         return curve, trainer.train(c, run, model, optimizer, start, get_batch, evaluate)
 
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
-    rng = np.random.default_rng([cfg["seed"], 9])
-    probe = [batches.stage1_batch(tok, codes["train"], questions["train"], rng, cfg["batch_size"], cfg["block_size"],
-                                  weights, scenes["train"], per_image=cfg["questions_per_image"], practice=cfg["practice"],
-                                  practice_weights=cfg["practice_weights"],
-                                  map_questions=cfg["map_questions"])
-             for _ in range(20)]
-    per_iter = np.mean([b[0].numel() for b in probe]) * cfg["grad_accum"]
+    rng, get_batch = np.random.default_rng([cfg["seed"], 9]), batch_maker(False, {"tokens": 0})
+    per_iter = np.mean([get_batch("train", rng)[0].numel() for _ in range(20)]) * cfg["grad_accum"]
     if cfg["tokens"] > 0:
         max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))
     else:
@@ -399,7 +394,7 @@ def bench_learn(argv=()):
         # losses, backward and the optimizer (timing forward and backward alone came out ~1.6x short)
         torch.manual_seed(cfg["seed"])
         model, optimizer, _ = trainer.init_model(dict(cfg, out_dir=cfg["out_dir"]), run, tok, n_image, patches, vq)
-        get_batch, times = batch_maker(False, {"tokens": 0}), []
+        times = []
         for _ in range(8):
             t0 = time.time()
             for _ in range(cfg["grad_accum"]):
