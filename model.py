@@ -66,10 +66,10 @@ class GPTConfig:
 # from the image alone. With depth_bins > 0 a second head does the same for the place's depth
 # (data.place_depths), so "how far is the red cube?" becomes the same one-hop lookup as "what colour
 # is the cube?". Its loss has a weight of its own, depth_head_weight: at full weight the depth head
-# costs relative distance (how far apart two objects are) as much as it gives size, and a quarter
-# keeps the size at half that cost (docs/experiments.md). A map the model draws is no substitute:
-# teacher-forced, each map code can be copied from the codes before it, so little of its signal
-# reaches the image's places.
+# costs relative distance (which object is closest to another) three times what it gives size,
+# and a quarter keeps most of the size at a third of that cost (docs/experiments.md). A map the
+# model draws is no substitute: teacher-forced, each map code can be copied from the codes before
+# it, so little of its signal reaches the image's places.
 #
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
 # one colour's patches spread over hundreds of ids seen a few times each; even with the object head,
