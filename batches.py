@@ -55,7 +55,7 @@ def branched_row(rows):
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
                  places=None, practice="file", branched=False, coverage=None, refer_heads=0, choose=False,
-                 refer_options=False, map_questions=False, practice_weights=None):
+                 refer_options=False, map_questions=False, practice_weights=None, rgb=None):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
@@ -82,7 +82,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     example then asks up to per_image of its scene's questions after its map, and a chain example
     up to per_image - 1 more after its own (drawn fresh from the scene), so that every example
     trains answering, not only the VQA kind's; such a batch's loss mask weighs its text (the
-    answers) as much as its map codes in all."""
+    answers) as much as its map codes in all. rgb (the split's pictures) adds "rgb", each row's
+    scene's picture, for a model that reads the question image's pixels (model.py, "Image reader")."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -149,6 +150,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         row_qs.append(qs)
     x, y, m, *br = make_batch(tok, rows, block_size)
     extra = {"branches": br[0]} if br else {}
+    if rgb is not None and not (blind and kind == "vqa"):  # for a model that reads the question image's pixels
+        extra["rgb"] = torch.from_numpy(rgb[row_scenes])
     if places is not None:
         extra["places"] = (torch.from_numpy(places[row_scenes]) if not (blind and kind == "vqa")
                            else torch.full((batch_size, *places.shape[1:]), -1))
@@ -262,10 +265,11 @@ def load_traces(split, tools, seed=0, reading="values"):
     return traces, conversations.trace_stats(traces)
 
 
-def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage, blind=False):
+def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage, blind=False, rgb=None):
     """get_batch(split, rng) over stage1_batch with a script's options: cfg's batch_size,
     block_size, questions_per_image, practice, practice_weights, branched, refer_heads, choose,
-    refer_options and map_questions; codes, questions, scenes, places and coverage by split (place_targets' dicts).
+    refer_options and map_questions; codes, questions, scenes, places and coverage by split (place_targets' dicts),
+    and rgb, the splits' pictures, for a model that reads them (reader_pixels; None: not sent).
     train_stage1.py's batches, and bench.py learn's (blind=True: its blind model's, no image and no
     place labels)."""
     def get_batch(split, rng):
@@ -274,7 +278,8 @@ def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage
                             places=None if blind else places.get(split), practice=cfg["practice"],
                             branched=cfg["branched"], coverage=coverage.get(split), refer_heads=cfg["refer_heads"],
                             choose=cfg["choose"], refer_options=cfg["refer_options"],
-                            map_questions=cfg["map_questions"] and not blind, practice_weights=cfg["practice_weights"])
+                            map_questions=cfg["map_questions"] and not blind, practice_weights=cfg["practice_weights"],
+                            rgb=None if rgb is None else rgb[split])
     return get_batch
 
 

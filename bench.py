@@ -301,6 +301,7 @@ LEARN = dict(
     choose=False,  # True: the last head of the last layer is taught to copy a named answer's words from its option (model.py, "Choosing")
     refer_options=False,  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
     image_reader=True,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
+    reader_pixels=False,  # True: the reader reads the question image's own pixels instead of its decoded codes (model.py)
     batch_size=4, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="muon", muon_lr=0.05, seed=1337, device="auto", compile=False, log_interval=20,
     eval_iters=0, peak_tflops=0.0, init_from="scratch",
@@ -334,8 +335,10 @@ def bench_learn(argv=()):
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     n_image = codes["train"].shape[-1]
     targets = {k: cfg[k] for k in ("object_head", "depth_head", "refer_heads")}
-    splits = {s: data.load_split(cfg["data_dir"], s)  # each split read once: for the place labels, val for the maps too
-              for s in ("train", "val") if any(targets.values()) or (s == "val" and cfg["arm"] == "maps")}
+    splits = {s: data.load_split(cfg["data_dir"], s)  # each split read once: for the place labels or pixels, val for the maps
+              for s in ("train", "val") if any(targets.values()) or cfg["reader_pixels"] or (s == "val" and cfg["arm"] == "maps")}
+    rgb = {s: sp["rgb"] for s, sp in splits.items()} if cfg["reader_pixels"] else None
+    val_rgb = None if rgb is None else rgb["val"]
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     places, coverage = batches.place_targets(splits, n_image, **targets)
     chance = metrics.chance_scorer(questions["train"])
@@ -351,7 +354,7 @@ def bench_learn(argv=()):
     def batch_maker(blind, seen):
         """The get_batch of an arm (blind: VQA only, no image), counting the train tokens in seen."""
         batch = batches.stage1_batches(tok, codes, questions, scenes, cfg, {"vqa": 1.0} if blind else weights,
-                                       places, coverage, blind)
+                                       places, coverage, blind, rgb)
 
         def get_batch(split, rng):
             b = batch(split, rng)
@@ -370,7 +373,7 @@ def bench_learn(argv=()):
 
         def evaluate(model, it):
             model.eval()
-            sc = ev.direct_scores(model, tok, eval_qs, codes["val"], n_image, blind=blind)
+            sc = ev.direct_scores(model, tok, eval_qs, codes["val"], n_image, blind=blind, rgb=val_rgb)
             out = {f"acc_{cat}": float(np.mean([sc[k] for k in ks])) for cat, ks in by_cat.items()}
             out["vqa_acc"] = float(np.mean(list(out.values())))
             if not blind and cfg["arm"] == "maps":

@@ -59,15 +59,19 @@ def one_stream(model, sampling):
 
 
 @torch.no_grad()
-def generate_map_codes(model, tok, convs, images, n_image_tokens, batch_size=64, **sampling):
+def generate_map_codes(model, tok, convs, images, n_image_tokens, batch_size=64, rgb=None, **sampling):
     """For each (conversation ending in a user turn that asks for a map, images) pair, the N codes
     of the map the model draws. The prompt ends with <|image|>: the instruction asked for a map, so
-    the reply starts as one and the sampler's image mode yields exactly N codes."""
+    the reply starts as one and the sampler's image mode yields exactly N codes. rgb: each pair's
+    question image as pixels (sampler.generate's)."""
     sampling = one_stream(model, sampling)
     out = []
-    for chunk in _chunks(list(zip(convs, images)), batch_size):
+    pairs = list(zip(convs, images))
+    for at in range(0, len(pairs), batch_size):
+        chunk = pairs[at:at + batch_size]
         prompts = [tok.render_prompt(c, im) + [tok.image_start] for c, im in chunk]
-        gen = sampler.generate(model, tok, prompts, n_image_tokens + 1, n_image_tokens, tools=False, **sampling)
+        gen = sampler.generate(model, tok, prompts, n_image_tokens + 1, n_image_tokens, tools=False,
+                               rgb=None if rgb is None else rgb[at:at + batch_size], **sampling)
         out += [np.array(gen.row(b)[:n_image_tokens]) - tok.image_offset for b in range(len(chunk))]
     return out
 
@@ -79,7 +83,8 @@ def map_quality(model, tok, vq, split, codes, scene_ids, n_image_tokens, **sampl
     maps, sampling = {}, one_stream(model, sampling)
     for tool in ("depth", "seg"):
         gen = generate_map_codes(model, tok, [conversations.map_request(tool)[:1]] * len(ids),
-                                 [batches.scene_codes(codes, i) for i in ids], n_image_tokens, **sampling)
+                                 [batches.scene_codes(codes, i) for i in ids], n_image_tokens, rgb=split["rgb"][ids],
+                                 **sampling)
         maps[tool] = vq.decode(np.stack(gen)).numpy()
     true_seg, seg = split["seg"][ids], data.rgb_to_seg(maps["seg"])
     scores = metrics.depth_metrics(data.rgb_to_depth(maps["depth"], vq.depth_encoding), split["depth"][ids], true_seg)
@@ -96,7 +101,7 @@ def interleaved_budget(tok, n_image_tokens, text_tokens=256, tools=True):
 
 @torch.no_grad()
 def median_numbers(model, tok, questions, prompts, replies, n_image_tokens, samples=NUMBER_SAMPLES, batch_size=64,
-                   **sampling):
+                   rgb=None, **sampling):
     """Each number question's reply with its answer replaced by the median of `samples` answers
     sampled (temperature 1) after the reply's own <answer> tag; other replies as they are.
     MRA scores a number by how near it is, and greedy decoding writes the likeliest digit first: a
@@ -104,7 +109,8 @@ def median_numbers(model, tok, questions, prompts, replies, n_image_tokens, samp
     each of 5…9 alone). An undertrained model's greedy heights and distances scored up to 0.15 MRA
     below the median of its own samples, under the answer prior (docs/experiments.md). `sampling`
     gives the randomness (a generator or seed), as for sampler.generate; a sampler call holds at
-    most batch_size rows, as `answer`'s do, since each row's KV cache spans the whole reply."""
+    most batch_size rows, as `answer`'s do, since each row's KV cache spans the whole reply. rgb:
+    each question's image as pixels (sampler.generate's)."""
     todo = [(i, r.index(tok.answer)) for i, (q, r) in enumerate(zip(questions, replies))
             if q["answer_type"] == "number" and tok.answer in r]
     if samples <= 1 or not todo:
@@ -114,7 +120,8 @@ def median_numbers(model, tok, questions, prompts, replies, n_image_tokens, samp
     for chunk in _chunks(todo, per_call):
         starts = [replies[i][:k + 1] for i, k in chunk]  # each reply through its <answer>
         rows = [prompts[i] + s for (i, _), s in zip(chunk, starts) for _ in range(samples)]  # one prefill a question
-        gen = sampler.generate(model, tok, rows, MAX_NUMBER_TOKENS, n_image_tokens, tools=False,
+        pixels = None if rgb is None else rgb[[i for i, _ in chunk for _ in range(samples)]]
+        gen = sampler.generate(model, tok, rows, MAX_NUMBER_TOKENS, n_image_tokens, tools=False, rgb=pixels,
                                **dict(sampling, temperature=1.0, top_k=None, top_p=None))
         for j, ((i, _), start) in enumerate(zip(chunk, starts)):
             q = questions[i]
@@ -128,7 +135,7 @@ def median_numbers(model, tok, questions, prompts, replies, n_image_tokens, samp
 
 @torch.no_grad()
 def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_size=64, max_answer_tokens=None,
-           tools=True, blind=False, number_samples=NUMBER_SAMPLES, **sampling):
+           tools=True, blind=False, number_samples=NUMBER_SAMPLES, rgb=None, **sampling):
     """Reply to each question; returns the reply ids of each. Modes:
     direct       RGB + question -> answer (Base, stage 1)
     chain        the PE arm the paper's way: the model generates depth, then segmentation, then answers
@@ -140,17 +147,20 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
                  masks the tool calls (the text-only RE arm)
     max_answer_tokens (of text) defaults to 24, or 256 in interleaved mode, where it covers the thinking.
     blind=True asks direct and interleaved questions without the image (the blind baseline).
-    A number answer is the median of number_samples sampled ones (median_numbers; 1: as decoded)."""
+    A number answer is the median of number_samples sampled ones (median_numbers; 1: as decoded).
+    rgb, the pictures of the split whose codes `codes` are, lets a model that reads the question
+    image's pixels read them (model.py, "Image reader")."""
     replies, sampling = [], one_stream(model, sampling)
     for chunk in _chunks(questions, batch_size):
         images = [batches.scene_codes(codes, q["scene"]) for q in chunk]
+        pixels = None if rgb is None else rgb[[q["scene"] for q in chunk]]
         if mode in ("chain", "chain_true"):
             convs = [conversations.perception_chain(q, answer=False) for q in chunk]
             if mode == "chain":  # its own maps: the true ones are never shown
                 images = [{"rgb": im["rgb"]} for im in images]
                 for tool, upto in (("depth", 1), ("seg", 3)):
                     drawn = generate_map_codes(model, tok, [c[:upto] for c in convs], images, n_image_tokens,
-                                               batch_size=batch_size, **sampling)
+                                               batch_size=batch_size, rgb=pixels, **sampling)
                     images = [dict(im, **{tool: d}) for im, d in zip(images, drawn)]
         elif mode in ("direct", "interleaved"):
             convs = [conversations.vqa_conversation(q, answer=False, image=not blind) for q in chunk]
@@ -160,9 +170,9 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
         budget, use_tools = max_answer_tokens or 24, False
         if mode == "interleaved":
             budget, use_tools = interleaved_budget(tok, n_image_tokens, max_answer_tokens or 256, tools), tools
-        gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, tools=use_tools, **sampling)
+        gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, tools=use_tools, rgb=pixels, **sampling)
         replies += median_numbers(model, tok, chunk, prompts, [gen.row(b) for b in range(len(chunk))], n_image_tokens,
-                                  number_samples, batch_size, **sampling)
+                                  number_samples, batch_size, rgb=pixels, **sampling)
     return replies
 
 
@@ -193,42 +203,46 @@ def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batc
             ids = tok.render_conversation(user + [{"role": "assistant", "content": parts[:cut]}], batches.scene_codes(codes, s))[0]
             prompts.append(ids[:-1])  # rendering closed the turn with <|eos|>: the reply goes on
             forced.append(ids[ids.index(tok.assistant) + 1:-1])  # the reply starts after <|assistant|>
-        gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, **sampling)
+        pixels = split["rgb"][[q["scene"] for q in chunk]]
+        gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, rgb=pixels, **sampling)
         replies += median_numbers(model, tok, chunk, [p[:len(p) - len(f)] for p, f in zip(prompts, forced)],
                                   [f + gen.row(b) for b, f in enumerate(forced)], n_image_tokens, number_samples,
-                                  batch_size, **sampling)
+                                  batch_size, rgb=pixels, **sampling)
     return replies
 
 
 @torch.no_grad()
-def greedy_right(model, tok, rows, batch_size=64):
+def greedy_right(model, tok, rows, batch_size=64, rgb=None):
     """For each rendered row (ids, loss_mask): whether the model's argmax, teacher-forced, is the
-    target at every supervised token, i.e. greedy decoding would write exactly them."""
-    out = []
-    for chunk in _chunks(rows, batch_size):
-        x, y, m = batches.make_batch(tok, chunk, model.config.block_size)
-        logits, _ = model(x.to(next(model.parameters()).device))
+    target at every supervised token, i.e. greedy decoding would write exactly them. rgb: each
+    row's question image as pixels (model.forward's)."""
+    out, device = [], next(model.parameters()).device
+    for at in range(0, len(rows), batch_size):
+        x, y, m = batches.make_batch(tok, rows[at:at + batch_size], model.config.block_size)
+        pixels = None if rgb is None else torch.as_tensor(rgb[at:at + batch_size]).to(device)
+        logits, _ = model(x.to(device), rgb=pixels)
         out += (~((logits.argmax(-1).cpu() != y) & m.bool()).any(dim=1)).tolist()
     return out
 
 
 @torch.no_grad()
-def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, batch_size=64):
+def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, batch_size=64, rgb=None):
     """Each question's score for a direct answer, cheaply: a choice, yes/no or count is right when,
     with the true answer in context, the model's argmax is the target at every answer token
     (<answer>, the text, </answer>, <|eos|>), i.e. greedy decoding would write exactly it: one
     forward pass instead of a decode (a lower bound on `answer`'s greedy score: the sampler's
     grammar masks can only remove wrong tokens). Numbers need the value the model writes, so
     they are decoded (`answer`: the median of sampled answers) and scored by MRA. blind=True asks
-    without the image."""
+    without the image. rgb: as for `answer`."""
     scores = [0.0] * len(questions)
     forced = [i for i, q in enumerate(questions) if q["answer_type"] != "number"]
     rows = batches.vqa_rows(tok, [questions[i] for i in forced], codes, blind)
-    for i, right in zip(forced, greedy_right(model, tok, rows, batch_size)):
+    pixels = None if rgb is None else rgb[[questions[i]["scene"] for i in forced]]
+    for i, right in zip(forced, greedy_right(model, tok, rows, batch_size, pixels)):
         scores[i] = float(right)
     numbers = [i for i, q in enumerate(questions) if q["answer_type"] == "number"]
     asked = [questions[i] for i in numbers]
-    replies = answer(model, tok, asked, codes, n_image_tokens, batch_size=batch_size, blind=blind, temperature=0.0)
+    replies = answer(model, tok, asked, codes, n_image_tokens, batch_size=batch_size, blind=blind, temperature=0.0, rgb=rgb)
     for i, s in zip(numbers, metrics.question_scores(tok, asked, replies)):
         scores[i] = s["score"]
     return scores

@@ -53,6 +53,7 @@ class GPTConfig:
     depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (see "Place heads")
     depth_head_weight: float = 1.0  # the depth head's cross entropy is scaled by this in the loss (see "Place heads")
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
+    reader_pixels: bool = False  # the reader reads the first image's true pixels, passed as rgb= (see "Image reader")
     pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
     refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
 
@@ -80,6 +81,11 @@ class GPTConfig:
 # its neighbours both ways) gives one vector a place, added to the codes' embeddings. Images the
 # model writes are still codes, and read as codes: a code is fed before the ones after it exist.
 # With a KV cache, a row's first image is read when the call that starts the row holds it whole.
+# With reader_pixels the stem reads the question image's own pixels instead (forward's rgb=),
+# as Janus's reader reads the photo and not its generation tokens: the VQ loses small objects'
+# shapes (a crop classifier names 80% of shapes through it, 95% from the pixels), and a model
+# reading the true pixels counts and names shapes better (docs/experiments.md). The question image
+# is always one the model was given, so its pixels exist wherever it is asked.
 #
 # Referring. The place heads teach each place what it shows; the answer still has to find, among
 # 144 places, the ones the question names, and it learns that lookup from the one answer token.
@@ -246,11 +252,16 @@ class ImageReader(nn.Module):
         self.decoder.load_state_dict(vq.decoder.state_dict())
         self.codebook.copy_(F.normalize(vq.quantizer.codebook.detach(), dim=1))
 
-    def forward(self, codes):
-        """(N, grid²) code ids -> (N, grid², n_embd)."""
-        with torch.no_grad():
-            z = self.codebook[codes].view(len(codes), self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            pixels = self.decoder(z).clamp(-1, 1)
+    def forward(self, codes, rgb=None):
+        """(N, grid²) code ids -> (N, grid², n_embd); with rgb, the uint8 (N, H, W, 3) pictures
+        those codes encode, the stem reads those instead of the decoded codes."""
+        if rgb is not None:
+            import vqgan
+            pixels = vqgan.images_to_tensor(rgb, device=codes.device).contiguous()  # NCHW, as decoded pixels are
+        else:
+            with torch.no_grad():
+                z = self.codebook[codes].view(len(codes), self.grid, self.grid, -1).permute(0, 3, 1, 2)
+                pixels = self.decoder(z).clamp(-1, 1)
         return self.stem(pixels).flatten(2).transpose(1, 2)
 
 
@@ -474,7 +485,7 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None, branches=None, refer_at=None, refer=None,
-                choose=None):
+                choose=None, rgb=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions,
         weighted by loss_mask (0: none, 1 as a rule; all positions alike if no mask), or None
         without targets. With a loss_mask, targets or not, logits are (N, V): those of the N
@@ -488,7 +499,9 @@ class GPT(nn.Module):
         none), and refer (B, questions, heads, n_image_tokens), the places of the row's first image
         each question's objects cover, one group a head, add the referring loss (see "Referring");
         with refer_at, choose (B, entries, T), the question's word each position's answer word
-        copies, adds the choosing loss (see "Choosing")."""
+        copies, adds the choosing loss (see "Choosing"). rgb (B, H, W, 3) uint8, each row's question
+        image as pixels (rows that start no image in this call: anything), is what a reader_pixels
+        model reads (see "Image reader"); other models ignore it."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
@@ -517,7 +530,12 @@ class GPT(nn.Module):
             first &= (pos[:, :1] == 0)  # a row that starts in this call (with a cache, the prefill)
             if first.any():
                 codes = (idx[first] - self.config.image_offset).view(-1, self.config.n_image_tokens)
-                x = x.index_put((first,), x[first] + self.reader(codes).reshape(-1, x.size(-1)).to(x.dtype))
+                pixels = None
+                if self.config.reader_pixels:
+                    if rgb is None:
+                        raise ValueError("this model reads its question images as pixels (reader_pixels): pass rgb=")
+                    pixels = rgb[first.any(1)]
+                x = x.index_put((first,), x[first] + self.reader(codes, pixels).reshape(-1, x.size(-1)).to(x.dtype))
         place = None
         if self.config.n_image_tokens:
             place = self.grid_place(idx, pos, kv_cache)

@@ -137,7 +137,7 @@ class Generation:
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.0, top_k=None,
              top_p=None, seed=None, generator=None, tools=True, max_turns=MAX_TURNS, image_temperature=None,
-             share_prefill=True):
+             share_prefill=True, rgb=None):
     """Continue each prompt (a list of token ids; prompts may differ in length) by up to
     max_new_tokens tokens, all rows in one batch.
 
@@ -152,7 +152,9 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     (sampled, so RL learns to stop). A row cut off by max_new_tokens or block_size may end
     mid-image or mid-reply. The model's mode is left alone: call model.eval() first if it has
     dropout. share_prefill=False prefills every row on its own: the same samples, more compute
-    (the reference the tests and bench.py rl compare the shared prefill to).
+    (the reference the tests and bench.py rl compare the shared prefill to). rgb, uint8
+    (B, H, W, 3), is each prompt's question image as pixels, for a model that reads them
+    (model.py, "Image reader"; the prefill reads them, as it reads the image's codes).
     """
     assert n_image_tokens >= 1 and max_new_tokens >= 1
     device = next(model.parameters()).device
@@ -170,14 +172,17 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     # padded: causality keeps the padding out of the real tokens, and decoding overwrites it.
     # Then fan each prefilled row out to the rows that continue it.
     keys = [tuple(p) if share_prefill else b for b, p in enumerate(prompts)]
-    first = {}
+    first, lead = {}, {}
     source = torch.tensor([first.setdefault(key, len(first)) for key in keys])  # each row's prefilled row
-    distinct = list(dict(zip(keys, prompts)).values())  # one prompt a key, in the order of `first`
+    for b, key in enumerate(keys):
+        lead.setdefault(key, b)  # the first row of each key, in the order of `first`
+    distinct = [prompts[b] for b in lead.values()]
     x = torch.full((len(distinct), max(lengths)), tok.pad, dtype=torch.long)
     for i, p in enumerate(distinct):
         x[i, :len(p)] = torch.tensor(p)
     cache = KVCache(model.config, len(distinct), max_len)
-    logits, _ = model(x.to(device), kv_cache=cache)
+    pixels = None if rgb is None else torch.as_tensor(rgb)[list(lead.values())].to(device)
+    logits, _ = model(x.to(device), kv_cache=cache, rgb=pixels)
     prompt_len = torch.tensor([len(p) for p in distinct])
     logits = logits[torch.arange(len(distinct)), prompt_len - 1][source.to(device)]  # (B, V)
     cache.lengths = prompt_len.to(device)

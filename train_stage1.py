@@ -75,6 +75,7 @@ refer_layer = -1  # the block whose heads the referring loss teaches (-1: the la
 choose = False  # True: the last head of the last layer is taught to copy a named answer's words from its option (model.py, "Choosing")
 refer_options = False  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
 image_reader = True  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
+reader_pixels = False  # True: the reader reads the question image's own pixels instead of its decoded codes (model.py)
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
 max_iters = 1000
 token_budget = 0  # > 0: set max_iters so the run trains on about this many tokens
@@ -109,12 +110,14 @@ if __name__ == "__main__":
     weights = {"vqa": vqa_weight, "depth": depth_weight if aux else 0, "seg": seg_weight if aux else 0,
                "chain": chain_weight if aux else 0}
 
-    splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels
-              for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads}
+    splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels or pixels
+              for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads or reader_pixels}
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(data_dir, s) for s in ("train", "val")}
     places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads)
 
-    get_batch = batches.stage1_batches(tok, codes, questions, scenes, config, weights, places, coverage)
+    rgb = {s: sp["rgb"] for s, sp in splits.items()} if reader_pixels else None
+    val_rgb = None if rgb is None else rgb["val"]
+    get_batch = batches.stage1_batches(tok, codes, questions, scenes, config, weights, places, coverage, rgb=rgb)
 
     if token_budget:
         probe = [get_batch("train", np.random.default_rng([seed, 9, k]))[0].numel() for k in range(20)]
@@ -134,17 +137,18 @@ if __name__ == "__main__":
         for kind in (k for k, w in weights.items() if w > 0):
             losses = []
             for k in range(n_batches):
-                x, y, m = batches.stage1_batch(tok, codes["val"], questions["val"], np.random.default_rng([seed, 7, k]),
-                                       batch_size, block_size, {kind: 1.0}, scenes["val"])
+                batch = batches.stage1_batch(tok, codes["val"], questions["val"], np.random.default_rng([seed, 7, k]),
+                                             batch_size, block_size, {kind: 1.0}, scenes["val"], rgb=val_rgb)
                 with run.autocast():
-                    losses.append(model(x.to(run.device), y.to(run.device), m.to(run.device))[1].item())
+                    losses.append(trainer.lm_loss(model, trainer.to_device(batch, run.device))[0].item())
             out[f"loss_{kind}"] = float(np.mean(losses))
         return out
 
     def evaluate(model, it):
         model.eval()
         scores = kind_losses(model)
-        scores.update(metrics.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, **ev.DECODE), chance))
+        scores.update(metrics.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image,
+                                                                        rgb=val["rgb"], **ev.DECODE), chance))
         if aux:
             maps_metrics, maps = ev.map_quality(model, tok, vq, val, codes["val"], range(eval_scenes), n_image, **ev.DECODE)
             scores.update(maps_metrics)

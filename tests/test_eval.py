@@ -280,6 +280,25 @@ def test_direct_scores_equal_greedy_answers(tmp_path, blind):
     assert said == [float(q["answer"] == "1") for q in qs if q["answer_type"] != "number"] and 0 < sum(said) < len(said)
 
 
+def test_direct_scores_send_each_question_its_own_picture(tmp_path):
+    """With rgb, every model call that holds a question image (the forced pass and the decoded
+    numbers' prefills) gets, for each row, the picture of the scene whose codes the row holds."""
+    from tests.test_model import BigramMock
+    import vqgan
+    d, _, tok, _ = tiny_data_and_vq(tmp_path)
+    codes = vqgan.load_codes(d, "test").astype(np.int64)
+    qs = [q for q in data.load_questions(d, "test")]
+    rgb = np.broadcast_to(np.arange(len(codes), dtype=np.uint8)[:, None, None, None], (len(codes), 2, 2, 3))
+    model, calls = BigramMock(tok, block_size=1024), []
+    model.forward = lambda idx, kv_cache=None, rgb=None: calls.append((idx, rgb)) or (model.table[idx], None)
+    ev.direct_scores(model, tok, qs, codes, codes.shape[-1], batch_size=5, rgb=rgb)
+    read = [(row, picture) for idx, pictures in calls if pictures is not None for row, picture in zip(idx, pictures)]
+    assert {q["answer_type"] for q in qs} >= {"number", "choice"} and len(read) >= len(qs)
+    for row, picture in read:
+        first = row[row >= tok.image_offset][:codes.shape[-1]] - tok.image_offset
+        assert torch.equal(first, torch.as_tensor(codes[int(picture[0, 0, 0]), 0]))
+
+
 def test_number_answers_are_the_median_of_sampled_answers(tmp_path):
     """A number question's reply keeps its greedy part through <answer> and then says the median of
     the values the sampler draws after it (the same draws for the same seed); any other reply is

@@ -412,6 +412,44 @@ def test_image_reader_reads_the_first_image_through_the_vq_decoder(tok):
     torch.testing.assert_close(torch.cat(pieces, dim=1), after, atol=1e-5, rtol=0)
 
 
+def test_pixel_reader_reads_the_images_it_is_given_in_place_of_the_decoded_codes(tok):
+    """With reader_pixels the stem reads each row's given picture: the VQ's own decode of the codes
+    gives the decoding reader's logits (to uint8 rounding), another picture changes the logits from
+    the first code on, a row without an image ignores its picture, a cache's prefill reads them as
+    the full forward does, and a missing rgb= stops."""
+    import vqgan
+    vq = vqgan.VQModel(vqgan.VQConfig(**TINY_VQ)).eval()
+    decoding = tiny_model(tok, reader_vq=TINY_VQ)
+    decoding.reader.load_vq(vq)
+    model = tiny_model(tok, reader_vq=TINY_VQ, reader_pixels=True)
+    model.load_state_dict(decoding.state_dict())
+    ids, _ = mixed_sequence(tok, 0)
+    text_only = [t for t in ids if t < tok.image_offset]
+    idx = torch.tensor([ids, text_only + [tok.pad] * (len(ids) - len(text_only))])
+    codes_at = [i for i, t in enumerate(ids) if t >= tok.image_offset]
+    codes = torch.tensor([ids[i] - tok.image_offset for i in codes_at[:N_IMAGE]])[None]
+    decoded = vq.decode(codes)  # uint8 (1, H, W, 3)
+    images = torch.cat([decoded, torch.zeros_like(decoded)])
+    want, _ = decoding(idx)
+    got, _ = model(idx, rgb=images)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    other, _ = model(idx, rgb=255 - images)
+    torch.testing.assert_close(other[0, :codes_at[0]], got[0, :codes_at[0]], atol=0, rtol=0)
+    assert (other[0, codes_at[0]:] - got[0, codes_at[0]:]).abs().max() > 1e-3
+    torch.testing.assert_close(other[1], got[1], atol=0, rtol=0)  # no image in the row: its picture unread
+    cache = KVCache(model.config, 2, idx.size(1))
+    split = codes_at[N_IMAGE] + 1
+    pieces = [model(idx[:, :split], kv_cache=cache, rgb=images)[0]]
+    cache.lengths += split
+    for t in range(split, idx.size(1)):
+        pieces.append(model(idx[:, t:t + 1], kv_cache=cache)[0])  # the image was read at the prefill
+        cache.lengths += 1
+    torch.testing.assert_close(torch.cat(pieces, dim=1), got, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="reader_pixels"):
+        model(idx)
+    assert torch.equal(decoding(idx, rgb=255 - images)[0], want)  # a decoding reader ignores pictures
+
+
 def test_too_long_fails_clearly(tok):
     model = tiny_model(tok, seed=1, block_size=32)  # seed 1: greedy does not stop at once
     with pytest.raises(ValueError, match=r"length 33.*block_size 32"):
@@ -556,6 +594,31 @@ def test_shared_prefill_equals_per_row_prefill_when_sampling(tok):
     assert len({tuple(shared.row(b)) for b in range(4)}) > 1  # a group's replies differ: the rows really sample
 
 
+def test_generation_reads_each_prompts_own_pixels(tok):
+    """For a model that reads the question image's pixels, each row's sample depends on its own
+    picture: batched rows equal their generations alone, a shared prefill equals per-row prefills,
+    and another picture for one row changes that row only."""
+    import vqgan
+    model = tiny_model(tok, seed=1, reader_vq=TINY_VQ, reader_pixels=True)
+    model.reader.load_vq(vqgan.VQModel(vqgan.VQConfig(**TINY_VQ)).eval())
+    prompts = [user_prompt(tok, "How far?", 0), user_prompt(tok, "Which is closer, the cube or the sphere?", 1)] * 2
+    rgb = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)).repeat(2, 1, 1, 1)
+    kw = dict(max_new_tokens=30, n_image_tokens=N_IMAGE)
+    batched = generate(model, tok, prompts, temperature=0, rgb=rgb, **kw)
+    for b in range(2):
+        assert batched.row(b) == generate(model, tok, prompts[b:b + 1], temperature=0, rgb=rgb[b:b + 1], **kw).row(0)
+    shared = generate(model, tok, prompts, temperature=1.0, seed=7, rgb=rgb, **kw)
+    per_row = generate(model, tok, prompts, temperature=1.0, seed=7, rgb=rgb, share_prefill=False, **kw)
+    assert torch.equal(shared.tokens, per_row.tokens)
+    torch.testing.assert_close(shared.logprobs, per_row.logprobs, atol=1e-5, rtol=0)
+    other = rgb.clone()
+    other[1] = 255 - other[1]
+    changed = generate(model, tok, prompts[:2], temperature=0, rgb=other[:2], **kw)
+    assert changed.row(0) == batched.row(0)
+    n = int(min(changed.lengths[1], batched.lengths[1]))
+    assert (changed.logprobs[1, :n] - batched.logprobs[1, :n]).abs().max() > 1e-3
+
+
 def test_returned_logprobs_are_the_models(tok):
     model = tiny_model(tok, seed=2)
     prompts = [user_prompt(tok, "How far?"), [tok.bos, tok.user, tok.assistant]]
@@ -586,7 +649,7 @@ class BigramMock(nn.Module):
         for rank, i in enumerate(ids):
             self.table.data[after, i] = 100.0 - rank
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, rgb=None):
         return self.table[idx], None
 
 

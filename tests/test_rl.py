@@ -377,7 +377,7 @@ class BigramPolicy(nn.Module):
         for rank, i in enumerate(ids):
             self.table.data[after, i] = 100.0 - 30 * rank  # gaps of 30: near-certain at temperature 1
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, rgb=None):
         return self.table[idx], None
 
 

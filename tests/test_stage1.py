@@ -166,6 +166,24 @@ def test_place_labels_follow_each_rows_scene(setup):
     assert blind.shape == (4, N, 2) and (blind == -1).all()
 
 
+def test_pictures_follow_each_rows_scene(setup):
+    """With rgb (a split's pictures), a batch brings each row's scene's picture, for a model that
+    reads the question image's pixels; the blind baseline's rows show no image and bring none."""
+    tok, codes, qs = setup
+    rgb = np.broadcast_to(np.arange(len(codes), dtype=np.uint8)[:, None, None, None], (len(codes), 4, 4, 3))
+    w = {"vqa": 1, "depth": 1, "seg": 1, "chain": 1}
+    for seed in range(6):
+        plain = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w)
+        x, y, m, extra = batches.stage1_batch(tok, codes, qs, np.random.default_rng(seed), 4, 1024, w, rgb=rgb)
+        assert all(torch.equal(a, b) for a, b in zip(plain, (x, y, m)))
+        for b in range(4):
+            first = spans(tok, torch.cat([x[b, :1], y[b]]))[0].numpy()
+            scene = int(extra["rgb"][b, 0, 0, 0])
+            assert (codes[scene, 0] == first).all() and (extra["rgb"][b].numpy() == rgb[scene]).all()
+    blind = batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 4, 1024, {"vqa": 1}, blind=True, rgb=rgb)
+    assert len(blind) == 3
+
+
 def test_stage1_mixture_masks(setup):
     tok, codes, qs = setup
     kinds = set()
