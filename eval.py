@@ -310,12 +310,13 @@ def evaluate_arm(arm, roots, data_dir, vq_ckpt, n_questions, n_map_scenes, batch
             continue
         model, _ = trainer.load_model(path)
         print(f"{arm}: {path}, answering {len(qs)} test questions ({mode})", flush=True)
-        replies = answer(model, tok, qs, codes, n_image, mode=mode, tools=use_tools, batch_size=batch_size, **DECODE)
+        replies = answer(model, tok, qs, codes, n_image, mode=mode, tools=use_tools, batch_size=batch_size, rgb=test["rgb"],
+                         **DECODE)
         out["per_seed"].append(metrics.question_scores(tok, qs, replies))
         if arm == "PE":  # the PE arm three ways: direct answers, and the paper's chain with the true maps too
             for key, how in (("per_seed_direct", "direct"), ("per_seed_true_maps", "chain_true")):
                 out[key].append(metrics.question_scores(tok, qs, answer(model, tok, qs, codes, n_image, mode=how,
-                                                                        batch_size=batch_size, **DECODE)))
+                                                                        batch_size=batch_size, rgb=test["rgb"], **DECODE)))
         if arm == "COOPER":  # what limits it: the same questions with the true map, then its true reading, forced in
             reading = report.run_config(root, "stage2").get("reading", "values")  # the traces it was fine-tuned on
             for upto, per_seed in out["given"].items():

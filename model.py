@@ -657,10 +657,10 @@ class GPT(nn.Module):
                                                                      self.grid_freq, self.grid_side)]
         return at(torch.where(place >= 0, place + 1, 0)), at(place.clamp(min=0))
 
-    def token_logprobs(self, idx, targets):
+    def token_logprobs(self, idx, targets, rgb=None):
         """log p(targets[b, t] | idx[b, :t+1]) as (B, T), with gradients: what a policy-gradient
-        loss needs. Same numbers the sampler returns for the tokens it sampled."""
-        logits, _ = self(idx)
+        loss needs. Same numbers the sampler returns for the tokens it sampled. rgb: as forward's."""
+        logits, _ = self(idx, rgb=rgb)
         B, T = targets.shape
         return -F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), reduction="none").view(B, T)
 

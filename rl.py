@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import batches
 import conversations
+import data
 import eval as ev
 import metrics
 import prepare
@@ -194,16 +195,18 @@ def rollout_tensors(tok, prompts, gen, train_images):
 
 
 @torch.no_grad()
-def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed):
-    """group_size replies to each question of `picked` by the current policy, scored.
+def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed, rgb=None):
+    """group_size replies to each question of `picked` by the current policy, scored; rgb, the
+    split's pictures, for a model that reads them (eval.answer's).
     Returns (questions, prompts, Generation, rewards (cpr_rewards), stats {name: float}), one row a reply."""
     G = cfg["group_size"]
     qs = [q for q in picked for _ in range(G)]
     prompts = [tok.render_prompt(conversations.vqa_conversation(q, answer=False), batches.scene_codes(codes, q["scene"])) for q in qs]
     was_training = model.training
     model.eval()
+    pictures = None if rgb is None else rgb[[q["scene"] for q in qs]]
     gen = sampler.generate(model, tok, prompts, cfg["max_new_tokens"], n_image_tokens, temperature=cfg["temperature"],
-                           seed=seed, tools=cfg["tools"] == "all")
+                           seed=seed, tools=cfg["tools"] == "all", rgb=pictures)
     model.train(was_training)
     r = cpr_rewards(tok, qs, [gen.row(b) for b in range(len(qs))], G,
                     (cfg["accuracy_weight"], cfg["format_weight"], cfg["explore_weight"]), cfg["explore_k"], cfg["explore_bonus"])
@@ -222,13 +225,13 @@ def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed):
 
 
 @torch.no_grad()
-def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_model=None):
+def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_model=None, rgb=None):
     """One micro-batch for the GRPO loss: cfg["prompts_per_batch"] questions drawn with rng, each
     answered cfg["group_size"] times by the current policy, scored and turned into tensors.
     Returns (idx, targets, loss_mask, extra) with extra = {advantages (B,), old_logprobs (B, T),
-    [ref_logprobs (B, T)], stats {name: float}}."""
+    [ref_logprobs (B, T)], [rgb, each row's picture, given the split's], stats {name: float}}."""
     picked = [questions[i] for i in rng.integers(len(questions), size=cfg["prompts_per_batch"])]
-    qs, prompts, gen, r, stats = rollouts(model, tok, picked, codes, n_image_tokens, cfg, int(rng.integers(2 ** 62)))
+    qs, prompts, gen, r, stats = rollouts(model, tok, picked, codes, n_image_tokens, cfg, int(rng.integers(2 ** 62)), rgb)
     idx, targets, mask, old = rollout_tensors(tok, prompts, gen, cfg["rl_image_tokens"])
     adv = group_advantages(r["reward"], cfg["group_size"], cfg["adv_eps"])
     # a group whose rollouts all scored the same has advantage 0 everywhere: no gradient, so it is
@@ -239,8 +242,10 @@ def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_mo
     idx, targets, mask, old = idx[keep, :T], targets[keep, :T], mask[keep, :T], old[keep, :T]
     stats["trained_rows"] = float(keep.sum())
     extra = {"advantages": adv[keep], "old_logprobs": old, "stats": stats}
+    if rgb is not None:
+        extra["rgb"] = torch.from_numpy(rgb[[q["scene"] for q in qs]])[keep]
     if ref_model is not None:
-        extra["ref_logprobs"] = ref_model.token_logprobs(idx, targets) * mask
+        extra["ref_logprobs"] = ref_model.token_logprobs(idx, targets, extra.get("rgb")) * mask
     return idx, targets, mask, extra
 
 
@@ -251,7 +256,7 @@ def grpo_loss(model, batch, clip_eps=0.2, kl_beta=0.0):
     softmax (GPT.forward with a mask): the rest (prompt, forced tokens, padding) get neither loss
     nor gradient, and cost nothing there."""
     idx, targets, mask, extra = batch
-    logits, _ = model(idx, loss_mask=mask)  # (n, V) over the n trained tokens
+    logits, _ = model(idx, loss_mask=mask, rgb=extra.get("rgb"))  # (n, V) over the n trained tokens
     trained = mask.bool()
     logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(1, targets[trained][:, None]).squeeze(1)  # = model.token_logprobs there
@@ -275,12 +280,13 @@ def grpo_loss(model, batch, clip_eps=0.2, kl_beta=0.0):
 
 # --- held-out evaluation -------------------------------------------------------------------------
 @torch.no_grad()
-def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools):
+def heldout_metrics(model, tok, questions, codes, n_image_tokens, tools, rgb=None):
     """Greedy replies to fixed val questions through eval.answer's interleaved mode (stage 2's
     evaluation, so the numbers compare): accuracy per category and their mean (vqa_acc), format
     validity and tool use (metrics.tool_use), the tool-use rate on positive and negative questions,
-    and each question's score (scores, a list)."""
-    replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", **ev.DECODE)
+    and each question's score (scores, a list). rgb: as for eval.answer."""
+    replies = ev.answer(model, tok, questions, codes, n_image_tokens, mode="interleaved", tools=tools == "all", rgb=rgb,
+                        **ev.DECODE)
     use = metrics.tool_use(tok, questions, replies)  # (its per-category breakdown is eval.py's report)
     out = {**metrics.vqa_accuracy(tok, questions, replies), "format_valid": use["format_valid"], "tool_pattern": use["tool_pattern"]}
     out["scores"] = [s["score"] for s in metrics.question_scores(tok, questions, replies)]  # per question, for paired comparisons
@@ -317,9 +323,10 @@ if __name__ == "__main__":
     ref_model = trainer.load_model(reference, run.device)[0] if kl_beta > 0 else None
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
     reward_qs = ev.balanced_sample(questions["val"], eval_reward_questions, seed=1)
+    rgb = {s: data.load_split(data_dir, s)["rgb"] for s in ("train", "val")} if model.config.reader_pixels else {}
 
     def get_batch(split, rng):
-        return rollout_batch(model, tok, questions[split], codes[split], n_image, rng, config, ref_model)
+        return rollout_batch(model, tok, questions[split], codes[split], n_image, rng, config, ref_model, rgb.get(split))
 
     def loss_fn(model, batch):
         return grpo_loss(model, batch, clip_eps, kl_beta)
@@ -330,11 +337,11 @@ if __name__ == "__main__":
 
     def evaluate(model, it):
         model.eval()
-        scores = heldout_metrics(model, tok, eval_qs, codes["val"], n_image, tools)
+        scores = heldout_metrics(model, tok, eval_qs, codes["val"], n_image, tools, rgb.get("val"))
         with open(scores_path, "a") as f:
             f.write(json.dumps({"iter": it, "scores": scores.pop("scores")}) + "\n")
         if reward_qs:
-            sampled = rollouts(model, tok, reward_qs, codes["val"], n_image, config, seed)[4]
+            sampled = rollouts(model, tok, reward_qs, codes["val"], n_image, config, seed, rgb.get("val"))[4]
             scores["reward"], scores["sampled_acc"] = sampled["reward"], sampled["r_accuracy"]
         model.train()
         return {k if k.startswith("acc_") else f"heldout_{k}": v for k, v in scores.items()}

@@ -135,13 +135,15 @@ def trace_loss(model, batch, image_offset, image_weight):
     """(mean loss on text + image_weight × mean loss on drawn map codes, their values): the loop's
     loss_fn. Targets from image_offset up are codes; the batch's mask already excludes forced tokens.
     A batch with stage 1's place and referring targets (place_losses=True) adds those losses too."""
-    x, y, m, *extra = batch  # extra: stage 1's place and referring targets (place_losses=True)
-    logits, full = model(x, y if extra else None, loss_mask=m, **(extra[0] if extra else {}))  # logits at the supervised positions
+    x, y, m, *extra = batch  # extra: stage 1's place and referring targets (place_losses=True), the pictures
+    kw = extra[0] if extra else {}
+    stage1_targets = any(k != "rgb" for k in kw)
+    logits, full = model(x, y if stage1_targets else None, loss_mask=m, **kw)  # logits at the supervised positions
     at = m > 0
     nll = torch.nn.functional.cross_entropy(logits.float(), y[at], reduction="none")
     w, is_code = m[at].to(nll.dtype), (y[at] >= image_offset).to(nll.dtype)
     parts = [(nll * w * k).sum() / (w * k).sum().clamp(min=1) for k in (1 - is_code, is_code)]
-    place = full - (nll * w).sum() / w.sum().clamp(min=1) if extra else 0  # the model's loss less its token part
+    place = full - (nll * w).sum() / w.sum().clamp(min=1) if stage1_targets else 0  # the model's loss less its token part
     return parts[0] + image_weight * parts[1] + place, {"loss_text": parts[0].item(), "loss_codes": parts[1].item()}
 
 
@@ -186,23 +188,26 @@ if __name__ == "__main__":
         heads = kept["refer_heads"]
         places, coverage = batches.place_targets(splits, n_image, kept["object_head"], kept["depth_head"], heads)
 
+    rgb = {s: sp["rgb"] for s, sp in splits.items()} if model.config.reader_pixels else {}
+
     def get_batch(split, rng):
         return batches.stage2_batch(tok, codes[split], traces[split], rng, batch_size, block, places.get(split),
-                                    coverage.get(split), heads)
+                                    coverage.get(split), heads, rgb.get(split))
 
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
     categories = sorted({q["category"] for q in eval_qs})
     init_scores = {}
     if run.master:  # the init model's direct answers on the same questions: what stage 2 must beat
         model.eval()
-        init_scores = metrics.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image, **ev.DECODE))
+        init_scores = metrics.vqa_accuracy(tok, eval_qs, ev.answer(model, tok, eval_qs, codes["val"], n_image,
+                                                                rgb=splits["val"]["rgb"], **ev.DECODE))
         model.train()
         print(f"init ({init_from}) direct answers: acc {init_scores['vqa_acc']:.3f}")
 
     def evaluate(model, it):
         model.eval()
         replies = ev.answer(model, tok, eval_qs, codes["val"], n_image, mode="interleaved", tools=tools == "all",
-                            **ev.DECODE)
+                            rgb=splits["val"]["rgb"], **ev.DECODE)
         scores = {**metrics.vqa_accuracy(tok, eval_qs, replies), **metrics.tool_use(tok, eval_qs, replies)}
         with open(os.path.join(out_dir, f"replies_{it:05d}.txt"), "w") as f:  # to read what it does
             for q, r in list(zip(eval_qs, replies))[::len(eval_qs) // 28 or 1]:

@@ -238,7 +238,7 @@ class LogitsModel(nn.Module):
         super().__init__()
         self.logits = nn.Parameter(torch.randn(B, T, V))
 
-    def forward(self, idx, targets=None, loss_mask=None):  # GPT.forward's contract: with a mask, its positions' logits
+    def forward(self, idx, targets=None, loss_mask=None, rgb=None):  # GPT.forward's contract: with a mask, its positions' logits
         return (self.logits if loss_mask is None else self.logits[loss_mask.bool()]), None
 
 
@@ -363,6 +363,31 @@ def test_rollout_batch_is_a_pure_function_of_the_rng(tok, monkeypatch):
     loss, _ = rl.grpo_loss(model, (idx, targets, mask, extra))
     loss.backward()  # an empty batch is a zero loss, not an error
     assert loss.item() == 0.0
+
+
+def test_rollouts_read_each_questions_picture(tok, monkeypatch):
+    """For a model that reads the question image's pixels, each rollout row carries its scene's
+    picture, and the loss's forward reads it as the sampler did: the sampled tokens' log-probs
+    are the model's with those pictures."""
+    import vqgan
+    monkeypatch.setattr(rl, "format_reward", lambda tok, reply, calls=itertools.count(): float(next(calls) % 2))
+    reader = dict(image_size=4, downsample=2, channels=16, n_res_blocks=1, codebook_size=tok.codebook_size, code_dim=4)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=192, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, attn_impl="sdpa",
+                          image_offset=tok.image_offset, n_image_tokens=N, reader_vq=reader, reader_pixels=True)).eval()
+    model.reader.load_vq(vqgan.VQModel(vqgan.VQConfig(**reader)).eval())
+    codes, cfg = rollout_setup(tok)
+    rgb = np.random.default_rng(1).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    idx, targets, mask, extra = rl.rollout_batch(model, tok, [DIST, COLOR, COUNT], codes, N, np.random.default_rng(5),
+                                                 cfg, rgb=rgb)
+    assert len(idx) > 0
+    for row, picture in zip(idx, extra["rgb"]):
+        scene = next(k for k in range(3) if (rgb[k] == picture.numpy()).all())
+        assert torch.equal(row[row >= tok.image_offset][:N] - tok.image_offset, torch.as_tensor(codes[scene, 0]))
+    torch.testing.assert_close(model.token_logprobs(idx, targets, extra["rgb"]) * mask, extra["old_logprobs"],
+                               atol=1e-4, rtol=0)
+    loss, _ = rl.grpo_loss(model, (idx, targets, mask, extra))
+    assert torch.isfinite(loss)
 
 
 class BigramPolicy(nn.Module):

@@ -219,3 +219,26 @@ def test_trace_batches_carry_stage_1s_place_and_referring_losses(setup):
     added = model(x, y, m, **extra)[1] - model(x, y, m)[1]
     assert added > 0
     torch.testing.assert_close(with_places, plain + added)
+
+
+def test_trace_batches_carry_each_traces_picture(setup):
+    """With rgb (the split's pictures), a trace batch brings each row's scene's picture, and
+    trace_loss passes it to the model without adding a loss of its own."""
+    tok, codes, split = setup
+    traces = conversations.build_traces(split, reading="brief")
+    rgb = np.broadcast_to(np.arange(len(codes), dtype=np.uint8)[:, None, None, None], (len(codes), 2, 2, 3))
+    x, y, m, extra = batches.stage2_batch(tok, codes, traces, np.random.default_rng(0), 4, 512, rgb=rgb)
+    plain = batches.stage2_batch(tok, codes, traces, np.random.default_rng(0), 4, 512)
+    assert all(torch.equal(a, b) for a, b in zip((x, y, m), plain)) and list(extra) == ["rgb"]
+    for b in range(4):
+        first = x[b][x[b] >= tok.image_offset][:N] - tok.image_offset
+        assert torch.equal(first, torch.as_tensor(codes[int(extra["rgb"][b, 0, 0, 0]), 0]).long())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          image_offset=tok.image_offset, n_image_tokens=N))
+    seen = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: seen.append(kw.get("rgb")) or forward(*a, **kw)
+    with_rgb, _ = s2.trace_loss(model, (x, y, m, extra), tok.image_offset, 0.5)
+    torch.testing.assert_close(with_rgb, s2.trace_loss(model, plain, tok.image_offset, 0.5)[0])
+    assert seen[0] is extra["rgb"]
