@@ -27,9 +27,9 @@ parser.add_argument("--mode", default="direct", choices=("direct", "interleaved"
 parser.add_argument("--categories", nargs="+", default=["depth_order", "relation", "relative_distance"])
 args = parser.parse_args()
 
-model, tok, codes, questions = probe.load(args)
+model, tok, codes, questions, rgb = probe.load(args)
 asked = [q for q in questions["val"] if q["category"] in args.categories]
-replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], mode=args.mode, **ev.DECODE)
+replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], mode=args.mode, rgb=rgb, **ev.DECODE)
 
 
 def form(word):

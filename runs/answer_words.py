@@ -27,7 +27,7 @@ parser.add_argument("--kinds", nargs="+", default=["depth_order", "relation_left
 parser.add_argument("--n", type=int, default=300, help="val questions a kind")
 args = parser.parse_args()
 
-model, tok, codes, questions = probe.load(args)
+model, tok, codes, questions, rgb = probe.load(args)
 result = {"ckpt": args.ckpt}
 for kind in args.kinds:
     asked = [q for q in questions["val"] if q["kind"] == kind][:args.n]
@@ -39,7 +39,7 @@ for kind in args.kinds:
             chunk = asked[i:i + 32]
             rows = batches.vqa_rows(tok, chunk, codes["val"])
             x, y, m = batches.make_batch(tok, rows, model.config.block_size)
-            guess = model(x)[0].argmax(-1)
+            guess = model(x, rgb=probe.pictures(rgb, chunk))[0].argmax(-1)
             for r, q in enumerate(chunk):
                 at = (m[r] == 1).nonzero().flatten()
                 right = (guess[r, at] == y[r, at]).tolist()

@@ -25,9 +25,9 @@ import probe  # noqa: E402 (runs/probe.py)
 parser = probe.parser(__doc__)
 args = parser.parse_args()
 
-model, tok, codes, questions = probe.load(args)
+model, tok, codes, questions, rgb = probe.load(args)
 asked = [q for q in questions["val"] if q["category"] == "counting"]
-replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], temperature=0.0)
+replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], temperature=0.0, rgb=rgb)
 scores = metrics.question_scores(tok, asked, replies)
 groups, confusions = collections.defaultdict(list), collections.Counter()
 for q, s in zip(asked, scores):

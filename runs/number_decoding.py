@@ -30,7 +30,7 @@ parser.add_argument("--samples", type=int, default=ev.NUMBER_SAMPLES, help="answ
 parser.add_argument("--per_category", type=int, default=400, help="val questions a category, as bench.py learn")
 args = parser.parse_args()
 
-model, tok, codes, questions = probe.load(args)
+model, tok, codes, questions, rgb = probe.load(args)
 n_image = codes["val"].shape[-1]
 cats = sorted({q["category"] for q in questions["val"]})
 asked = [q for q in ev.balanced_sample(questions["val"], args.per_category * len(cats)) if q["answer_type"] == "number"]
@@ -38,7 +38,7 @@ chance = metrics.chance_scorer(questions["train"])
 ways = {"greedy": dict(temperature=0.0, number_samples=1), "one sample": dict(temperature=1.0, number_samples=1),
         f"median of {args.samples}": dict(temperature=0.0, number_samples=args.samples)}
 scores = {way: metrics.question_scores(tok, asked, ev.answer(model, tok, asked, codes["val"], n_image, blind=args.blind,
-                                                             seed=0, **kw)) for way, kw in ways.items()}
+                                                             seed=0, rgb=rgb, **kw)) for way, kw in ways.items()}
 kinds = collections.defaultdict(list)
 for k, q in enumerate(asked):
     kinds["distance apart" if "apart" in q["question"] else q["category"]].append(k)

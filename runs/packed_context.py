@@ -31,7 +31,7 @@ parser.add_argument("--before", type=int, default=6, help="questions asked befor
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
-model, tok, codes, questions = probe.load(args)
+model, tok, codes, questions, rgb = probe.load(args)
 scenes = data.load_scenes(args.data_dir, "val")
 asked = [q for q in ev.balanced_sample(questions["val"], 10 ** 9) if q["answer_type"] != "number"]
 asked = [q for c in sorted({q["category"] for q in asked}) for q in [x for x in asked if x["category"] == c][:args.per_category]]
@@ -49,7 +49,7 @@ for q in asked:
     packed.append((ids, [0] * len(earlier) + mask[len(earlier):]))  # only the last answer is scored
 
 
-a, p = (np.array(ev.greedy_right(model, tok, rows, 32)) for rows in (alone, packed))
+a, p = (np.array(ev.greedy_right(model, tok, rows, 32, probe.pictures(rgb, asked))) for rows in (alone, packed))
 named = np.array(named)
 by = collections.defaultdict(list)
 for k, q in enumerate(asked):

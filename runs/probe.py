@@ -1,7 +1,7 @@
 """
 What every probe of a trained model in runs/ starts from: the command line (the checkpoint, the
 data and VQ tokenizer it was trained on; each probe adds its own options) and the loaded model,
-tokenizer, codes and questions. One thread unless OMP_NUM_THREADS says otherwise, so a probe can
+tokenizer, codes, questions and val pictures (for a model that reads them). One thread unless OMP_NUM_THREADS says otherwise, so a probe can
 run beside a training run. A module the probes import, not a script.
 """
 import argparse
@@ -11,6 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import prepare  # noqa: E402
 import trainer  # noqa: E402
 
@@ -28,8 +29,14 @@ def parser(doc, ckpt_help=CKPT_HELP):
 
 
 def load(args):
-    """(model in eval mode, tokenizer, codes by split, questions by split) for parser()'s args."""
+    """(model in eval mode, tokenizer, codes by split, questions by split, the val split's pictures)
+    for parser()'s args."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model, _ = trainer.load_model(args.ckpt)
     tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
-    return model, tok, codes, questions
+    return model, tok, codes, questions, data.load_split(args.data_dir, "val")["rgb"]
+
+
+def pictures(rgb, questions):
+    """The pictures of the questions' scenes, a row each (model.forward's rgb)."""
+    return torch.from_numpy(rgb[[q["scene"] for q in questions]])

@@ -39,7 +39,7 @@ parser = probe.parser(__doc__, "a model trained on data_dir's scenes with refer_
 args = parser.parse_args()
 torch.manual_seed(0)
 
-model, tok, codes, questions = probe.load(args)
+model, tok, codes, questions, rgb = probe.load(args)
 n_image = codes["val"].shape[-1]
 side = math.isqrt(n_image)
 split = data.load_split(args.data_dir, "val")
@@ -67,7 +67,7 @@ with torch.no_grad():
         rows = batches.vqa_rows(tok, chunk, codes["val"])
         x, y, m = batches.make_batch(tok, rows, model.config.block_size)
         inputs.clear()
-        logits, _ = model(x)
+        logits, _ = model(x, rgb=probe.pictures(rgb, chunk))
         pos = ((x == tok.answer) & (m == 1)).float().argmax(1)  # each row's one <answer>
         b = torch.arange(len(chunk))
         h, rope_q, rope_k, _, prior, _ = inputs[0]
