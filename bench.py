@@ -270,7 +270,8 @@ def bench_rl():
 # python bench.py learn --arm=maps --minutes=5: every key below is a --key=value override. The
 # defaults are the design that learns fastest so far (docs/experiments.md, "Shape is the missing
 # percept"): objects nearer and only larger ones named, so their shape survives the VQ; a 4×128
-# model with Muon; the object head, the referring loss and the pixel reader; 7 questions an image;
+# model with Muon; the object head, the referring loss and the pixel reader on the photo's own
+# pixels ("The image reader on the question image's own pixels"); 7 questions an image;
 # batches of 4 sequences (more steps for the same tokens: "Small batches" in the notes).
 LEARN = dict(
     data_dir="data/learn",  # the tiny preset's scenes at 48 px, with 600 val scenes (~550 questions a category)
@@ -300,8 +301,8 @@ LEARN = dict(
     refer_layer=-1,  # the block whose heads the referring loss teaches (-1: the last)
     choose=False,  # True: the last head of the last layer is taught to copy a named answer's words from its option (model.py, "Choosing")
     refer_options=False,  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
-    image_reader=True,  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py)
-    reader_pixels=False,  # True: the reader reads the question image's own pixels instead of its decoded codes (model.py)
+    image_reader=True,  # True: the RGB is also read as pixels through a conv stem, VQ-decoded unless reader_pixels (model.py)
+    reader_pixels=True,  # True: the reader reads the question image's own pixels, not its decoded codes (model.py)
     batch_size=4, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="muon", muon_lr=0.05, seed=1337, device="auto", compile=False, log_interval=20,
     eval_iters=0, peak_tflops=0.0, init_from="scratch",

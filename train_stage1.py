@@ -74,8 +74,8 @@ pointer = False  # True: what each referring head brings back must say where it 
 refer_layer = -1  # the block whose heads the referring loss teaches (-1: the last)
 choose = False  # True: the last head of the last layer is taught to copy a named answer's words from its option (model.py, "Choosing")
 refer_options = False  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
-image_reader = True  # True: the RGB is also read as pixels, VQ-decoded, through a conv stem (model.py, "Image reader")
-reader_pixels = False  # True: the reader reads the question image's own pixels instead of its decoded codes (model.py)
+image_reader = True  # True: the RGB is also read as pixels through a conv stem, VQ-decoded unless reader_pixels (model.py, "Image reader")
+reader_pixels = True  # True: the reader reads the question image's own pixels, not its decoded codes (model.py, "Image reader")
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
 max_iters = 1000
 token_budget = 0  # > 0: set max_iters so the run trains on about this many tokens
