@@ -161,8 +161,6 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
         ckpt = load_checkpoint(init, run.device)
         model_args = ckpt["model_args"]
     else:
-        if cfg.get("reader_pixels") and not cfg.get("image_reader"):
-            raise ValueError("reader_pixels=True is how the image reader reads: it needs image_reader=True")
         if cfg.get("image_reader") and vq is None:
             raise ValueError("image_reader=True reads images through the VQ decoder: pass init_model the VQ tokenizer (vq=)")
         if "n_layer" not in cfg:
@@ -176,7 +174,7 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           depth_bins=data.N_DEPTH_BINS if cfg.get("depth_head") else 0,
                           depth_head_weight=float(cfg.get("depth_head_weight", 1.0)),
                           reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None,
-                          reader_pixels=bool(cfg.get("reader_pixels")),
+                          reader_pixels=bool(cfg.get("image_reader") and cfg.get("reader_pixels")),  # how the reader reads
                           pointer=bool(cfg.get("pointer")), refer_layer=int(cfg.get("refer_layer", -1)))
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():
