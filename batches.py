@@ -23,6 +23,13 @@ def scene_codes(codes, i):
     return dict(zip(data.MODALITIES, codes[i]))
 
 
+def scene_pictures(rgb, items):
+    """The pictures of the items' scenes (questions, traces: anything with a "scene"), uint8
+    (N, H, W, 3), from a split's rgb: what a model that reads the question image's pixels is given
+    beside its rows (model.py, "Image reader"). None without rgb."""
+    return None if rgb is None else torch.from_numpy(np.asarray(rgb)[[it["scene"] for it in items]])
+
+
 def make_batch(tok, rows, block_size):
     """[(ids, mask)] -> right-padded (idx, targets, loss_mask) tensors, trimmed to the longest row.
     Rows of branched_row's (ids, mask, branch) add a fourth tensor, the branches of idx (padding
@@ -296,7 +303,7 @@ def stage2_batch(tok, codes, traces, rng, batch_size, block_size, places=None, c
         return x, y, m
     extra = {} if places is None else {"places": torch.from_numpy(places[[t["scene"] for t in picked]])}
     if rgb is not None:
-        extra["rgb"] = torch.from_numpy(rgb[[t["scene"] for t in picked]])
+        extra["rgb"] = scene_pictures(rgb, picked)
     if refer_heads:
         extra.update(refer_targets(tok, x, m, [[t["question"]] for t in picked],
                                    [coverage[t["scene"]] for t in picked], refer_heads))

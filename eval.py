@@ -153,7 +153,7 @@ def answer(model, tok, questions, codes, n_image_tokens, mode="direct", batch_si
     replies, sampling = [], one_stream(model, sampling)
     for chunk in _chunks(questions, batch_size):
         images = [batches.scene_codes(codes, q["scene"]) for q in chunk]
-        pixels = None if rgb is None else rgb[[q["scene"] for q in chunk]]
+        pixels = batches.scene_pictures(rgb, chunk)
         if mode in ("chain", "chain_true"):
             convs = [conversations.perception_chain(q, answer=False) for q in chunk]
             if mode == "chain":  # its own maps: the true ones are never shown
@@ -203,7 +203,7 @@ def answer_given(model, tok, questions, split, codes, n_image_tokens, upto, batc
             ids = tok.render_conversation(user + [{"role": "assistant", "content": parts[:cut]}], batches.scene_codes(codes, s))[0]
             prompts.append(ids[:-1])  # rendering closed the turn with <|eos|>: the reply goes on
             forced.append(ids[ids.index(tok.assistant) + 1:-1])  # the reply starts after <|assistant|>
-        pixels = split["rgb"][[q["scene"] for q in chunk]]
+        pixels = batches.scene_pictures(split["rgb"], chunk)
         gen = sampler.generate(model, tok, prompts, budget, n_image_tokens, rgb=pixels, **sampling)
         replies += median_numbers(model, tok, chunk, [p[:len(p) - len(f)] for p, f in zip(prompts, forced)],
                                   [f + gen.row(b) for b, f in enumerate(forced)], n_image_tokens, number_samples,
@@ -219,7 +219,7 @@ def greedy_right(model, tok, rows, batch_size=64, rgb=None):
     out, device = [], next(model.parameters()).device
     for at in range(0, len(rows), batch_size):
         x, y, m = batches.make_batch(tok, rows[at:at + batch_size], model.config.block_size)
-        pixels = None if rgb is None else torch.as_tensor(rgb[at:at + batch_size]).to(device)
+        pixels = None if rgb is None else rgb[at:at + batch_size].to(device)
         logits, _ = model(x.to(device), rgb=pixels)
         out += (~((logits.argmax(-1).cpu() != y) & m.bool()).any(dim=1)).tolist()
     return out
@@ -237,7 +237,7 @@ def direct_scores(model, tok, questions, codes, n_image_tokens, blind=False, bat
     scores = [0.0] * len(questions)
     forced = [i for i, q in enumerate(questions) if q["answer_type"] != "number"]
     rows = batches.vqa_rows(tok, [questions[i] for i in forced], codes, blind)
-    pixels = None if rgb is None else rgb[[questions[i]["scene"] for i in forced]]
+    pixels = batches.scene_pictures(rgb, [questions[i] for i in forced])
     for i, right in zip(forced, greedy_right(model, tok, rows, batch_size, pixels)):
         scores[i] = float(right)
     numbers = [i for i, q in enumerate(questions) if q["answer_type"] == "number"]

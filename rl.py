@@ -204,9 +204,8 @@ def rollouts(model, tok, picked, codes, n_image_tokens, cfg, seed, rgb=None):
     prompts = [tok.render_prompt(conversations.vqa_conversation(q, answer=False), batches.scene_codes(codes, q["scene"])) for q in qs]
     was_training = model.training
     model.eval()
-    pictures = None if rgb is None else rgb[[q["scene"] for q in qs]]
     gen = sampler.generate(model, tok, prompts, cfg["max_new_tokens"], n_image_tokens, temperature=cfg["temperature"],
-                           seed=seed, tools=cfg["tools"] == "all", rgb=pictures)
+                           seed=seed, tools=cfg["tools"] == "all", rgb=batches.scene_pictures(rgb, qs))
     model.train(was_training)
     r = cpr_rewards(tok, qs, [gen.row(b) for b in range(len(qs))], G,
                     (cfg["accuracy_weight"], cfg["format_weight"], cfg["explore_weight"]), cfg["explore_k"], cfg["explore_bonus"])
@@ -243,7 +242,7 @@ def rollout_batch(model, tok, questions, codes, n_image_tokens, rng, cfg, ref_mo
     stats["trained_rows"] = float(keep.sum())
     extra = {"advantages": adv[keep], "old_logprobs": old, "stats": stats}
     if rgb is not None:
-        extra["rgb"] = torch.from_numpy(rgb[[q["scene"] for q in qs]])[keep]
+        extra["rgb"] = batches.scene_pictures(rgb, qs)[keep]
     if ref_model is not None:
         extra["ref_logprobs"] = ref_model.token_logprobs(idx, targets, extra.get("rgb")) * mask
     return idx, targets, mask, extra

@@ -110,12 +110,13 @@ if __name__ == "__main__":
     weights = {"vqa": vqa_weight, "depth": depth_weight if aux else 0, "seg": seg_weight if aux else 0,
                "chain": chain_weight if aux else 0}
 
+    reads_pixels = image_reader and reader_pixels
     splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels or pixels
-              for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads or image_reader and reader_pixels}
+              for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads or reads_pixels}
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(data_dir, s) for s in ("train", "val")}
     places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads)
 
-    rgb = {s: sp["rgb"] for s, sp in splits.items()} if image_reader and reader_pixels else None
+    rgb = {s: sp["rgb"] for s, sp in splits.items()} if reads_pixels else None
     val_rgb = None if rgb is None else rgb["val"]
     get_batch = batches.stage1_batches(tok, codes, questions, scenes, config, weights, places, coverage, rgb=rgb)
 

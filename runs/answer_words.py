@@ -39,7 +39,7 @@ for kind in args.kinds:
             chunk = asked[i:i + 32]
             rows = batches.vqa_rows(tok, chunk, codes["val"])
             x, y, m = batches.make_batch(tok, rows, model.config.block_size)
-            guess = model(x, rgb=probe.pictures(rgb, chunk))[0].argmax(-1)
+            guess = model(x, rgb=batches.scene_pictures(rgb, chunk))[0].argmax(-1)
             for r, q in enumerate(chunk):
                 at = (m[r] == 1).nonzero().flatten()
                 right = (guess[r, at] == y[r, at]).tolist()

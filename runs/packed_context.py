@@ -49,7 +49,7 @@ for q in asked:
     packed.append((ids, [0] * len(earlier) + mask[len(earlier):]))  # only the last answer is scored
 
 
-a, p = (np.array(ev.greedy_right(model, tok, rows, 32, probe.pictures(rgb, asked))) for rows in (alone, packed))
+a, p = (np.array(ev.greedy_right(model, tok, rows, 32, batches.scene_pictures(rgb, asked))) for rows in (alone, packed))
 named = np.array(named)
 by = collections.defaultdict(list)
 for k, q in enumerate(asked):

@@ -1,8 +1,8 @@
 """
 What every probe of a trained model in runs/ starts from: the command line (the checkpoint, the
 data and VQ tokenizer it was trained on; each probe adds its own options) and the loaded model,
-tokenizer, codes, questions and val pictures (for a model that reads them). One thread unless OMP_NUM_THREADS says otherwise, so a probe can
-run beside a training run. A module the probes import, not a script.
+tokenizer, codes, questions and val pictures (for a model that reads them). One thread unless
+OMP_NUM_THREADS says otherwise, so a probe can run beside a training run. A module the probes import, not a script.
 """
 import argparse
 import os
@@ -35,8 +35,3 @@ def load(args):
     model, _ = trainer.load_model(args.ckpt)
     tok, _, codes, questions, _ = prepare.stage_data(args.data_dir, args.vq_ckpt)
     return model, tok, codes, questions, data.load_split(args.data_dir, "val")["rgb"]
-
-
-def pictures(rgb, questions):
-    """The pictures of the questions' scenes, a row each (model.forward's rgb)."""
-    return torch.from_numpy(rgb[[q["scene"] for q in questions]])

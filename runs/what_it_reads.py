@@ -67,7 +67,7 @@ with torch.no_grad():
         rows = batches.vqa_rows(tok, chunk, codes["val"])
         x, y, m = batches.make_batch(tok, rows, model.config.block_size)
         inputs.clear()
-        logits, _ = model(x, rgb=probe.pictures(rgb, chunk))
+        logits, _ = model(x, rgb=batches.scene_pictures(rgb, chunk))
         pos = ((x == tok.answer) & (m == 1)).float().argmax(1)  # each row's one <answer>
         b = torch.arange(len(chunk))
         h, rope_q, rope_k, _, prior, _ = inputs[0]

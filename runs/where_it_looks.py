@@ -55,7 +55,7 @@ with torch.no_grad():
         x, _, m = batches.make_batch(tok, rows, model.config.block_size)
         t = batches.refer_targets(tok, x, m, [[q] for q in chunk], [coverage[q["scene"]] for q in chunk], 2)
         inputs.clear()
-        model(x, rgb=probe.pictures(rgb, chunk))
+        model(x, rgb=batches.scene_pictures(rgb, chunk))
         b, pos = (t["refer_at"] >= 0).nonzero(as_tuple=True)
         first = first_image(x, model.config.image_offset, n_image)[b]  # (n, T)
         others = [data.referent_places(coverage[q["scene"]], ids[(ids >= 2) & ~np.isin(ids, q["objects"])]) for q in chunk]
