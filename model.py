@@ -39,6 +39,7 @@ class GPTConfig:
     vocab_size: int = 1551  # tok.vocab_size: text + special + image codes
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int = 0  # keys and values heads; 0: n_head. Fewer: grouped-query attention (see "Attention")
     n_embd: int = 256
     dropout: float = 0.0
     attn_impl: str = "auto"  # "sdpa" | "triton" (kernels.py) | "math" | "auto": triton on CUDA, sdpa otherwise
@@ -267,14 +268,34 @@ class ImageReader(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Attention. Three backends compute the same function; the tests hold them to it.
+#
+# Grouped-query attention (GQA; Llama 2, nanochat's n_kv_head). With n_kv_head < n_head each key
+# and value head serves n_head // n_kv_head query heads. Decoding a batch of replies on a CPU is
+# bound by reading every row's KV cache at every step (a decode step's attention was 38% of an RL
+# rollout's time, docs/experiments.md); fewer KV heads mean a smaller cache to read.
+
+def kv_heads(config):
+    """The number of key/value heads: n_kv_head, or n_head when it is 0."""
+    n = config.n_kv_head or config.n_head
+    if n < 1 or config.n_head % n:
+        raise ValueError(f"n_kv_head={config.n_kv_head}: it must divide n_head={config.n_head} (0: as many as n_head)")
+    return n
+
+
+def repeat_kv(x, n_head):
+    """(B, H_kv, T, D) -> (B, n_head, T, D): each key/value head repeated for the query heads it serves."""
+    return x if x.size(1) == n_head else x.repeat_interleave(n_head // x.size(1), dim=1)
+
 
 def attend(q, k, v, impl, mask=None):
-    """softmax(q k^T / sqrt(D)) v on (B, H, T, D). Causal when mask is None; otherwise mask
-    (B, 1, Tq, Tk) is added to the scores: 0 where a query may see a key, -inf elsewhere (the
-    KV-cache path, where keys are the cache). There is no dropout on attention probabilities, so
-    all backends agree exactly in training too."""
+    """softmax(q k^T / sqrt(D)) v on q (B, H, T, D) and k, v (B, H_kv, T, D), H a multiple of
+    H_kv. Causal when mask is None; otherwise mask (B, 1, Tq, Tk) is added to the scores: 0 where
+    a query may see a key, -inf elsewhere (the KV-cache path, where keys are the cache). There is
+    no dropout on attention probabilities, so all backends agree exactly in training too."""
     if impl == "auto":
         impl = "triton" if q.is_cuda else "sdpa"
+    if impl != "sdpa":  # sdpa groups the heads itself (enable_gqa)
+        k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
     if impl == "math":  # the reference: the T x T score matrix, written out
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
         if mask is None:
@@ -287,17 +308,19 @@ def attend(q, k, v, impl, mask=None):
         raise ValueError(f"unknown attn_impl {impl!r}: use sdpa, triton, math or auto")
     # sdpa, and triton's cache path: decoding is one query per row against a ragged cache, which
     # the flash kernel has no mask for and which is memory-bound anyway.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), is_causal=mask is None)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
+                                          is_causal=mask is None, enable_gqa=k.size(1) != q.size(1))
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, kv_heads(config), config.n_embd // config.n_head
         self.layer_idx = layer_idx  # which slice of the KV cache is ours
         self.attn_impl = config.attn_impl
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
+        # q, k, v in one matmul
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
@@ -305,9 +328,10 @@ class CausalSelfAttention(nn.Module):
             self.grid_prior = nn.Parameter(torch.linspace(config.grid_prior, 0.0, config.n_head).view(1, -1, 1, 1))
 
     def project(self, x, rope_q, rope_k, prior=None):
-        """(B, T, C) -> q, k, v, each (B, H, T, D), normed and rotated: what attention compares."""
+        """(B, T, C) -> q (B, H, T, D) and k, v (B, H_kv, T, D), normed and rotated: what attention compares."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2).split(
+            (self.n_head, self.n_kv_head, self.n_kv_head), dim=1)
         q, k = self.q_norm(q), self.k_norm(k)
         if prior is not None:  # a fixed direction on image codes' grid pairs: after rotation its q.k peaks at offset 0
             q, k = q + self.grid_prior * prior, k + prior
@@ -365,7 +389,7 @@ class KVCache:
     in the dtype the model computes in (bf16 under autocast)."""
 
     def __init__(self, config, batch_size, max_len):
-        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.shape = (config.n_layer, batch_size, kv_heads(config), max_len, config.n_embd // config.n_head)
         self.max_len = max_len
         self.k = self.v = None
         self.ids = None  # (B, max_len) the tokens themselves: a code's place in its image needs them
@@ -567,11 +591,12 @@ class GPT(nn.Module):
         if refer is not None:  # the referring layer's q and k again: attention kernels do not return their weights
             block = self.blocks[refer_layer]
             q, k, v = block.attn.project(block.ln_1(refer_in), rope_q, rope_k, prior)
+            k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
             loss = loss + self.refer_loss(q, k, v, idx, mask, refer_at, refer)
         if choose is not None:
             last = self.blocks[-1]
             q, k, _ = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
-            loss = loss + self.choose_loss(q, k, mask, refer_at, choose)
+            loss = loss + self.choose_loss(q, repeat_kv(k, q.size(1)), mask, refer_at, choose)
         return logits, loss
 
     def place_heads(self):

@@ -59,6 +59,7 @@ map_questions = False  # True: depth, seg and chain examples ask up to questions
 # model
 n_layer = 4
 n_head = 4
+n_kv_head = 0  # key/value heads; 0: n_head, fewer: grouped-query attention, a smaller KV cache to decode from (model.py)
 n_embd = 128
 block_size = 640  # the longest tiny-preset example (RGB, depth, seg, five offered options, answer) is ~520 tokens
 dropout = 0.0

@@ -22,7 +22,7 @@ metrics.jsonl, and `steps_per_batch` takes several optimizer steps on each itera
 The loop reads its settings from the script's config dict: out_dir, init_from, seed, device,
 compile, attn_impl, max_iters, batch_size, grad_accum, learning_rate, min_lr, warmup_iters,
 weight_decay, beta1, beta2, grad_clip, log_interval, eval_interval, eval_iters, peak_tflops, and
-for a model trained from scratch n_layer, n_head, n_embd, block_size, dropout, grid_rope,
+for a model trained from scratch n_layer, n_head, n_kv_head (optional), n_embd, block_size, dropout, grid_rope,
 grid_prior. Each stage script sets them at its top, where `--help` lists them.
 """
 import contextlib
@@ -166,7 +166,8 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
         if "n_layer" not in cfg:
             raise SystemExit("init_from=scratch: this script sets no model shape (n_layer, …); "
                              "it starts from a previous stage's checkpoint")
-        model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"],
+        model_args = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_kv_head=int(cfg.get("n_kv_head", 0)),
+                          n_embd=cfg["n_embd"], block_size=cfg["block_size"],
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],

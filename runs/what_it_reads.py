@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
 import data  # noqa: E402
 import probe  # noqa: E402 (runs/probe.py)
-from model import attention_logp, first_image, place_attention  # noqa: E402
+from model import attention_logp, first_image, place_attention, repeat_kv  # noqa: E402
 
 parser = probe.parser(__doc__, "a model trained on data_dir's scenes with refer_heads >= 2 (bench.py learn writes out_dir/rgb/ckpt.pt)")
 args = parser.parse_args()
@@ -73,6 +73,7 @@ with torch.no_grad():
         h, rope_q, rope_k, _, prior, _ = inputs[0]
         block = model.blocks[model.config.refer_layer]
         q_, k_, v_ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
+        k_, v_ = repeat_kv(k_, q_.size(1)), repeat_kv(v_, q_.size(1))
         out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)  # (B, H, T, D)
         feats["looking heads"].append(out[b, :2, pos].flatten(1))
         first = first_image(x, model.config.image_offset, n_image)

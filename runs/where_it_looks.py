@@ -27,7 +27,7 @@ import batches  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import probe  # noqa: E402 (runs/probe.py)
-from model import attention_logp, first_image, place_attention  # noqa: E402
+from model import attention_logp, first_image, place_attention, repeat_kv  # noqa: E402
 
 parser = probe.parser(__doc__)
 parser.add_argument("--n", type=int, default=800, help="val questions, balanced over categories")
@@ -63,6 +63,7 @@ with torch.no_grad():
         has = named.any(-1)  # (n, 3)
         for layer, (block, (h, rope_q, rope_k, _, prior, _)) in enumerate(zip(model.blocks, inputs)):
             q, k, _ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
+            k = repeat_kv(k, q.size(1))
             for g in range(3):
                 log_mass = place_attention(attention_logp(q, k, None, b, pos), first, named[:, g, None].expand(-1, H, -1))
                 mass[g, layer] += log_mass.exp()[has[:, g]].sum(0).numpy()

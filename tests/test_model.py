@@ -159,9 +159,9 @@ def test_code_patches_reach_only_image_codes_and_travel_with_the_weights(tok):
     torch.testing.assert_close(loaded(idx)[0], after, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("grid_prior", [0.0, 6.0])
-def test_kv_cache_prefill_and_decode_equal_full_forward(tok, grid_prior):
-    model = tiny_model(tok, grid_prior=grid_prior)
+@pytest.mark.parametrize("grid_prior,n_kv_head", [(0.0, 0), (6.0, 0), (6.0, 1)])
+def test_kv_cache_prefill_and_decode_equal_full_forward(tok, grid_prior, n_kv_head):
+    model = tiny_model(tok, grid_prior=grid_prior, n_kv_head=n_kv_head)
     ids, _ = mixed_sequence(tok, 0, n_codes=12)
     idx = torch.tensor([ids])
     T = idx.size(1)
@@ -297,14 +297,14 @@ def causal_probs(q, k):
     return ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)) + torch.full((T, T), float("-inf")).triu(1)).softmax(-1)
 
 
-@pytest.mark.parametrize("refer_layer", [-1, 0])
-def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, monkeypatch, refer_layer):
+@pytest.mark.parametrize("refer_layer,n_kv_head", [(-1, 0), (0, 0), (-1, 1)])
+def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, monkeypatch, refer_layer, n_kv_head):
     """The referring loss: at each position refer_at marks, -log of the attention that head h of
     layer refer_layer (the last by default) puts on the first image's places refer names for its
     question's h-th group, averaged over the (position, head) pairs whose group names a place;
     computed here from that layer's q and k as attention itself receives them. Too many groups for
-    the heads stops."""
-    model = tiny_model(tok, refer_layer=refer_layer)
+    the heads stops. With fewer K/V heads than query heads, each query head reads its group's."""
+    model = tiny_model(tok, refer_layer=refer_layer, n_kv_head=n_kv_head)
     ids, mask = mixed_sequence(tok, 3)
     idx, targets, loss_mask = torch.tensor([ids[:-1]] * 2), torch.tensor([ids[1:]] * 2), torch.tensor([mask[1:]] * 2)
     T = idx.size(1)
@@ -317,7 +317,7 @@ def test_refer_loss_is_minus_log_the_attention_mass_on_the_named_places(tok, mon
     seen.clear()
     _, with_refer = model(idx, targets, loss_mask, refer_at=refer_at, refer=refer)
     q, k, _ = seen[refer_layer]  # the referring layer's
-    probs = causal_probs(q, k)
+    probs = causal_probs(q, model_module.repeat_kv(k, q.size(1)))
     first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
     want = [-torch.log(probs[b, h, t, [first[p] for p in range(N_IMAGE) if refer[b, qn, h, p]]].sum())
             for b, t, qn, h in [(0, T - 1, 0, 0), (1, T - 5, 0, 0), (1, T - 5, 0, 1), (1, T - 2, 1, 0), (1, T - 2, 1, 1)]]
@@ -467,19 +467,41 @@ def test_too_long_fails_clearly(tok):
         torch.testing.assert_close(out.logprobs[b, :out.lengths[b]], alone.logprobs[0], atol=1e-5, rtol=0)
 
 
-def test_sdpa_and_math_agree_on_outputs_and_gradients(tok):
-    _backends_agree(tok, "sdpa", "math")
+@pytest.mark.parametrize("n_kv_head", [0, 1])  # 1: grouped-query attention, one K/V head for both query heads
+def test_sdpa_and_math_agree_on_outputs_and_gradients(tok, n_kv_head):
+    _backends_agree(tok, "sdpa", "math", n_kv_head=n_kv_head)
 
 
-def test_triton_matches_sdpa(tok):
+@pytest.mark.parametrize("n_kv_head", [0, 1])
+def test_triton_matches_sdpa(tok, n_kv_head):
     pytest.importorskip("triton")  # on CPU the kernels run under TRITON_INTERPRET (conftest.py)
-    _backends_agree(tok, "sdpa", "triton")
+    _backends_agree(tok, "sdpa", "triton", n_kv_head=n_kv_head)
 
 
-def _backends_agree(tok, impl_a, impl_b):
+def test_grouped_query_attention_is_shared_heads():
+    """A model with one K/V head for its two query heads computes what a full-head model computes
+    whose two K/V heads are copies of that one: GQA is head sharing, nothing else. And the K/V
+    heads must divide the query heads."""
+    torch.manual_seed(0)
+    config = dict(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    gqa, full = GPT(GPTConfig(**config, n_kv_head=1)).eval(), GPT(GPTConfig(**config)).eval()
+    state = gqa.state_dict()
+    for name, w in state.items():
+        if name.endswith("c_attn.weight"):  # rows: q (2 heads of 16), k (1 head), v (1 head)
+            q, k, v = w.split((32, 16, 16))
+            state[name] = torch.cat([q, k, k, v, v])
+    full.load_state_dict(state)
+    idx = torch.randint(0, 50, (2, 20))
+    torch.testing.assert_close(gqa(idx)[0], full(idx)[0], atol=1e-5, rtol=0)
+    assert gqa.get_num_params() < full.get_num_params()
+    with pytest.raises(ValueError, match="n_kv_head=3"):
+        GPT(GPTConfig(**dict(config, n_head=4), n_kv_head=3))
+
+
+def _backends_agree(tok, impl_a, impl_b, **kw):
     results = []
     for impl in (impl_a, impl_b):
-        model = tiny_model(tok, attn_impl=impl).train()
+        model = tiny_model(tok, attn_impl=impl, **kw).train()
         ids = [mixed_sequence(tok, s)[0][:30] for s in (4, 5)]
         idx = torch.tensor(ids)
         logits, loss = model(idx[:, :-1], idx[:, 1:])

@@ -105,10 +105,11 @@ def test_checkpoint_of_another_model_version_fails_clearly(tmp_path):
         trainer.load_model(bad)
 
 
-def test_init_model_gives_the_depth_head_its_weight(tmp_path):
-    cfg = dict(loop_driver.config(str(tmp_path), 1, 1), depth_head=True, depth_head_weight=0.25)
+def test_init_model_gives_the_depth_head_its_weight_and_the_kv_heads(tmp_path):
+    cfg = dict(loop_driver.config(str(tmp_path), 1, 1), depth_head=True, depth_head_weight=0.25, n_kv_head=2)
     model = trainer.init_model(cfg, trainer.setup_run("cpu"), loop_driver.TOK, 0)[0]
     assert hasattr(model, "depth_head") and model.config.depth_head_weight == 0.25
+    assert model.config.n_kv_head == 2 and model.blocks[0].attn.n_kv_head == 2
     no_reader = trainer.init_model(dict(cfg, reader_pixels=True), trainer.setup_run("cpu"), loop_driver.TOK, 0)[0]
     assert not no_reader.config.reader_pixels  # without image_reader there is no reader to read pixels
 
