@@ -321,6 +321,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_impl = config.attn_impl
         # q, k, v in one matmul
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.c_attn.weight.muon_parts = (self.n_head * self.head_dim,) + (self.n_kv_head * self.head_dim,) * 2  # optim.Muon
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()

@@ -26,10 +26,10 @@ def newton_schulz(g, steps=5):
 
 class Muon(torch.optim.Optimizer):
     """Muon for the groups marked muon=True, AdamW for the others, in one optimizer so the loop,
-    the schedule (group["lr"] = lr x lr_scale) and checkpoints treat it like any other. The fused
-    q|k|v projection (3C x C) is orthogonalised as three C x C matrices; an m x n update is scaled
-    by sqrt(max(1, m/n)) so tall and square matrices take steps of the same RMS. No weight decay on
-    Muon's matrices."""
+    the schedule (group["lr"] = lr x lr_scale) and checkpoints treat it like any other. A matrix
+    that stacks several (the fused q|k|v projection) says so with a `muon_parts` attribute, its
+    row counts, and each part is orthogonalised apart; an m x n matrix's update is scaled by
+    sqrt(max(1, m/n)) so tall and square matrices take steps of the same RMS. No weight decay on Muon's matrices."""
 
     def __init__(self, params, lr, betas=(0.9, 0.95), momentum=0.95, eps=1e-8):
         super().__init__(params, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0, muon=False, lr_scale=1.0))
@@ -46,8 +46,8 @@ class Muon(torch.optim.Optimizer):
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    chunks = update.chunk(3) if p.size(0) == 3 * p.size(1) else (update,)
-                    update = torch.cat([newton_schulz(u) for u in chunks])
+                    parts = getattr(p, "muon_parts", (p.size(0),))
+                    update = torch.cat([newton_schulz(u) for u in update.split(parts)])
                     p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
                     continue
                 if not state:
