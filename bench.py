@@ -131,7 +131,7 @@ def bench_model():
     config = _bench_gpt_config()
     B, T, C = 8, config.block_size, config.n_embd
     model = GPT(config).train()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
     x = torch.randint(0, config.vocab_size, (B, T + 1))
 
     def step():

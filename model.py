@@ -331,8 +331,8 @@ class CausalSelfAttention(nn.Module):
     def project(self, x, rope_q, rope_k, prior=None):
         """(B, T, C) -> q (B, H, T, D) and k, v (B, H_kv, T, D), normed and rotated: what attention compares."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2).split(
-            (self.n_head, self.n_kv_head, self.n_kv_head), dim=1)
+        heads = (self.n_head, self.n_kv_head, self.n_kv_head)
+        q, k, v = self.c_attn(x).view(B, T, sum(heads), self.head_dim).transpose(1, 2).split(heads, dim=1)
         q, k = self.q_norm(q), self.k_norm(k)
         if prior is not None:  # a fixed direction on image codes' grid pairs: after rotation its q.k peaks at offset 0
             q, k = q + self.grid_prior * prior, k + prior
@@ -690,10 +690,10 @@ class GPT(nn.Module):
         B, T = targets.shape
         return -F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), reduction="none").view(B, T)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw", muon_lr=0.02):
-        """AdamW. Weight decay only on matrices (linears, embeddings); norm gains stay undecayed.
-        optimizer="muon": the blocks' matrices go to Muon at muon_lr (optim.Muon), the rest stays
-        with AdamW at learning_rate; the schedule scales both alike (each group's lr_scale)."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, optimizer="adamw", muon_lr=0.02):
+        """AdamW (optim.Muon with no Muon group). Weight decay only on matrices (linears, embeddings);
+        norm gains stay undecayed. optimizer="muon": the blocks' matrices go to Muon at muon_lr, the
+        rest stays with AdamW at learning_rate; the schedule scales both alike (each group's lr_scale)."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"unknown optimizer {optimizer!r}: use adamw or muon")
         to_muon = lambda name, p: optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2
@@ -702,7 +702,7 @@ class GPT(nn.Module):
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         if optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+            return Muon(groups, lr=learning_rate, betas=betas)  # with no Muon group, AdamW
         matrices = {"params": [p for n, p in named if to_muon(n, p)], "muon": True, "lr_scale": muon_lr / learning_rate}
         return Muon([matrices] + groups, lr=learning_rate, betas=betas)
 

@@ -24,15 +24,45 @@ def newton_schulz(g, steps=5):
     return (x if wide else x.T).to(g.dtype)
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon for the groups marked muon=True, AdamW for the others, in one optimizer so the loop,
-    the schedule (group["lr"] = lr x lr_scale) and checkpoints treat it like any other. A matrix
-    that stacks several (the fused q|k|v projection) says so with a `muon_parts` attribute, its
-    row counts, and each part is orthogonalised apart; an m x n matrix's update is scaled by
-    sqrt(max(1, m/n)) so tall and square matrices take steps of the same RMS. No weight decay on Muon's matrices."""
+class Muon:
+    """Muon for the groups marked muon=True, AdamW for the others (with no Muon group it is AdamW),
+    in one optimizer so the loop, the schedule (group["lr"] = lr x lr_scale) and checkpoints treat
+    it like any other. A matrix that stacks several (the fused q|k|v projection) says so with a
+    `muon_parts` attribute, its row counts, and each part is orthogonalised apart; an m x n matrix's
+    update is scaled by sqrt(max(1, m/n)) so tall and square matrices take steps of the same RMS.
+    No weight decay on Muon's matrices.
+
+    Not a torch.optim.Optimizer: building one of those imports torch._dynamo, 1.5-2 s of every
+    script's start on a CPU (docs/experiments.md). This has what the training loop uses:
+    param_groups, step, zero_grad, and state_dict / load_state_dict in torch's format."""
 
     def __init__(self, params, lr, betas=(0.9, 0.95), momentum=0.95, eps=1e-8):
-        super().__init__(params, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0, muon=False, lr_scale=1.0))
+        defaults = dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0, muon=False, lr_scale=1.0)
+        self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in params]
+        self.state = {}  # parameter -> its momentum (Muon) or its moments and step count (AdamW)
+
+    def parameters(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.parameters():
+            p.grad = None
+
+    def state_dict(self):
+        """Parameters by their place in the groups, as torch's optimizers save them."""
+        index = {p: i for i, p in enumerate(self.parameters())}
+        return {"state": {index[p]: dict(s) for p, s in self.state.items()},
+                "param_groups": [dict(g, params=[index[p] for p in g["params"]]) for g in self.param_groups]}
+
+    def load_state_dict(self, state_dict):
+        saved = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("the saved state's parameter groups differ from this optimizer's")
+        params = self.parameters()
+        self.state = {params[i]: {k: v.to(params[i].device) if torch.is_tensor(v) else v for k, v in s.items()}
+                      for i, s in state_dict["state"].items()}
+        for group, g in zip(self.param_groups, saved):
+            group.update({k: v for k, v in g.items() if k != "params"})
 
     @torch.no_grad()
     def step(self):
@@ -41,7 +71,7 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
+                state = self.state.setdefault(p, {})
                 if group["muon"]:
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)

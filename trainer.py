@@ -193,7 +193,7 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
             model.reader.load_vq(vq)
     model.to(run.device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                           run.device_type, cfg["optimizer"], cfg["muon_lr"])
+                                           cfg["optimizer"], cfg["muon_lr"])
     start = {"iter": 0, "tokens": 0}  # where the loop starts: iteration and tokens trained so far
     if init == "resume":
         try:

@@ -237,7 +237,7 @@ code_class = torch.zeros(vq.cfg.codebook_size, dtype=torch.long)
 code_class[torch.from_numpy(class_codes)] = torch.arange(data.N_OBJECT_CLASSES)
 if args.object_head:  # to score the head, its input (the final hidden states) through a hook on ln_f
     model.ln_f.register_forward_hook(lambda mod, inp, out: state.__setitem__("hidden", out))
-optimizer = model.configure_optimizers(0.1, args.lr, (0.9, 0.95), "cpu", args.optimizer, args.muon_lr)
+optimizer = model.configure_optimizers(0.1, args.lr, (0.9, 0.95), args.optimizer, args.muon_lr)
 
 
 def first_image(idx):

@@ -523,7 +523,7 @@ def test_overfits_one_batch_of_text_and_images(tok, optimizer):
     idx = torch.tensor([ids[:T] for ids, _ in rendered])
     loss_mask = torch.tensor([mask[1:T] for _, mask in rendered])
     assert (idx[:, 1:][loss_mask.bool()] >= tok.image_offset).any()  # supervised image codes too
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu", optimizer=optimizer)
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), optimizer=optimizer)
     first = None
     for step in range(150):
         _, loss = model(idx[:, :-1], idx[:, 1:], loss_mask)
@@ -538,7 +538,7 @@ def test_overfits_one_batch_of_text_and_images(tok, optimizer):
 
 def test_optimizer_groups(tok):
     model = tiny_model(tok)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -547,7 +547,7 @@ def test_optimizer_groups(tok):
 
 def test_muon_groups_cover_every_parameter_once(tok):
     model = tiny_model(tok)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", optimizer="muon", muon_lr=0.02)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), optimizer="muon", muon_lr=0.02)
     muon, decay, no_decay = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert muon["muon"] and muon["lr_scale"] == pytest.approx(20.0)

@@ -30,3 +30,37 @@ def test_muon_orthogonalises_each_stacked_part_apart():
         want = before - 0.1 * scale * torch.cat([optim.newton_schulz(u) for u in update.split(parts)])
         torch.testing.assert_close(w.detach(), want)
         torch.testing.assert_close(plain.detach(), before - 0.1 * scale * optim.newton_schulz(update))
+
+
+def test_state_dict_round_trip_continues_exactly_and_refuses_other_groups():
+    """An optimizer loaded from another's state_dict takes the same next steps; a state with
+    other parameter groups (another optimizer setting) is refused with ValueError."""
+    torch.manual_seed(0)
+    w0, b0 = torch.randn(8, 4), torch.randn(4)
+    grads = [(torch.randn(8, 4), torch.randn(4)) for _ in range(4)]
+
+    def run(steps, opt_from=None):
+        w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+        opt = optim.Muon([{"params": [w], "muon": True}, {"params": [b], "weight_decay": 0.1}], lr=0.05)
+        if opt_from is not None:
+            opt.load_state_dict(opt_from[0].state_dict())
+            with torch.no_grad():
+                w.copy_(opt_from[1]), b.copy_(opt_from[2])
+        for gw, gb in steps:
+            w.grad, b.grad = gw.clone(), gb.clone()
+            opt.step()
+            opt.zero_grad()
+            assert w.grad is None
+        return opt, w.detach(), b.detach()
+
+    _, w_all, b_all = run(grads)
+    half = run(grads[:2])
+    _, w_resumed, b_resumed = run(grads[2:], opt_from=half)
+    assert torch.equal(w_all, w_resumed) and torch.equal(b_all, b_resumed)
+    other = optim.Muon([{"params": [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]}], lr=0.05)
+    try:
+        other.load_state_dict(half[0].state_dict())
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a state of other groups was loaded")
