@@ -178,10 +178,10 @@ def place_targets(splits, n_image_tokens, object_head=False, depth_head=False, r
     """({split: data.place_labels}, {split: data.place_coverage}) for load_split's splits, each {}
     when its loss is off: what stage1_batch's places= and coverage= take."""
     side = math.isqrt(n_image_tokens)
-    places = ({s: data.place_labels(sp, side, object_head, depth_head) for s, sp in splits.items()}
+    coverage = {s: data.place_coverage(sp["seg"], side) for s, sp in splits.items()} if object_head or refer_heads else {}
+    places = ({s: data.place_labels(sp, side, object_head, depth_head, coverage.get(s)) for s, sp in splits.items()}
               if object_head or depth_head else {})
-    coverage = {s: data.place_coverage(sp["seg"], side) for s, sp in splits.items()} if refer_heads else {}
-    return places, coverage
+    return places, coverage if refer_heads else {}
 
 
 def vqa_rows(tok, questions, codes, blind=False):

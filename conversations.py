@@ -184,8 +184,8 @@ def build_traces(split, tools="all", reading="values"):
     readings, out = {}, []
     for q in split["questions"]:
         s = q["scene"]
-        if s not in readings:
-            readings[s] = map_readings(split["depth"][s], split["seg"][s])
+        if s not in readings:  # a brief trace reads nothing off its maps
+            readings[s] = map_readings(split["depth"][s], split["seg"][s]) if reading == "values" else {}
         conv = trace_conversation(q, split["scenes"][s], readings[s], tools, reading)
         used = [p["tool"] for p in conv[-1]["content"] if "tool" in p]
         out.append({"scene": s, "category": q["category"], "kind": q["kind"], "tool": used[0] if used else "none",

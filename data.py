@@ -370,13 +370,13 @@ def place_coverage(seg, side):
     return np.stack([(blocks == k).sum(-1, dtype=np.int32) for k in range(len(SEG_PALETTE))], -1)
 
 
-def place_objects(seg, scenes, side):
+def place_objects(seg, scenes, side, coverage=None):
     """(N, side²) int64: at each place of a side×side grid over the (N, H, W) segmentations, the
     class (1 + colour * 3 + shape) of the object covering most of its pixels, if that is at least a
     quarter of them, else 0; -1 for a scene whose objects carry no colour and shape (manifest data).
-    The object head's targets (model.py)."""
+    The object head's targets (model.py). coverage: place_coverage(seg, side), if already at hand."""
     n, p = len(seg), seg.shape[1] // side
-    counts = place_coverage(seg, side)
+    counts = place_coverage(seg, side) if coverage is None else coverage.copy()  # the sky and ground are zeroed below
     counts[..., :2] = 0  # sky and ground
     lut = np.zeros((n, len(SEG_PALETTE)), dtype=np.int64)
     for i, g in enumerate(scenes):
@@ -406,12 +406,12 @@ def place_depths(depth, scenes, side):
     return bins
 
 
-def place_labels(split, side, objects=True, depths=False):
+def place_labels(split, side, objects=True, depths=False, coverage=None):
     """(N, side², heads): the place heads' labels for a loaded split (load_split), in the model's
-    order (object, then depth)."""
+    order (object, then depth). coverage: as place_objects takes it."""
     cols = []
     if objects:
-        cols.append(place_objects(split["seg"], split["scenes"], side))
+        cols.append(place_objects(split["seg"], split["scenes"], side, coverage))
     if depths:
         cols.append(place_depths(split["depth"], split["scenes"], side))
     return np.stack(cols, -1)

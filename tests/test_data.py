@@ -423,6 +423,9 @@ def test_place_objects_names_the_object_covering_most_of_each_place():
     assert labels[0].tolist() == [red_sphere, 0, 0, white_cube]
     assert labels[1].tolist() == [-1] * 4
     assert labels.max() < data.N_OBJECT_CLASSES
+    coverage = data.place_coverage(seg, 2)
+    given = data.place_objects(seg, scenes, 2, coverage)  # the coverage passed in, as place_targets does
+    assert np.array_equal(given, labels) and np.array_equal(coverage, data.place_coverage(seg, 2))  # and left as it was
 
 
 def test_referent_places_are_what_a_questions_objects_cover():
