@@ -270,7 +270,8 @@ def bench_rl():
 # python bench.py learn --arm=maps --minutes=5: every key below is a --key=value override. The
 # defaults are the design that learns fastest so far (docs/experiments.md, "Shape is the missing
 # percept"): objects nearer and only larger ones named, so their shape survives the VQ; a 4×128
-# model with Muon; the object head, the referring loss and the pixel reader on the photo's own
+# model with one key/value head for its four query heads, trained with Muon; the object head, the
+# depth head at a quarter of its loss, the referring loss and the pixel reader on the photo's own
 # pixels ("The image reader on the question image's own pixels"); 7 questions an image;
 # batches of 4 sequences (more steps for the same tokens: "Small batches" in the notes).
 LEARN = dict(
@@ -291,10 +292,10 @@ LEARN = dict(
     practice_weights={},  # {category: w}: the fresh questions' categories drawn in proportion to w (1 if not named)
     branched=False,  # True: packed questions each see the image and only their own turn (batches.branched_row)
     map_questions=False,  # True: depth, seg and chain examples ask questions after their maps too (arm=maps; batches.py)
-    n_layer=4, n_head=4, n_kv_head=0, n_embd=128, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
+    n_layer=4, n_head=4, n_kv_head=1, n_embd=128, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=True,  # True: a head names the object at each RGB place, its loss added (model.py)
-    depth_head=False,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
+    depth_head=True,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
     depth_head_weight=0.25,  # the depth head's loss is scaled by this (model.py, "Place heads")
     refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
     pointer=False,  # True: what each referring head brings back must say where it looked (model.py, "Referring")

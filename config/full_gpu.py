@@ -10,7 +10,7 @@
 # Costs are FLOP-count estimates (6·N·tokens at ~40% of 8×H100 bf16 peak), not measurements.
 _data, _out = "data/full", "out/full"
 _vq = _out + "/vqgan/ckpt.pt"
-_model = dict(n_layer=16, n_head=16, n_embd=1024, block_size=4096, compile=True)  # ~200M parameters
+_model = dict(n_layer=16, n_head=16, n_kv_head=4, n_embd=1024, block_size=4096, compile=True)  # ~200M parameters; a K/V head for 4 query heads, as in the tiny preset
 
 data = dict(out_dir=_data, image_size=256, manifest="real/{split}.jsonl")
 tokenizer = dict(data_dir=_data, vocab_size=8192)

@@ -6,7 +6,7 @@
 # Costs are estimates from FLOP counts (6·N·tokens at ~40% of an A100's bf16 peak), not measurements.
 _data, _out = "data/small", "out/small"
 _vq = _out + "/vqgan/ckpt.pt"
-_model = dict(n_layer=8, n_head=8, n_embd=512, block_size=1024, compile=True)  # ~25M parameters
+_model = dict(n_layer=8, n_head=8, n_kv_head=2, n_embd=512, block_size=1024, compile=True)  # ~25M parameters; a K/V head for 4 query heads
 
 data = dict(out_dir=_data, n_train=50000, n_val=1000, n_test=2000, image_size=128)  # ~4 min on one core
 tokenizer = dict(data_dir=_data, vocab_size=2048)
