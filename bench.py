@@ -231,6 +231,8 @@ def bench_rl():
     be identical, and the ratio of the two times is what sharing the prefill saves."""
     import numpy as np
     import torch
+    import batches
+    import data
     import prepare
     import rl
     import sampler
@@ -243,17 +245,18 @@ def bench_rl():
                          f"(or train_stage2.py) first")
     tok, _, codes, questions, _ = prepare.stage_data(cfg["data_dir"], cfg["vq_ckpt"], splits=("train",))
     model = trainer.load_model(ckpt)[0]
+    rgb = data.load_split(cfg["data_dir"], "train")["rgb"] if model.config.reader_pixels else None
     n_image = codes["train"].shape[-1]
     rng = np.random.default_rng(0)
     picks = [[questions["train"][i] for i in rng.integers(len(questions["train"]), size=cfg["prompts_per_batch"])]
              for _ in range(3)]
     t0 = time.perf_counter()
-    out = [rl.rollouts(model, tok, picked, codes["train"], n_image, cfg, seed) for seed, picked in enumerate(picks)]
+    out = [rl.rollouts(model, tok, picked, codes["train"], n_image, cfg, seed, rgb) for seed, picked in enumerate(picks)]
     dt = time.perf_counter() - t0
     n_rollouts, n_tokens = sum(len(o[0]) for o in out), sum(int(o[2].lengths.sum()) for o in out)
+    qs, prompts, gen, _, _ = out[0]
     kw = dict(max_new_tokens=cfg["max_new_tokens"], n_image_tokens=n_image, temperature=cfg["temperature"],
-              tools=cfg["tools"] == "all")
-    _, prompts, gen, _, _ = out[0]
+              tools=cfg["tools"] == "all", rgb=batches.scene_pictures(rgb, qs))
     times = {}
     for share in (True, False):
         t0 = time.perf_counter()
