@@ -39,7 +39,7 @@ class GPTConfig:
     vocab_size: int = 1551  # tok.vocab_size: text + special + image codes
     n_layer: int = 4
     n_head: int = 4
-    n_kv_head: int = 0  # keys and values heads; 0: n_head. Fewer: grouped-query attention (see "Attention")
+    n_kv_head: int = 0  # key/value heads; 0: n_head. Fewer: grouped-query attention (see "Attention")
     n_embd: int = 256
     dropout: float = 0.0
     attn_impl: str = "auto"  # "sdpa" | "triton" (kernels.py) | "math" | "auto": triton on CUDA, sdpa otherwise
