@@ -340,7 +340,7 @@ def bench_learn(argv=()):
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     n_image = codes["train"].shape[-1]
     targets = {k: cfg[k] for k in ("object_head", "depth_head", "refer_heads")}
-    reads_pixels = cfg["image_reader"] and cfg["reader_pixels"]
+    reads_pixels = trainer.reads_pixels(cfg)
     splits = {s: data.load_split(cfg["data_dir"], s)  # each split read once: for the place labels or pixels, val for the maps
               for s in ("train", "val") if any(targets.values()) or reads_pixels or (s == "val" and cfg["arm"] == "maps")}
     rgb = {s: sp["rgb"] for s, sp in splits.items()} if reads_pixels else None

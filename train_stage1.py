@@ -111,7 +111,7 @@ if __name__ == "__main__":
     weights = {"vqa": vqa_weight, "depth": depth_weight if aux else 0, "seg": seg_weight if aux else 0,
                "chain": chain_weight if aux else 0}
 
-    reads_pixels = image_reader and reader_pixels
+    reads_pixels = trainer.reads_pixels(config)
     splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels or pixels
               for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads or reads_pixels}
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(data_dir, s) for s in ("train", "val")}

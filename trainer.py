@@ -146,6 +146,12 @@ def load_model(path, device="cpu", attn_impl=None):
     return model.to(device).eval(), ckpt
 
 
+def reads_pixels(cfg):
+    """Whether a model built from cfg reads its question images' own pixels: reader_pixels says how
+    the image reader reads, so without image_reader there is nothing that reads them."""
+    return bool(cfg.get("image_reader") and cfg.get("reader_pixels"))
+
+
 def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
     """(model, optimizer, start) from init_from: scratch, resume (out_dir/ckpt.pt), or the
     path of a previous stage's checkpoint (weights only; a fresh optimizer and schedule). The
@@ -175,7 +181,7 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           depth_bins=data.N_DEPTH_BINS if cfg.get("depth_head") else 0,
                           depth_head_weight=float(cfg.get("depth_head_weight", 1.0)),
                           reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None,
-                          reader_pixels=bool(cfg.get("image_reader") and cfg.get("reader_pixels")),  # how the reader reads
+                          reader_pixels=reads_pixels(cfg),
                           pointer=bool(cfg.get("pointer")), refer_layer=int(cfg.get("refer_layer", -1)))
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():
