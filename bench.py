@@ -307,8 +307,9 @@ LEARN = dict(
     refer_options=False,  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
     image_reader=True,  # True: the RGB is also read as pixels through a conv stem, VQ-decoded unless reader_pixels (model.py)
     reader_pixels=True,  # True: the reader reads the question image's own pixels, not its decoded codes (model.py)
-    batch_size=4, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20, weight_decay=0.1,
-    beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="muon", muon_lr=0.05, seed=1337, device="auto", compile=False, log_interval=20,
+    batch_size=4, grad_accum=1, learning_rate=1e-3, min_lr=1e-4, warmup_iters=20,
+    warmdown=0.0,  # > 0: the peak lr held, then a straight fall to min_lr over this last share (trainer.lr_at); 0: cosine
+    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="muon", muon_lr=0.05, seed=1337, device="auto", compile=False, log_interval=20,
     eval_iters=0, peak_tflops=0.0, init_from="scratch",
 )
 

@@ -20,7 +20,7 @@ advantages, old log-probs, reward statistics), the stats (floats) join the log l
 metrics.jsonl, and `steps_per_batch` takes several optimizer steps on each iteration's batches.
 
 The loop reads its settings from the script's config dict: out_dir, init_from, seed, device,
-compile, attn_impl, max_iters, batch_size, grad_accum, learning_rate, min_lr, warmup_iters,
+compile, attn_impl, max_iters, batch_size, grad_accum, learning_rate, min_lr, warmup_iters, warmdown (optional),
 weight_decay, beta1, beta2, grad_clip, log_interval, eval_interval, eval_iters, peak_tflops, and
 for a model trained from scratch n_layer, n_head, n_kv_head (optional), n_embd, block_size, dropout, grid_rope,
 grid_prior. Each stage script sets them at its top, where `--help` lists them.
@@ -96,9 +96,14 @@ def peak_flops(run, configured_tflops):
 
 
 def lr_at(it, cfg):
-    """Linear warm-up, then cosine decay to min_lr at max_iters."""
+    """Linear warm-up, then cosine decay to min_lr at max_iters; or, with cfg["warmdown"] > 0, the
+    peak held until that last share of the run and a straight fall to min_lr over it (the
+    trapezoid nanochat and modded-nanogpt use for short runs)."""
     if it < cfg["warmup_iters"]:
         return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
+    if cfg.get("warmdown", 0) > 0:
+        left = (cfg["max_iters"] - it) / max(1, cfg["warmdown"] * cfg["max_iters"])
+        return cfg["min_lr"] + min(1.0, max(left, 0.0)) * (cfg["learning_rate"] - cfg["min_lr"])
     progress = (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"])
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg["learning_rate"] - cfg["min_lr"])
 

@@ -140,3 +140,10 @@ def test_lr_schedule():
     cfg = dict(warmup_iters=10, max_iters=110, learning_rate=1.0, min_lr=0.1)
     assert trainer.lr_at(0, cfg) == pytest.approx(0.1) and trainer.lr_at(9, cfg) == pytest.approx(1.0)
     assert trainer.lr_at(60, cfg) == pytest.approx(0.55) and trainer.lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_lr_warmdown_holds_the_peak_then_falls_straight():
+    cfg = dict(warmup_iters=10, max_iters=110, learning_rate=1.0, min_lr=0.1, warmdown=0.5)
+    assert trainer.lr_at(9, cfg) == pytest.approx(1.0) and trainer.lr_at(55, cfg) == pytest.approx(1.0)
+    assert trainer.lr_at(82.5, cfg) == pytest.approx(0.55) and trainer.lr_at(110, cfg) == pytest.approx(0.1)
+    assert trainer.lr_at(200, cfg) == pytest.approx(0.1)  # past the end it stays at the floor
