@@ -282,7 +282,7 @@ LEARN = dict(
     far=6.0, min_visible=48,  # the scenes' settings (data.SceneConfig's defaults, the tiny preset's)
     vq_ckpt="out/vqgan/ckpt.pt",  # the tiny preset's VQ (trained first if missing)
     out_dir="out/learn",
-    arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1)
+    arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1); blind: the blind baseline alone
     blind=True,  # also train the blind baseline: the same VQA batches without the image
     minutes=30.0,  # the arm's training budget, timed from whole steps (evaluations and the blind baseline come on top)
     tokens=0,  # > 0: the budget in tokens instead
@@ -332,8 +332,8 @@ def bench_learn(argv=()):
     from configurator import configure
     from report import line_chart
     cfg = configure(dict(LEARN), section="learn", argv=list(argv))
-    if cfg["arm"] not in ("rgb", "maps"):
-        raise SystemExit(f"config error: arm must be rgb or maps, got {cfg['arm']!r}")
+    if cfg["arm"] not in ("rgb", "maps", "blind"):
+        raise SystemExit(f"config error: arm must be rgb, maps or blind, got {cfg['arm']!r}")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1))))
     t_start = time.time()
     data.prepare(cfg["data_dir"], n_val=600, n_test=200, far=cfg["far"], min_visible=cfg["min_visible"])  # built once
@@ -418,27 +418,32 @@ def bench_learn(argv=()):
         del model, optimizer
     print(f"learn: arm {cfg['arm']}, {max_iters} iterations (~{max_iters * per_iter / 1e6:.2f}M tokens), "
           f"{len(eval_qs)} val questions ({cfg['per_category']} a category)")
-    curve, last = train_arm(cfg["arm"], False, max_iters)
+    if cfg["arm"] == "blind":  # the baseline alone, for as many iterations as the rgb arm would train
+        curve, blind_last = train_arm("blind", True, max_iters)
+        last = {**blind_last, "tokens": curve[-1]["tokens"]}
+    else:
+        curve, last = train_arm(cfg["arm"], False, max_iters)
+        blind_last = {}
     minutes = (time.time() - t_start) / 60
-    blind_last = {}
-    if cfg["blind"]:  # as many VQA batches as the arm saw
+    if cfg["blind"] and cfg["arm"] != "blind":  # as many VQA batches as the arm saw
         vqa_share = cfg["vqa_weight"] / sum(weights.values())
         _, blind_last = train_arm("blind", True, max(cfg["evals"], round(max_iters * vqa_share)))
 
-    out = {"learn_arm": cfg["arm"], "learn_tokens": last["tokens"], "learn_iters": max_iters,
-           "learn_minutes": round(minutes, 2), "learn_questions_per_category": min(len(v) for v in by_cat.values())}
+    key = "learn_blind_" if cfg["arm"] == "blind" else "learn_"  # a blind arm alone keeps the rgb arm's keys in bench.json
+    out = {"learn_arm": cfg["arm"], f"{key}tokens": last["tokens"], f"{key}iters": max_iters,
+           f"{key}minutes": round(minutes, 2), "learn_questions_per_category": min(len(v) for v in by_cat.values())}
     print(f"\n{'category':<18}{'chance':>8}{'blind':>8}{'arm':>8}   (val, direct answers)")
     for cat in cats:
         ch = float(np.mean([chance(eval_qs[k]) for k in by_cat[cat]]))
-        out[f"learn_{cat}"] = round(last[f"acc_{cat}"], 4)
+        out[f"{key}{cat}"] = round(last[f"acc_{cat}"], 4)
         out[f"learn_chance_{cat}"] = round(ch, 4)
-        if blind_last:
+        if blind_last and cfg["arm"] != "blind":
             out[f"learn_blind_{cat}"] = round(blind_last[f"acc_{cat}"], 4)
         print(f"{cat:<18}{ch:>8.3f}{blind_last.get(f'acc_{cat}', float('nan')):>8.3f}{last[f'acc_{cat}']:>8.3f}")
     for k in ("map_object_depth_absrel", "map_seg_miou_matched"):
         if k in last:
             out[f"learn_{k}"] = round(last[k], 4)
-    out["learn_curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in curve]
+    out[f"{key}curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in curve]
     series = {cat: [(r["tokens"] / 1e6, r[f"acc_{cat}"] - out[f"learn_chance_{cat}"]) for r in curve] for cat in cats}
     png = os.path.join(cfg["out_dir"], "learn_curve.png")
     line_chart(png, series, f"{cfg['arm']}: accuracy - chance by M tokens", size=(480, 260))
