@@ -85,6 +85,7 @@ grad_accum = 1
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 50
+warmdown = 0.4  # > 0: the peak lr held, then a straight fall to min_lr over this last share of the run; 0: cosine (every category + 0.01–0.045, docs/experiments.md)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
