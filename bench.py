@@ -281,7 +281,8 @@ def bench_rl():
 # python bench.py learn --arm=maps --minutes=5: every key below is a --key=value override. The
 # defaults are the design that learns fastest so far (docs/experiments.md, "Shape is the missing
 # percept"): objects nearer and only larger ones named, so their shape survives the VQ; a 4×128
-# model with one key/value head for its four query heads, trained with Muon; the object head, the
+# model with one key/value head for its four query heads, trained with Muon at a rate held, then
+# falling over the last 40% ("The peak learning rate held …"); the object head, the
 # depth head at a quarter of its loss, the referring loss and the pixel reader on the photo's own
 # pixels ("The image reader on the question image's own pixels"); 7 questions an image;
 # batches of 4 sequences (more steps for the same tokens: "Small batches" in the notes).
