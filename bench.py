@@ -206,20 +206,18 @@ def bench_sampler():
 
     dt_recompute, dt_cache = _median_times([recompute, cached], 1)
     prompts = [prompt(n) for n in range(80, 151, 10)]
-    batch_out = None
 
-    def batched():
-        nonlocal batch_out
-        batch_out = generate(model, tok, prompts, 128, **kw)
+    def batch_times(m):
+        """(seconds for the 8 prompts in one batch, one at a time; the batch's new tokens) on model m."""
+        out = []
+        times = _median_times([lambda: out.append(generate(m, tok, prompts, 128, **kw)),
+                               lambda: [generate(m, tok, [p], 128, **kw) for p in prompts]], 3)
+        return (*times, int(out[-1].lengths.sum()))
 
-    dt_batched, dt_sequential = _median_times(
-        [batched, lambda: [generate(model, tok, [p], 128, **kw) for p in prompts]], 3)
-    n_batch = int(batch_out.lengths.sum())
+    dt_batched, dt_sequential, n_batch = batch_times(model)
     # the same with one key/value head for the four query heads, as the presets now have: each row's
     # cache is a quarter the size, and reading it is what batching cannot share
-    model = GPT(dataclasses.replace(config, n_kv_head=1)).eval()
-    dt_batched_kv1, dt_sequential_kv1 = _median_times(
-        [batched, lambda: [generate(model, tok, [p], 128, **kw) for p in prompts]], 3)
+    dt_batched_kv1, dt_sequential_kv1, _ = batch_times(GPT(dataclasses.replace(config, n_kv_head=1)).eval())
     return {"sample_kv_tok_per_s": round(n_new / dt_cache, 1),
             "sample_recompute_tok_per_s": round(n_new / dt_recompute, 1),
             "kv_cache_speedup": round(dt_recompute / dt_cache, 1),
@@ -427,13 +425,10 @@ def bench_learn(argv=()):
         del model, optimizer
     print(f"learn: arm {cfg['arm']}, {max_iters} iterations (~{max_iters * per_iter / 1e6:.2f}M tokens), "
           f"{len(eval_qs)} val questions ({cfg['per_category']} a category)")
-    if cfg["arm"] == "blind":  # the baseline alone, for as many iterations as the rgb arm would train
-        curve, blind_last = train_arm("blind", True, max_iters)
-        last = {**blind_last, "tokens": curve[-1]["tokens"]}
-    else:
-        curve, last = train_arm(cfg["arm"], False, max_iters)
-        blind_last = {}
+    # arm=blind: the baseline alone, for as many iterations as the rgb arm would train
+    curve, last = train_arm(cfg["arm"], cfg["arm"] == "blind", max_iters)
     minutes = (time.time() - t_start) / 60
+    blind_last = {}
     if cfg["blind"] and cfg["arm"] != "blind":  # as many VQA batches as the arm saw
         vqa_share = cfg["vqa_weight"] / sum(weights.values())
         _, blind_last = train_arm("blind", True, max(cfg["evals"], round(max_iters * vqa_share)))
@@ -446,7 +441,7 @@ def bench_learn(argv=()):
         ch = float(np.mean([chance(eval_qs[k]) for k in by_cat[cat]]))
         out[f"{key}{cat}"] = round(last[f"acc_{cat}"], 4)
         out[f"learn_chance_{cat}"] = round(ch, 4)
-        if blind_last and cfg["arm"] != "blind":
+        if blind_last:
             out[f"learn_blind_{cat}"] = round(blind_last[f"acc_{cat}"], 4)
         print(f"{cat:<18}{ch:>8.3f}{blind_last.get(f'acc_{cat}', float('nan')):>8.3f}{last[f'acc_{cat}']:>8.3f}")
     for k in ("map_object_depth_absrel", "map_seg_miou_matched"):
