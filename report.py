@@ -221,7 +221,7 @@ def write(report_dir, done, data_dir, n_questions, roots, evaluated):
     report = [
         "# nanoCOOPER report", "",
         f"Test split of `{data_dir}`: {n_questions} questions balanced over categories, {len(roots)} seed(s) "
-        f"({', '.join(roots)}); text decoded greedily, map codes sampled at temperature 1 (`eval.DECODE`). "
+        f"({', '.join(roots)}); text decoded greedily, map codes sampled at temperature 0.5 (`eval.DECODE`). "
         f"Accuracy in % (mean ± standard error{' over seeds' if len(roots) > 1 else ' over questions'}); "
         "numbers are MRA (and δ<2 in the last columns), choices/yes-no/counts exact match. "
         "The paper's columns are its benchmarks, not these: compare directions, not levels.", "",

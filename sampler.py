@@ -144,7 +144,8 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     temperature 0 is greedy; top_k / top_p restrict sampling after the grammar's masks.
     image_temperature, if given, is used for the codes of images instead: greedy decoding of a
     code grid picks each place's single likeliest code, and a small object's mass is spread over
-    many codes, so greedy maps come out as bare ground and sky (evaluation draws maps at 1.0).
+    many codes, so a weak model's greedy maps come out as bare ground and sky (evaluation draws
+    maps at 0.5: eval.DECODE).
     Randomness comes from `generator` if given, else a fresh torch.Generator seeded with `seed`, else torch's
     global generator. Returns a Generation. Its logprobs are the model's own log-probabilities at
     temperature 1 before any mask, i.e. exactly what model.token_logprobs gives for the same
