@@ -62,7 +62,7 @@ def branched_row(rows):
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
                  places=None, practice="file", branched=False, coverage=None, refer_heads=0, choose=False,
-                 refer_options=False, map_questions=False, practice_weights=None, rgb=None):
+                 refer_options=False, map_questions=False, practice_weights=None, rgb=None, numbers=False):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
@@ -90,7 +90,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     up to per_image - 1 more after its own (drawn fresh from the scene), so that every example
     trains answering, not only the VQA kind's; such a batch's loss mask weighs its text (the
     answers) as much as its map codes in all. rgb (the split's pictures) adds "rgb", each row's
-    scene's picture, for a model that reads the question image's pixels (model.py, "Image reader")."""
+    scene's picture, for a model that reads the question image's pixels (model.py, "Image reader").
+    numbers=True adds "numbers", the number head's targets (number_targets), to the rows that ask."""
     kinds, w = zip(*[(k, v) for k, v in weights.items() if v > 0])
     kind = rng.choice(kinds, p=np.array(w) / sum(w))
     has = lambda i, m: scenes is None or scenes[i].get(f"has_{m}", True)
@@ -166,6 +167,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         covs = [coverage[s] for s in row_scenes] if refer_heads else None
         graphs = [scenes[s] for s in row_scenes] if refer_options else None
         extra.update(refer_targets(tok, x, m, row_qs, covs, refer_heads, choose, graphs))
+    if numbers and (kind == "vqa" or map_questions):
+        extra["numbers"] = number_targets(tok, x, m, row_qs)
     if map_questions and kind != "vqa":  # the batch's loss is a mean over its supervised tokens: without
         is_code = y >= tok.image_offset  # this its ~150 map codes a row would drown its ~7 answer tokens
         text, drawn = (m > 0) & ~is_code, (m > 0) & is_code
@@ -235,6 +238,18 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
     return out
 
 
+def number_targets(tok, x, m, row_qs):
+    """(B, T) float: at each number question's <answer> in rows x (loss mask m) asking row_qs, the
+    log of its answer in metres (sizes are asked in centimetres); NaN elsewhere (model.py, "Numbers")."""
+    out = torch.full(x.shape, float("nan"))
+    for r, qs in enumerate(row_qs):
+        starts = ((x[r] == tok.answer) & (m[r] == 1)).nonzero().flatten().tolist()
+        for q, at in zip(qs, starts):
+            if q["answer_type"] == "number":
+                out[r, at] = math.log(max(q["value"], 1e-3) / (100 if q["unit"] == "cm" else 1))
+    return out
+
+
 def copied_words(tok, row, answer_at, q, options):
     """[(position, word)]: for a multiple-choice question q whose <answer> is at answer_at in row,
     each position predicting its answer's second word on, and the token of the question (among
@@ -275,7 +290,7 @@ def load_traces(split, tools, seed=0, reading="values"):
 def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage, blind=False, rgb=None):
     """get_batch(split, rng) over stage1_batch with a script's options: cfg's batch_size,
     block_size, questions_per_image, practice, practice_weights, branched, refer_heads, choose,
-    refer_options and map_questions; codes, questions, scenes, places and coverage by split (place_targets' dicts),
+    refer_options, map_questions and number_weight; codes, questions, scenes, places and coverage by split (place_targets' dicts),
     and rgb, the splits' pictures, for a model that reads them (reader_pixels; None: not sent).
     train_stage1.py's batches, and bench.py learn's (blind=True: its blind model's, no image and no
     place labels)."""
@@ -286,7 +301,7 @@ def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage
                             branched=cfg["branched"], coverage=coverage.get(split), refer_heads=cfg["refer_heads"],
                             choose=cfg["choose"], refer_options=cfg["refer_options"],
                             map_questions=cfg["map_questions"] and not blind, practice_weights=cfg["practice_weights"],
-                            rgb=None if rgb is None else rgb[split])
+                            rgb=None if rgb is None else rgb[split], numbers=cfg.get("number_weight", 0) > 0)
     return get_batch
 
 

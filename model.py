@@ -57,6 +57,7 @@ class GPTConfig:
     reader_pixels: bool = False  # the reader reads the first image's true pixels, passed as rgb= (see "Image reader")
     pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
     refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
+    number_weight: float = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (see "Numbers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +115,12 @@ class GPTConfig:
 # bringing back where it is). (Asked with letters, "(A) the red cube (B) the blue sphere" -> "B",
 # the heads found the nearer object and the answer still stayed at chance: nothing taught the
 # lookup from the object found back to its letter. docs/experiments.md.)
+#
+# Numbers. A number answer is learned from its digits' cross entropy, which scores "1.9 m" as wrong
+# for 2.0 m as for 9.0 m: nothing says how near a guess was, and a distance between two objects
+# stays at its prior. With number_weight > 0, a linear head on the final hidden state where a number
+# answer begins (the position predicting its first digit) regresses the answer's log value in
+# metres, squared error, so the state that writes the digits is taught the magnitude smoothly.
 #
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
@@ -475,6 +482,8 @@ class GPT(nn.Module):
             self.object_head = nn.Linear(config.n_embd, config.object_classes)
         if config.depth_bins:
             self.depth_head = nn.Linear(config.n_embd, config.depth_bins)
+        if config.number_weight:
+            self.number_head = nn.Linear(config.n_embd, 1)
         if config.reader_vq:
             self.reader = ImageReader(config.reader_vq, config.n_embd)
         if config.pointer:  # per head: its value space -> (row, col)
@@ -510,7 +519,7 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, places=None, branches=None, refer_at=None, refer=None,
-                choose=None, rgb=None):
+                choose=None, rgb=None, numbers=None):
         """idx (B, T) -> (logits (B, T, V), loss). loss is the mean cross entropy over positions,
         weighted by loss_mask (0: none, 1 as a rule; all positions alike if no mask), or None
         without targets. With a loss_mask, targets or not, logits are (N, V): those of the N
@@ -526,7 +535,9 @@ class GPT(nn.Module):
         with refer_at, choose (B, entries, T), the question's word each position's answer word
         copies, adds the choosing loss (see "Choosing"). rgb (B, H, W, 3) uint8, each row's question
         image as pixels (rows that start no image in this call: anything), is what a reader_pixels
-        model reads (see "Image reader"); other models ignore it."""
+        model reads (see "Image reader"); other models ignore it. numbers (B, T), the log value in
+        metres of the number answer each position begins (NaN: none), adds the number head's loss
+        (see "Numbers"); a model without one ignores it."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
@@ -598,6 +609,11 @@ class GPT(nn.Module):
             last = self.blocks[-1]
             q, k, _ = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
             loss = loss + self.choose_loss(q, repeat_kv(k, q.size(1)), mask, refer_at, choose)
+        if numbers is not None and self.config.number_weight:
+            has = ~numbers.isnan()
+            if has.any():
+                guess = self.number_head(x[has]).squeeze(-1).float()
+                loss = loss + self.config.number_weight * F.mse_loss(guess, numbers[has].float())
         return logits, loss
 
     def place_heads(self):

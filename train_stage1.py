@@ -70,6 +70,7 @@ code_patches = False  # True: each code's mean pixel patch joins its embedding (
 object_head = True  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
 depth_head = True  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads"): size and distance + 0.04–0.07
 depth_head_weight = 0.25  # the depth head's loss is scaled by this: a quarter keeps most of its size gain at a third of its cost (docs/experiments.md)
+number_weight = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (model.py, "Numbers")
 refer_heads = 2  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
 pointer = False  # True: what each referring head brings back must say where it looked (model.py, "Referring")
 refer_layer = -1  # the block whose heads the referring loss teaches (-1: the last)
