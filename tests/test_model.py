@@ -284,6 +284,28 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
         model(idx, targets, loss_mask, places=places[..., :1])
 
 
+def test_number_loss_is_its_weight_times_the_squared_error_where_numbers_are_marked(tok):
+    """With number_weight, the number head adds weight × the mean squared error between its output
+    at the marked positions (final hidden state) and their targets; NaN marks nothing, all-NaN
+    and numbers=None leave the loss as it was, and a model without the head ignores them."""
+    model = tiny_model(tok, number_weight=0.5)
+    ids, mask = mixed_sequence(tok, 3)
+    idx, targets, loss_mask = torch.tensor([ids[:-1]] * 2), torch.tensor([ids[1:]] * 2), torch.tensor([mask[1:]] * 2)
+    numbers = torch.full(idx.shape, float("nan"))
+    numbers[0, 5], numbers[1, 9], numbers[1, 20] = 0.7, -1.2, 2.0
+    _, plain = model(idx, targets, loss_mask)
+    _, with_numbers = model(idx, targets, loss_mask, numbers=numbers)
+    hidden = {}
+    model.ln_f.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+    model(idx)
+    h = hidden["h"]
+    guess = model.number_head(torch.stack([h[0, 5], h[1, 9], h[1, 20]])).squeeze(-1)
+    torch.testing.assert_close(with_numbers - plain, 0.5 * ((guess - torch.tensor([0.7, -1.2, 2.0])) ** 2).mean())
+    torch.testing.assert_close(model(idx, targets, loss_mask, numbers=torch.full_like(numbers, float("nan")))[1], plain)
+    without = tiny_model(tok)
+    torch.testing.assert_close(without(idx, targets, loss_mask, numbers=numbers)[1], without(idx, targets, loss_mask)[1])
+
+
 def attention_seen(monkeypatch):
     """A list that every attention call appends its (q, k, v) to, in layer order."""
     seen, real_attend = [], model_module.attend

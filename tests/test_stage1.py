@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -327,6 +329,33 @@ def test_refer_targets_mark_each_answer_and_the_places_of_its_objects(setup, dat
     assert len(blind) == 3 and len(maps) == 3
     with pytest.raises(ValueError, match="coverage"):
         batches.stage1_batch(tok, codes, qs, np.random.default_rng(1), 4, 1024, w, scenes, refer_heads=2)
+
+
+def test_number_targets_hold_each_number_answers_log_metres_at_its_answer(setup, data_dir):
+    """number_targets: at each number question's <answer> in a packed row, the log of its answer in
+    metres (a height in cm divided by 100); NaN everywhere else, a choice question's <answer> too.
+    stage1_batch brings them with numbers=True, blind rows included, and not otherwise."""
+    import conversations
+    tok, codes, qs = setup
+    scenes = data.load_scenes(data_dir, "train")
+    s = next(s for s in range(40) if {"m", "cm"} <= {q.get("unit") for q in qs if q["scene"] == s}
+             and any(q["answer_type"] != "number" for q in qs if q["scene"] == s))
+    asked = [q for q in qs if q["scene"] == s][:6]
+    x, y, m = batches.make_batch(tok, [tok.render_conversation(conversations.packed_vqa(asked), batches.scene_codes(codes, s))], 1024)
+    t = batches.number_targets(tok, x, m, [asked])
+    at = (x[0] == tok.answer).nonzero().flatten().tolist()
+    want = [math.log(q["value"] / (100 if q["unit"] == "cm" else 1)) if q["answer_type"] == "number" else None for q in asked]
+    assert len(at) == len(asked) and any(w is None for w in want) and sum(w is not None for w in want) >= 2
+    for pos, w in zip(at, want):
+        assert (math.isnan(t[0, pos]) if w is None else abs(t[0, pos].item() - w) < 1e-6)
+    assert int((~t.isnan()).sum()) == sum(w is not None for w in want)
+    for blind in (False, True):
+        b = batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 8, 1024, {"vqa": 1.0}, scenes, blind=blind,
+                                 per_image=3, practice="scene", numbers=True)
+        n_numbers = (~b[3]["numbers"].isnan()).sum(1)
+        assert (n_numbers <= (b[0] == tok.answer).sum(1)).all() and n_numbers.sum() > 0
+    assert len(batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 8, 1024, {"vqa": 1.0}, scenes, per_image=3,
+                                    practice="scene")) == 3
 
 
 def test_choose_and_option_targets_mark_the_words_of_each_option(setup, data_dir):
