@@ -356,10 +356,15 @@ def bench_learn(argv=()):
     val_rgb = None if rgb is None else rgb["val"]
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     places, coverage = batches.place_targets(splits, n_image, **targets)
-    chance = metrics.chance_scorer(questions["train"])
     cats = sorted({q["category"] for q in questions["val"]})
     eval_qs = ev.balanced_sample(questions["val"], cfg["per_category"] * len(cats))
-    by_cat = {c: [k for k, q in enumerate(eval_qs) if q["category"] == c] for c in cats}
+    drilled = {}
+    if cfg["practice"] == "drills":  # the ladder's rungs no question file asks: existence and pointing, by kind
+        drilled = {s: [dict(q, scene=i, category=q["kind"]) for i, g in enumerate(scenes[s])
+                       for qs in data.drill_questions(g).values() for q in qs] for s in ("train", "val")}
+        eval_qs += ev.balanced_sample(drilled["val"], cfg["per_category"] * len(data.DRILLS))
+    chance = metrics.chance_scorer(questions["train"] + drilled.get("train", []))
+    by_cat = {c: [k for k, q in enumerate(eval_qs) if q["category"] == c] for c in cats + (list(data.DRILLS) if drilled else [])}
     weights = {"vqa": cfg["vqa_weight"]}
     if cfg["arm"] == "maps":
         weights.update(depth=cfg["depth_weight"], seg=cfg["seg_weight"], chain=cfg["chain_weight"])
@@ -390,7 +395,7 @@ def bench_learn(argv=()):
             model.eval()
             sc = ev.direct_scores(model, tok, eval_qs, codes["val"], n_image, blind=blind, rgb=val_rgb)
             out = {f"acc_{cat}": float(np.mean([sc[k] for k in ks])) for cat, ks in by_cat.items()}
-            out["vqa_acc"] = float(np.mean(list(out.values())))
+            out["vqa_acc"] = float(np.mean([out[f"acc_{cat}"] for cat in cats]))  # the question file's categories
             if not blind and cfg["arm"] == "maps":
                 maps, _ = ev.map_quality(model, tok, vq, val_split, codes["val"], range(cfg["map_scenes"]), n_image, **ev.DECODE)
                 out.update(map_object_depth_absrel=maps["object_depth_absrel"], map_seg_miou_matched=maps["seg_miou_matched"])
@@ -438,7 +443,7 @@ def bench_learn(argv=()):
     out = {"learn_arm": cfg["arm"], f"{key}tokens": last["tokens"], f"{key}iters": max_iters,
            f"{key}minutes": round(minutes, 2), "learn_questions_per_category": min(len(v) for v in by_cat.values())}
     print(f"\n{'category':<18}{'chance':>8}{'blind':>8}{'arm':>8}   (val, direct answers)")
-    for cat in cats:
+    for cat in by_cat:
         ch = float(np.mean([chance(eval_qs[k]) for k in by_cat[cat]]))
         out[f"{key}{cat}"] = round(last[f"acc_{cat}"], 4)
         out[f"learn_chance_{cat}"] = round(ch, 4)
@@ -449,7 +454,7 @@ def bench_learn(argv=()):
         if k in last:
             out[f"learn_{k}"] = round(last[k], 4)
     out[f"{key}curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in curve]
-    series = {cat: [(r["tokens"] / 1e6, r[f"acc_{cat}"] - out[f"learn_chance_{cat}"]) for r in curve] for cat in cats}
+    series = {cat: [(r["tokens"] / 1e6, r[f"acc_{cat}"] - out[f"learn_chance_{cat}"]) for r in curve] for cat in by_cat}
     png = os.path.join(cfg["out_dir"], "learn_curve.png")
     line_chart(png, series, f"{cfg['arm']}: accuracy - chance by M tokens", size=(480, 260))
     print(f"wrote {png}")

@@ -619,10 +619,9 @@ def drill_questions(graph):
                                        "yesno", [o for o in group if o in vis]))
     third = lambda v: min(2, int(3 * v / size))
     for o in vis:
-        q["where"].append(question("drill", "where", f"Where is the {name(o)}, left or right?",
-                                   ("left", "middle", "right")[third(o["centroid"][0])], "choice", [o]))
-        q["where"].append(question("drill", "where", f"Where is the {name(o)}, high or low?",
-                                   ("high", "middle", "low")[third(o["centroid"][1])], "choice", [o]))
+        for axis, thirds in enumerate((("left", "middle", "right"), ("high", "middle", "low"))):
+            q["where"].append(question("drill", "where", f"Where is the {name(o)}, {thirds[0]} or {thirds[2]}?",
+                                       thirds[third(o["centroid"][axis])], "choice", [o], choices=list(thirds)))
     return q
 
 
