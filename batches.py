@@ -305,16 +305,18 @@ def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage
     return get_batch
 
 
-def stage2_batch(tok, codes, traces, rng, batch_size, block_size, places=None, coverage=None, refer_heads=0, rgb=None):
+def stage2_batch(tok, codes, traces, rng, batch_size, block_size, places=None, coverage=None, refer_heads=0, rgb=None,
+                 numbers=False):
     """A batch of traces, rendered with their scene's codes (the true maps stand in for the ones
     the model will draw). With places (the split's data.place_labels) or refer_heads > 0 (with
     the split's coverage), a 4th item carries stage 1's place and referring targets for the rows,
-    as stage1_batch gives them: the referring loss then looks from each trace's <answer>. rgb (the
-    split's pictures) adds "rgb", as stage1_batch does."""
+    as stage1_batch gives them: the referring loss then looks from each trace's <answer>; numbers=True
+    adds the number head's (number_targets), there too. rgb (the split's pictures) adds "rgb", as
+    stage1_batch does."""
     picked = [traces[i] for i in rng.integers(len(traces), size=batch_size)]
     rows = [tok.render_conversation(t["conversation"], scene_codes(codes, t["scene"])) for t in picked]
     x, y, m = make_batch(tok, rows, block_size)
-    if places is None and not refer_heads and rgb is None:
+    if places is None and not refer_heads and rgb is None and not numbers:
         return x, y, m
     extra = {} if places is None else {"places": torch.from_numpy(places[[t["scene"] for t in picked]])}
     if rgb is not None:
@@ -322,4 +324,6 @@ def stage2_batch(tok, codes, traces, rng, batch_size, block_size, places=None, c
     if refer_heads:
         extra.update(refer_targets(tok, x, m, [[t["question"]] for t in picked],
                                    [coverage[t["scene"]] for t in picked], refer_heads))
+    if numbers:
+        extra["numbers"] = number_targets(tok, x, m, [[t["question"]] for t in picked])
     return x, y, m, extra

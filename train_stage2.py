@@ -77,7 +77,7 @@ attn_impl = "auto"  # auto: triton on CUDA, sdpa otherwise
 # the arm and its loss
 tools = "all"  # all: the COOPER arm (interleaved tool calls); none: the RE arm (text-only reasoning)
 reading = "values"  # values: the final <think> reads the question's objects off the map; brief: one fixed sentence (conversations.py)
-place_losses = False  # True: the init model's object-head and referring losses (stage 1's) on the traces too
+place_losses = False  # True: the init model's place, referring and number losses (stage 1's) on the traces too
 image_loss = 0.5  # weight of the drawn maps' mean code loss beside the text's mean loss (0: text only)
 # optimisation: an iteration is grad_accum micro-batches of batch_size traces, split across ranks
 max_iters = 200
@@ -183,6 +183,7 @@ if __name__ == "__main__":
         print(f"trace length: mean {np.mean(lengths):.0f}, max {max(lengths)} tokens (block_size {block})")
 
     places, coverage, heads = {}, {}, 0
+    numbers = place_losses and model.config.number_weight > 0  # stage 1's number head, kept on as its other losses are
     if place_losses:  # kept in the run's config, where a resume finds them
         config["place_settings"] = kept = place_settings(init_from, out_dir)
         heads = kept["refer_heads"]
@@ -192,7 +193,7 @@ if __name__ == "__main__":
 
     def get_batch(split, rng):
         return batches.stage2_batch(tok, codes[split], traces[split], rng, batch_size, block, places.get(split),
-                                    coverage.get(split), heads, rgb.get(split))
+                                    coverage.get(split), heads, rgb.get(split), numbers)
 
     eval_qs = ev.balanced_sample(questions["val"], eval_questions)
     categories = sorted({q["category"] for q in eval_qs})

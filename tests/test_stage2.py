@@ -219,6 +219,12 @@ def test_trace_batches_carry_stage_1s_place_and_referring_losses(setup):
     added = model(x, y, m, **extra)[1] - model(x, y, m)[1]
     assert added > 0
     torch.testing.assert_close(with_places, plain + added)
+    _, _, _, numbered = batches.stage2_batch(tok, codes, traces, np.random.default_rng(0), 4, 512, numbers=True)
+    asks_number = [t["question"]["answer_type"] == "number" for t in (traces[i] for i in np.random.default_rng(0).integers(len(traces), size=4))]
+    at = (x == tok.answer) & (m == 1)
+    assert any(asks_number) and list(numbered) == ["numbers"]
+    assert (~numbered["numbers"].isnan()).sum(1).tolist() == [int(a) for a in asks_number]
+    assert (~numbered["numbers"].isnan() <= at).all()  # only where a number answer begins
 
 
 def test_trace_batches_carry_each_traces_picture(setup):
