@@ -11,7 +11,7 @@ tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~12 s
 # RGB and depth round trip); ~2.5 min. The first training script then encodes every split (~24 s).
 vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=1600, disc_start=1200)
 # stage 1 (and the Base arm with --aux=False): train_stage1.py's design, 4 layers × 128 wide (one K/V head for four query
-# heads) with Muon (its rate held, then falling over the last 40%), the object and depth heads, the referring loss, the pixel reader (on the photo's own pixels) and 7
+# heads) with Muon (its rate held, then falling over the last 40%), the object, depth and number heads, the referring loss, the pixel reader (on the photo's own pixels) and 7
 # questions an image; sequences of ~350 (VQA) to ~520 tokens (RGB, depth, seg, question, answer). 1760 iterations of
 # 4 sequences, ~0.17 s each:
 # the tokens of 440 iterations of 16, in 4× the steps, which is what the answers need. runs/tiny_cpu.sh
