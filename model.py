@@ -121,6 +121,7 @@ class GPTConfig:
 # stays at its prior. With number_weight > 0, a linear head on the final hidden state where a number
 # answer begins (the position predicting its first digit) regresses the answer's log value in
 # metres, squared error, so the state that writes the digits is taught the magnitude smoothly.
+# It pays from ~5M tokens on; before that it holds the comparisons back (docs/experiments.md).
 #
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
@@ -459,6 +460,8 @@ class GPT(nn.Module):
         super().__init__()
         if config.depth_head_weight < 0:
             raise ValueError(f"depth_head_weight must be >= 0, got {config.depth_head_weight}")
+        if config.number_weight < 0:
+            raise ValueError(f"number_weight must be >= 0, got {config.number_weight}")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)

@@ -304,6 +304,8 @@ def test_number_loss_is_its_weight_times_the_squared_error_where_numbers_are_mar
     torch.testing.assert_close(model(idx, targets, loss_mask, numbers=torch.full_like(numbers, float("nan")))[1], plain)
     without = tiny_model(tok)
     torch.testing.assert_close(without(idx, targets, loss_mask, numbers=numbers)[1], without(idx, targets, loss_mask)[1])
+    with pytest.raises(ValueError, match="number_weight"):
+        tiny_model(tok, number_weight=-1.0)
 
 
 def attention_seen(monkeypatch):
