@@ -36,8 +36,8 @@ from tokenizer import MAX_TURNS
 
 # How every evaluation decodes (stage scripts, RL's held-out pass, this report): text greedy, map
 # codes sampled at temperature 0.5 with a fixed seed. A trained model's maps at 0.5 beat those at 1
-# (seg matched 0.556 against 0.520, object depth AbsRel 0.091 against 0.107) and at 0, and a weak
-# model's greedy maps are bare ground and sky (sampler.generate's image_temperature;
+# (seg matched 0.556 against 0.520, object depth AbsRel 0.091 against 0.107) and match greedy ones,
+# whereas a weak model's greedy maps are bare ground and sky (sampler.generate's image_temperature;
 # docs/experiments.md).
 DECODE = dict(temperature=0.0, image_temperature=0.5, seed=0)
 NUMBER_SAMPLES = 9  # a number answer is the median of this many sampled answers (median_numbers)
