@@ -80,6 +80,7 @@ image_reader = True  # True: the RGB is also read as pixels through a conv stem,
 reader_pixels = True  # True: the reader reads the question image's own pixels, not its decoded codes (model.py, "Image reader")
 # optimisation: an iteration is grad_accum micro-batches of batch_size sequences, split across ranks
 max_iters = 1000
+base_iters = 0  # > 0: the Base arm (aux=False) trains this many iterations instead of max_iters
 token_budget = 0  # > 0: set max_iters so the run trains on about this many tokens
 batch_size = 4  # small batches, many steps: at a fixed token budget batch 4 learns the answers far sooner than 16 (docs/experiments.md)
 grad_accum = 1
@@ -105,6 +106,8 @@ peak_tflops = 0.0  # what MFU is measured against; 0: measure (CPU) or look up (
 
 if __name__ == "__main__":
     config = configure(globals(), section="stage1")  # config/*.py and --key=value; bad keys stop here
+    if not aux and base_iters:
+        config["max_iters"] = max_iters = base_iters
     t_start = time.time()
     run = trainer.setup_run(device)
     torch.manual_seed(seed)

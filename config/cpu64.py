@@ -7,7 +7,7 @@ _data_dir = "data/cpu64"
 
 data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=64)  # ~13 s, ~26 MB
 tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~1 s
-vqgan = dict(data_dir=_data_dir, image_size=64, max_iters=3200, disc_start=2400)
+vqgan = dict(data_dir=_data_dir, image_size=64, channels=128, max_iters=3200, disc_start=2400)
 # stage 1 (and the Base arm with --aux=False): train_stage1.py's model and learning options; sequences
 # of ~290 (VQA, one question) to ~830 tokens. 2400 iterations of 4 sequences, for the tiny preset's
 # reason. The times above and the 4.67M tokens in ~55 min were measured before that design (4×256,
