@@ -104,10 +104,14 @@ peak_tflops = 0.0  # what MFU is measured against; 0: measure (CPU) or look up (
 # -----------------------------------------------------------------------------
 
 
+def run_iters(aux, max_iters, base_iters):
+    """This run's iterations: the Base arm (aux=False) takes base_iters when that is set."""
+    return base_iters if not aux and base_iters > 0 else max_iters
+
+
 if __name__ == "__main__":
     config = configure(globals(), section="stage1")  # config/*.py and --key=value; bad keys stop here
-    if not aux and base_iters:
-        config["max_iters"] = max_iters = base_iters
+    config["max_iters"] = max_iters = run_iters(aux, max_iters, base_iters)
     t_start = time.time()
     run = trainer.setup_run(device)
     torch.manual_seed(seed)

@@ -58,6 +58,12 @@ def _question_ids(tok, row):
     return row[end + 1:row.index(tok.assistant)]
 
 
+def test_base_iters_set_the_base_arms_run_only():
+    assert s1.run_iters(aux=False, max_iters=1760, base_iters=2640) == 2640
+    assert s1.run_iters(aux=True, max_iters=1760, base_iters=2640) == 1760  # stage 1 keeps its own
+    assert s1.run_iters(aux=False, max_iters=1760, base_iters=0) == 1760
+
+
 def test_blind_batches_are_the_same_questions_without_the_image(setup):
     """The blind baseline's batch: the same draws of questions and answers, no image tokens."""
     tok, codes, qs = setup
