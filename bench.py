@@ -307,6 +307,7 @@ LEARN = dict(
     object_head=True,  # True: a head names the object at each RGB place, its loss added (model.py)
     depth_head=True,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
     depth_head_weight=0.25,  # the depth head's loss is scaled by this (model.py, "Place heads")
+    seg_head=False,  # True: a head names each RGB place's code of the seg map, its loss added (model.py, "Place heads")
     number_weight=1.0,  # > 0: a head regresses each number answer's log value, its loss scaled so (model.py, "Numbers"); 0: none
     refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
     pointer=False,  # True: what each referring head brings back must say where it looked (model.py, "Referring")
@@ -348,14 +349,14 @@ def bench_learn(argv=()):
     tok, vq, codes, questions, _ = prepare.stage_data(cfg["data_dir"], cfg["vq_ckpt"])
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     n_image = codes["train"].shape[-1]
-    targets = {k: cfg[k] for k in ("object_head", "depth_head", "refer_heads")}
+    targets = {k: cfg[k] for k in ("object_head", "depth_head", "refer_heads", "seg_head")}
     reads_pixels = trainer.reads_pixels(cfg)
     splits = {s: data.load_split(cfg["data_dir"], s)  # each split read once: for the place labels or pixels, val for the maps
               for s in ("train", "val") if any(targets.values()) or reads_pixels or (s == "val" and cfg["arm"] == "maps")}
     rgb = {s: sp["rgb"] for s, sp in splits.items()} if reads_pixels else None
     val_rgb = None if rgb is None else rgb["val"]
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
-    places, coverage = batches.place_targets(splits, n_image, **targets)
+    places, coverage = batches.place_targets(splits, n_image, **targets, codes=codes)
     cats = sorted({q["category"] for q in questions["val"]})
     eval_qs = ev.balanced_sample(questions["val"], cfg["per_category"] * len(cats))
     drilled = {}

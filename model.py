@@ -58,6 +58,7 @@ class GPTConfig:
     pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
     refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
     number_weight: float = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (see "Numbers")
+    seg_codes: int = 0  # > 0: a head names the segmentation map's code at each such place, of this many (see "Place heads")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +73,10 @@ class GPTConfig:
 # costs relative distance (which object is closest to another) three times what it gives size,
 # and a quarter keeps most of the size at a third of that cost (docs/experiments.md). A map the
 # model draws is no substitute: teacher-forced, each map code can be copied from the codes before
-# it, so little of its signal reaches the image's places.
+# it, so little of its signal reaches the image's places. The same holds for drawing: with
+# seg_codes > 0 a third head names the code the segmentation map has at each place (the VQ's code
+# for that patch of the seg pseudo-image), so the place a drawn seg code attends to already holds
+# the code's answer, as the depth head's places hold theirs for the depth map.
 #
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
 # one colour's patches spread over hundreds of ids seen a few times each; even with the object head,
@@ -485,6 +489,8 @@ class GPT(nn.Module):
             self.object_head = nn.Linear(config.n_embd, config.object_classes)
         if config.depth_bins:
             self.depth_head = nn.Linear(config.n_embd, config.depth_bins)
+        if config.seg_codes:
+            self.seg_head = nn.Linear(config.n_embd, config.seg_codes)
         if config.number_weight:
             self.number_head = nn.Linear(config.n_embd, 1)
         if config.reader_vq:
@@ -620,7 +626,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def place_heads(self):
-        return [getattr(self, name) for name in ("object_head", "depth_head") if hasattr(self, name)]
+        return [getattr(self, name) for name in ("object_head", "depth_head", "seg_head") if hasattr(self, name)]
 
     def place_loss(self, hidden, idx, places):
         """The sum of the place heads' cross entropies (the depth head's times depth_head_weight) over

@@ -70,6 +70,7 @@ code_patches = False  # True: each code's mean pixel patch joins its embedding (
 object_head = True  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
 depth_head = True  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads"): size and distance + 0.04–0.07
 depth_head_weight = 0.25  # the depth head's loss is scaled by this: a quarter keeps most of its size gain at a third of its cost (docs/experiments.md)
+seg_head = False  # True: a head names each RGB place's code of the seg map, its loss added (model.py, "Place heads")
 number_weight = 1.0  # > 0: a head regresses each number answer's log value, its loss scaled so (model.py, "Numbers"): distance apart off its prior, distance + 0.05 (docs/experiments.md)
 refer_heads = 2  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
 pointer = False  # True: what each referring head brings back must say where it looked (model.py, "Referring")
@@ -122,9 +123,9 @@ if __name__ == "__main__":
 
     reads_pixels = trainer.reads_pixels(config)
     splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels or pixels
-              for s in ("train", "val") if s == "val" or object_head or depth_head or refer_heads or reads_pixels}
+              for s in ("train", "val") if s == "val" or object_head or depth_head or seg_head or refer_heads or reads_pixels}
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(data_dir, s) for s in ("train", "val")}
-    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads)
+    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads, seg_head, codes)
 
     rgb = {s: sp["rgb"] for s, sp in splits.items()} if reads_pixels else None
     val_rgb = None if rgb is None else rgb["val"]

@@ -254,14 +254,14 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
     """Each place head adds the cross entropy of its logits at the first image's places (the mixed
     sequence's second image, a generated map, is not read); labels of -1 and rows without an image
     add nothing, places=None leaves the loss as it was, and a label count that is not the model's
-    number of heads stops."""
-    model = tiny_model(tok, object_classes=5, depth_bins=3)
+    number of heads stops. The seg head's labels come last."""
+    model = tiny_model(tok, object_classes=5, depth_bins=3, seg_codes=6)
     ids, mask = mixed_sequence(tok, 3)
     text_only = [t for t in ids if t < tok.image_offset]
     rows = [ids, text_only + [tok.pad] * (len(ids) - len(text_only))]
     idx, targets = torch.tensor([r[:-1] for r in rows]), torch.tensor([r[1:] for r in rows])
     loss_mask = torch.tensor([mask[1:], [1] * (len(ids) - 1)])
-    places = torch.tensor([[[0, 2], [3, -1], [-1, 0], [4, 1]], [[1, 1], [1, 1], [1, 1], [1, 1]]])
+    places = torch.tensor([[[0, 2, 5], [3, -1, 1], [-1, 0, -1], [4, 1, 2]], [[1, 1, 1]] * 4])
     _, plain = model(idx, targets, loss_mask)
     _, with_places = model(idx, targets, loss_mask, places=places)
     first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
@@ -271,17 +271,18 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
     h = hidden["h"][0, first]
     object_ce = torch.nn.functional.cross_entropy(model.object_head(h)[[0, 1, 3]], torch.tensor([0, 3, 4]))
     depth_ce = torch.nn.functional.cross_entropy(model.depth_head(h)[[0, 2, 3]], torch.tensor([2, 0, 1]))
-    torch.testing.assert_close(with_places - plain, object_ce + depth_ce)
+    seg_ce = torch.nn.functional.cross_entropy(model.seg_head(h)[[0, 1, 3]], torch.tensor([5, 1, 2]))
+    torch.testing.assert_close(with_places - plain, object_ce + depth_ce + seg_ce)
     model.config.depth_head_weight = 0.25  # the depth head's share of the loss, and only its share, scales
     _, quarter = model(idx, targets, loss_mask, places=places)
-    torch.testing.assert_close(quarter - plain, object_ce + 0.25 * depth_ce)
+    torch.testing.assert_close(quarter - plain, object_ce + 0.25 * depth_ce + seg_ce)
     model.config.depth_head_weight = 1.0
     with pytest.raises(ValueError, match="depth_head_weight"):
         tiny_model(tok, depth_bins=3, depth_head_weight=-1.0)
     _, ignored = model(idx, targets, loss_mask, places=torch.full_like(places, -1))
     torch.testing.assert_close(ignored, plain)
     with pytest.raises(ValueError, match="place heads"):
-        model(idx, targets, loss_mask, places=places[..., :1])
+        model(idx, targets, loss_mask, places=places[..., :2])
 
 
 def test_number_loss_is_its_weight_times_the_squared_error_where_numbers_are_marked(tok):
