@@ -199,6 +199,12 @@ def vqa_rows(tok, questions, codes, blind=False):
             for q in questions]
 
 
+def answer_begins(tok, x, m):
+    """(B, T) bool: the positions of rows x (loss mask m) whose token is a supervised <answer>, each
+    the position that predicts its question's first answer word."""
+    return (x == tok.answer) & (m == 1)
+
+
 def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None):
     """The referring and choosing losses' targets for VQA rows x (and their loss mask m) asking
     row_qs of scenes with place coverages. refer_at (B, T) names the entry of the targets each
@@ -210,7 +216,7 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
     bool: each position that predicts a later word of a multiple-choice answer ("cube" of "red
     cube") takes an entry, after those, marking that word where the answer's option says it in
     the question."""
-    begins = (x == tok.answer) & (m == 1)
+    begins = answer_begins(tok, x, m)
     refer_at = torch.where(begins, begins.long().cumsum(1) - 1, -1)
     assert begins.sum(1).tolist() == [len(qs) for qs in row_qs], "one <answer> a question"
     starts = [begins[r].nonzero().flatten().tolist() for r in range(len(x))]
@@ -246,10 +252,9 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
 def number_targets(tok, x, m, row_qs):
     """(B, T) float: at each number question's <answer> in rows x (loss mask m) asking row_qs, the
     log of its answer in metres (sizes are asked in centimetres); NaN elsewhere (model.py, "Numbers")."""
-    out = torch.full(x.shape, float("nan"))
+    out, begins = torch.full(x.shape, float("nan")), answer_begins(tok, x, m)
     for r, qs in enumerate(row_qs):
-        starts = ((x[r] == tok.answer) & (m[r] == 1)).nonzero().flatten().tolist()
-        for q, at in zip(qs, starts):
+        for q, at in zip(qs, begins[r].nonzero().flatten().tolist()):
             if q["answer_type"] == "number":
                 out[r, at] = math.log(max(q["value"], 1e-3) / (100 if q["unit"] == "cm" else 1))
     return out
