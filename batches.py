@@ -300,19 +300,35 @@ def load_traces(split, tools, seed=0, reading="values"):
 def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage, blind=False, rgb=None):
     """get_batch(split, rng) over stage1_batch with a script's options: cfg's batch_size,
     block_size, questions_per_image, practice, practice_weights, branched, refer_heads, choose,
-    refer_options, map_questions and number_weight; codes, questions, scenes, places and coverage by split (place_targets' dicts),
+    refer_options, map_questions, number_weight and map_noise; codes, questions, scenes, places and coverage by split (place_targets' dicts),
     and rgb, the splits' pictures, for a model that reads them (reader_pixels; None: not sent).
     train_stage1.py's batches, and bench.py learn's (blind=True: its blind model's, no image and no
     place labels)."""
     def get_batch(split, rng):
-        return stage1_batch(tok, codes[split], questions[split], rng, cfg["batch_size"], cfg["block_size"], weights,
+        batch = stage1_batch(tok, codes[split], questions[split], rng, cfg["batch_size"], cfg["block_size"], weights,
                             scenes[split], blind=blind, per_image=cfg["questions_per_image"],
                             places=None if blind else places.get(split), practice=cfg["practice"],
                             branched=cfg["branched"], coverage=coverage.get(split), refer_heads=cfg["refer_heads"],
                             choose=cfg["choose"], refer_options=cfg["refer_options"],
                             map_questions=cfg["map_questions"] and not blind, practice_weights=cfg["practice_weights"],
                             rgb=None if rgb is None else rgb[split], numbers=cfg.get("number_weight", 0) > 0)
+        if split == "train" and cfg.get("map_noise", 0) > 0:
+            batch = (noisy_maps(tok, batch[0], codes[split].shape[-1], cfg["map_noise"], rng), *batch[1:])
+        return batch
     return get_batch
+
+
+def noisy_maps(tok, x, n_image_tokens, rate, rng):
+    """x with each code of the maps it draws (every image code after a row's first image), as
+    input only, replaced by a random code with probability rate; the targets keep the true codes.
+    Teacher-forced, a map code is mostly copied from the true codes before it; drawing, the model
+    reads its own, and one wrong code is copied onward. Trained on some wrong codes, it learns to
+    draw from the photo instead (docs/experiments.md, "Drawing from noisy maps …")."""
+    is_code = x >= tok.image_offset
+    drawn = is_code & (is_code.long().cumsum(1) > n_image_tokens)
+    hit = drawn & torch.from_numpy(rng.random(x.shape) < rate)
+    random_codes = torch.from_numpy(rng.integers(tok.image_offset, tok.vocab_size, x.shape))
+    return torch.where(hit, random_codes, x)
 
 
 def stage2_batch(tok, codes, traces, rng, batch_size, block_size, places=None, coverage=None, refer_heads=0, rgb=None,

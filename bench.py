@@ -302,6 +302,7 @@ LEARN = dict(
     practice_weights={},  # {category: w}: the fresh questions' categories drawn in proportion to w (1 if not named)
     branched=False,  # True: packed questions each see the image and only their own turn (batches.branched_row)
     map_questions=False,  # True: depth, seg and chain examples ask questions after their maps too (arm=maps; batches.py)
+    map_noise=0.0,  # > 0: this share of the drawn maps' input codes replaced by random ones in training (batches.noisy_maps)
     n_layer=4, n_head=4, n_kv_head=1, n_embd=128, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=True,  # True: a head names the object at each RGB place, its loss added (model.py)

@@ -190,6 +190,32 @@ def test_place_targets_end_with_the_seg_maps_codes(data_dir, setup):
     assert batches.place_targets(splits, N)[0] == {}
 
 
+def test_noisy_maps_touch_only_the_drawn_maps_inputs(setup):
+    """map_noise replaces about that share of the drawn maps' input codes with random codes; the
+    question image, the text, the targets and the mask stay as they were; 0 changes nothing."""
+    tok, codes, qs = setup
+    w = {"vqa": 1, "depth": 1, "seg": 1, "chain": 1}
+    cfg = dict(batch_size=32, block_size=1024, questions_per_image=1, practice="file", branched=False, refer_heads=0,
+               choose=False, refer_options=False, map_questions=False, practice_weights={})
+    scenes = {"train": [{}] * len(codes)}
+    plain = batches.stage1_batches(tok, {"train": codes}, {"train": qs}, scenes, cfg, w, {}, {})("train", np.random.default_rng(5))
+    x, y, m = batches.stage1_batches(tok, {"train": codes}, {"train": qs}, scenes, dict(cfg, map_noise=0.3), w, {}, {})(
+        "train", np.random.default_rng(5))
+    assert torch.equal(y, plain[1]) and torch.equal(m, plain[2])
+    changed, drawn = 0, 0
+    for b in range(len(x)):
+        sp_plain, sp = spans(tok, plain[0][b]), spans(tok, x[b])
+        assert torch.equal(sp[0], sp_plain[0])  # the question image
+        rest = (x[b] < tok.image_offset) | (plain[0][b] < tok.image_offset)
+        assert torch.equal(x[b][rest], plain[0][b][rest])  # text and tags
+        for a, p in zip(sp[1:], sp_plain[1:]):
+            changed, drawn = changed + int((a != p).sum()), drawn + len(p)
+    assert drawn > 1000 and 0.24 < changed / drawn < 0.34  # 0.3 × 31/32 (a random code is the true one 1 time in 32), ± 3 s.e.
+    again = batches.stage1_batches(tok, {"train": codes}, {"train": qs}, scenes, dict(cfg, map_noise=0.0), w, {}, {})(
+        "train", np.random.default_rng(5))
+    assert all(torch.equal(a, b) for a, b in zip(again, plain))
+
+
 def test_pictures_follow_each_rows_scene(setup):
     """With rgb (a split's pictures), a batch brings each row's scene's picture, for a model that
     reads the question image's pixels; the blind baseline's rows show no image and bring none."""
