@@ -56,6 +56,7 @@ practice = "scene"  # where the packed questions come from: file, scene (drawn f
 practice_weights = {}  # {category: w}: draw the fresh questions' categories in proportion to w (1 if not named; batches.py)
 branched = False  # True: packed questions each see the image and only their own turn, so none reads another's answer
 map_questions = False  # True: depth, seg and chain examples ask up to questions_per_image of their scene's questions after their maps too
+map_noise = 0.0  # > 0: this share of the drawn maps' input codes replaced by random ones in training (batches.noisy_maps)
 # model
 n_layer = 4
 n_head = 4
