@@ -59,6 +59,7 @@ class GPTConfig:
     refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
     number_weight: float = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (see "Numbers")
     seg_codes: int = 0  # > 0: a head names the segmentation map's code at each such place, of this many (see "Place heads")
+    seg_head_weight: float = 1.0  # the seg head's cross entropy is scaled by this in the loss (see "Place heads")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +465,8 @@ class GPT(nn.Module):
         super().__init__()
         if config.depth_head_weight < 0:
             raise ValueError(f"depth_head_weight must be >= 0, got {config.depth_head_weight}")
+        if config.seg_head_weight < 0:
+            raise ValueError(f"seg_head_weight must be >= 0, got {config.seg_head_weight}")
         if config.number_weight < 0:
             raise ValueError(f"number_weight must be >= 0, got {config.number_weight}")
         self.config = config
@@ -629,10 +632,11 @@ class GPT(nn.Module):
         return [getattr(self, name) for name in ("object_head", "depth_head", "seg_head") if hasattr(self, name)]
 
     def place_loss(self, hidden, idx, places):
-        """The sum of the place heads' cross entropies (the depth head's times depth_head_weight) over
+        """The sum of the place heads' cross entropies (the depth and seg heads' times their weights) over
         the places of each row's first image (rows without an image, and labels of -1, count for nothing)."""
         heads = self.place_heads()
-        weights = [self.config.depth_head_weight if head is getattr(self, "depth_head", None) else 1.0 for head in heads]
+        weights = [self.config.depth_head_weight if head is getattr(self, "depth_head", None)
+                   else self.config.seg_head_weight if head is getattr(self, "seg_head", None) else 1.0 for head in heads]
         if places.shape[-1] != len(heads):
             raise ValueError(f"places has {places.shape[-1]} labels a place, the model {len(heads)} place heads")
         first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)

@@ -72,6 +72,7 @@ object_head = True  # True: a head names the object at each RGB place, its loss 
 depth_head = True  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads"): size and distance + 0.04–0.07
 depth_head_weight = 0.25  # the depth head's loss is scaled by this: a quarter keeps most of its size gain at a third of its cost (docs/experiments.md)
 seg_head = False  # True: a head names each RGB place's code of the seg map, its loss added (model.py, "Place heads")
+seg_head_weight = 1.0  # the seg head's loss is scaled by this
 number_weight = 1.0  # > 0: a head regresses each number answer's log value, its loss scaled so (model.py, "Numbers"): distance apart off its prior, distance + 0.05 (docs/experiments.md)
 refer_heads = 2  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
 pointer = False  # True: what each referring head brings back must say where it looked (model.py, "Referring")

@@ -276,9 +276,14 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
     model.config.depth_head_weight = 0.25  # the depth head's share of the loss, and only its share, scales
     _, quarter = model(idx, targets, loss_mask, places=places)
     torch.testing.assert_close(quarter - plain, object_ce + 0.25 * depth_ce + seg_ce)
-    model.config.depth_head_weight = 1.0
+    model.config.seg_head_weight = 0.5
+    _, half = model(idx, targets, loss_mask, places=places)
+    torch.testing.assert_close(half - plain, object_ce + 0.25 * depth_ce + 0.5 * seg_ce)
+    model.config.depth_head_weight = model.config.seg_head_weight = 1.0
     with pytest.raises(ValueError, match="depth_head_weight"):
         tiny_model(tok, depth_bins=3, depth_head_weight=-1.0)
+    with pytest.raises(ValueError, match="seg_head_weight"):
+        tiny_model(tok, seg_codes=3, seg_head_weight=-1.0)
     _, ignored = model(idx, targets, loss_mask, places=torch.full_like(places, -1))
     torch.testing.assert_close(ignored, plain)
     with pytest.raises(ValueError, match="place heads"):
