@@ -323,7 +323,8 @@ def noisy_maps(tok, x, n_image_tokens, rate, rng):
     input only, replaced by a random code with probability rate; the targets keep the true codes.
     Teacher-forced, a map code is mostly copied from the true codes before it; drawing, the model
     reads its own, and one wrong code is copied onward. Trained on some wrong codes, it learns to
-    draw from the photo instead (docs/experiments.md, "Drawing from noisy maps …")."""
+    draw from the photo instead. Measured, it narrowed that gap without lifting the drawn seg maps
+    (docs/experiments.md, "A seg head at the photo's places …"), so it is off by default."""
     is_code = x >= tok.image_offset
     drawn = is_code & (is_code.long().cumsum(1) > n_image_tokens)
     hit = drawn & torch.from_numpy(rng.random(x.shape) < rate)
