@@ -77,7 +77,9 @@ class GPTConfig:
 # it, so little of its signal reaches the image's places. The same holds for drawing: with
 # seg_codes > 0 a third head names the code the segmentation map has at each place (the VQ's code
 # for that patch of the seg pseudo-image), so the place a drawn seg code attends to already holds
-# the code's answer, as the depth head's places hold theirs for the depth map.
+# the code's answer, as the depth head's places hold theirs for the depth map. Measured at full
+# weight, it lifted the drawn seg maps and cost every answer; at a quarter it kept the answers and
+# half the lift (docs/experiments.md, "A seg head at the photo's places …"): off by default.
 #
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
 # one colour's patches spread over hundreds of ids seen a few times each; even with the object head,
