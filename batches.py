@@ -16,6 +16,7 @@ import torch
 
 import conversations
 import data
+import model
 
 
 def scene_codes(codes, i):
@@ -325,8 +326,7 @@ def noisy_maps(tok, x, n_image_tokens, rate, rng):
     reads its own, and one wrong code is copied onward. Trained on some wrong codes, it learns to
     draw from the photo instead. Measured, it narrowed that gap without lifting the drawn seg maps
     (docs/experiments.md, "A seg head at the photo's places …"), so it is off by default."""
-    is_code = x >= tok.image_offset
-    drawn = is_code & (is_code.long().cumsum(1) > n_image_tokens)
+    drawn = (x >= tok.image_offset) & ~model.first_image(x, tok.image_offset, n_image_tokens)
     hit = drawn & torch.from_numpy(rng.random(x.shape) < rate)
     random_codes = torch.from_numpy(rng.integers(tok.image_offset, tok.vocab_size, x.shape))
     return torch.where(hit, random_codes, x)

@@ -630,15 +630,17 @@ class GPT(nn.Module):
                 loss = loss + self.config.number_weight * F.mse_loss(guess, numbers[has].float())
         return logits, loss
 
+    PLACE_HEADS = ("object_head", "depth_head", "seg_head")  # in the order of the labels a place takes
+
     def place_heads(self):
-        return [getattr(self, name) for name in ("object_head", "depth_head", "seg_head") if hasattr(self, name)]
+        return [getattr(self, name) for name in self.PLACE_HEADS if hasattr(self, name)]
 
     def place_loss(self, hidden, idx, places):
         """The sum of the place heads' cross entropies (the depth and seg heads' times their weights) over
         the places of each row's first image (rows without an image, and labels of -1, count for nothing)."""
+        scale = {"depth_head": self.config.depth_head_weight, "seg_head": self.config.seg_head_weight}
         heads = self.place_heads()
-        weights = [self.config.depth_head_weight if head is getattr(self, "depth_head", None)
-                   else self.config.seg_head_weight if head is getattr(self, "seg_head", None) else 1.0 for head in heads]
+        weights = [scale.get(name, 1.0) for name in self.PLACE_HEADS if hasattr(self, name)]
         if places.shape[-1] != len(heads):
             raise ValueError(f"places has {places.shape[-1]} labels a place, the model {len(heads)} place heads")
         first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)

@@ -179,14 +179,13 @@ def test_place_targets_end_with_the_seg_maps_codes(data_dir, setup):
     pseudo-image; alone, it is the only label."""
     _, codes, _ = setup
     splits = {"train": data.load_split(data_dir, "train")}
-    side = math.isqrt(N)
     heads, _ = batches.place_targets(splits, N, object_head=True, depth_head=True)
     with_seg, _ = batches.place_targets(splits, N, object_head=True, depth_head=True, seg_head=True, codes={"train": codes})
     assert with_seg["train"].shape == (20, N, 3)
     assert (with_seg["train"][..., :2] == heads["train"]).all()
     assert (with_seg["train"][..., 2] == codes[:, data.MODALITIES.index("seg")]).all()
     alone, _ = batches.place_targets(splits, N, seg_head=True, codes={"train": codes})
-    assert alone["train"].shape == (20, side * side, 1) and (alone["train"][..., 0] == codes[:, 2]).all()
+    assert alone["train"].shape == (20, N, 1) and (alone["train"][..., 0] == with_seg["train"][..., 2]).all()
     assert batches.place_targets(splits, N)[0] == {}
 
 
