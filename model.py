@@ -60,6 +60,7 @@ class GPTConfig:
     number_weight: float = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (see "Numbers")
     seg_codes: int = 0  # > 0: a head names the segmentation map's code at each such place, of this many (see "Place heads")
     seg_head_weight: float = 1.0  # the seg head's cross entropy is scaled by this in the loss (see "Place heads")
+    seg_guidance: float = 0.0  # > 0: the sampler draws seg maps with the seg head's help, this strong (sampler.generate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,14 +403,18 @@ class KVCache:
     positions up to its own. So rows of different lengths share a batch without left padding, and
     every row's RoPE positions are its own. The caller advances `lengths` after each forward: only
     it knows which rows' tokens were real (sampler.py). Buffers are allocated on the first write,
-    in the dtype the model computes in (bf16 under autocast)."""
+    in the dtype the model computes in (bf16 under autocast). keep_seg=True asks the model (one
+    with a seg head) to keep, from the call that reads each row's first image, the seg head's
+    log-probabilities at its places in `seg`: what sampler.generate's seg_guidance draws with."""
 
-    def __init__(self, config, batch_size, max_len):
+    def __init__(self, config, batch_size, max_len, keep_seg=False):
         self.shape = (config.n_layer, batch_size, kv_heads(config), max_len, config.n_embd // config.n_head)
         self.max_len = max_len
         self.k = self.v = None
         self.ids = None  # (B, max_len) the tokens themselves: a code's place in its image needs them
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.keep_seg = keep_seg
+        self.seg = None  # (B, n_image_tokens, seg_codes) float, zeros for a row without a whole first image
 
     def write_ids(self, idx, pos):
         """Store idx (B, T) at positions pos (B, T)."""
@@ -457,6 +462,8 @@ class KVCache:
             if self.ids is not None:
                 self.ids = fan_out(self.ids, 0, 1)
         self.lengths = self.lengths[torch.tensor(rows, device=self.lengths.device)]
+        if self.seg is not None:  # one row's is 144 x 1024 floats: copied, as the lengths are
+            self.seg = self.seg[torch.tensor(rows, device=self.seg.device)]
         self.shape = (self.shape[0], len(rows)) + self.shape[2:]
 
 
@@ -469,6 +476,8 @@ class GPT(nn.Module):
             raise ValueError(f"depth_head_weight must be >= 0, got {config.depth_head_weight}")
         if config.seg_head_weight < 0:
             raise ValueError(f"seg_head_weight must be >= 0, got {config.seg_head_weight}")
+        if config.seg_guidance < 0 or (config.seg_guidance and not config.seg_codes):
+            raise ValueError(f"seg_guidance must be >= 0, and > 0 only with a seg head (seg_codes > 0); got {config.seg_guidance}")
         if config.number_weight < 0:
             raise ValueError(f"number_weight must be >= 0, got {config.number_weight}")
         self.config = config
@@ -600,6 +609,8 @@ class GPT(nn.Module):
             last_in = x  # the last block's input: what the choosing loss reads
             x = block(x, rope_q, rope_k, cache, prior, mask)
         x = self.ln_f(x)
+        if kv_cache is not None and kv_cache.keep_seg:
+            self.photo_seg(x, idx, pos, kv_cache)
         if loss_mask is None:
             logits = self.lm_head(x)
         else:  # the head only where a loss will be: ~1 position in 9 of a VQA row, 1 in 2 of a map's
@@ -651,6 +662,19 @@ class GPT(nn.Module):
             if (target >= 0).any():
                 loss = loss + w * F.cross_entropy(head(hidden[target >= 0]).float(), target[target >= 0])
         return loss
+
+    def photo_seg(self, hidden, idx, pos, kv_cache):
+        """Put in kv_cache.seg the seg head's log-probabilities at each place of the first image of
+        every row that starts in this call (the prefill), zeros for rows without one. A drawn seg
+        map's code at a place can then lean on what the head read from the photo there."""
+        if not hasattr(self, "seg_head"):
+            raise ValueError("keep_seg needs a model with a seg head (seg_codes > 0)")
+        first = first_image(idx, self.config.image_offset, self.config.n_image_tokens) & (pos[:, :1] == 0)
+        if not first.any():
+            return
+        seg = hidden.new_zeros(idx.size(0), self.config.n_image_tokens, self.config.seg_codes, dtype=torch.float)
+        seg[first.any(1)] = F.log_softmax(self.seg_head(hidden[first]).float(), -1).view(-1, *seg.shape[1:])
+        kv_cache.seg = seg
 
     def refer_loss(self, q, k, v, idx, mask, refer_at, refer):
         """-log of the attention mass that head h of the last layer puts, at each position where a

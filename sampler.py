@@ -69,6 +69,8 @@ class RowState:
         self.reflect = False  # the open image is a tool's map: the reflection prompt follows it
         self.tool = None  # name of the open tool call
         self.tool_calls = 0
+        self.last_tool = None  # name of the last tool called, in the prompt or the reply
+        self.drawing = None  # the open image is that tool's map (the last tool called before it)
 
     def mode(self, tools, max_turns):
         if self.image_left:
@@ -90,8 +92,9 @@ class RowState:
                 self.reflect = False
         elif t == tok.image_start:
             self.image_left = self.n_image_tokens
+            self.drawing = self.last_tool
         elif t in self.tool_of:
-            self.tool = self.tool_of[t]
+            self.tool = self.last_tool = self.tool_of[t]
             self.tool_calls += 1
         elif t in tok.tool_close.values():
             self.tool = None
@@ -101,6 +104,8 @@ class RowState:
     def replay(self, prompt):
         """Feed the prompt's part of the current reply (after its last <|assistant|>)."""
         start = max((i + 1 for i, t in enumerate(prompt) if t == self.tok.assistant), default=0)
+        # a user turn may ask for a map (stage 1's request): the reply's image is that tool's map
+        self.last_tool = next((self.tool_of[t] for t in reversed(prompt[:start]) if t in self.tool_of), None)
         for t in prompt[start:]:
             self.feed(t)
 
@@ -137,7 +142,7 @@ class Generation:
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.0, top_k=None,
              top_p=None, seed=None, generator=None, tools=True, max_turns=MAX_TURNS, image_temperature=None,
-             share_prefill=True, rgb=None):
+             share_prefill=True, rgb=None, seg_guidance=None):
     """Continue each prompt (a list of token ids; prompts may differ in length) by up to
     max_new_tokens tokens, all rows in one batch.
 
@@ -156,6 +161,11 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     (the reference the tests and bench.py rl compare the shared prefill to). rgb, uint8
     (B, H, W, 3), is each prompt's question image as pixels, for a model that reads them
     (model.py, "Image reader"; the prefill reads them, as it reads the image's codes).
+    seg_guidance > 0 (None: the model's config.seg_guidance; a model with a seg head) draws each code of a seg map from the logits plus
+    that many times the seg head's log-probabilities at the same place of the row's first image
+    (a product of experts): drawing alone, the model copies its own earlier codes and one wrong
+    code travels, while the head reads each place from the photo (model.py, "Place heads"). The
+    logprobs stay the model's own.
     """
     assert n_image_tokens >= 1 and max_new_tokens >= 1
     device = next(model.parameters()).device
@@ -181,7 +191,10 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     x = torch.full((len(distinct), max(lengths)), tok.pad, dtype=torch.long)
     for i, p in enumerate(distinct):
         x[i, :len(p)] = torch.tensor(p)
-    cache = KVCache(model.config, len(distinct), max_len)
+    seg_guidance = model.config.seg_guidance if seg_guidance is None else seg_guidance
+    if seg_guidance and not model.config.seg_codes:
+        raise ValueError("seg_guidance needs a model with a seg head (seg_codes > 0)")
+    cache = KVCache(model.config, len(distinct), max_len, keep_seg=seg_guidance > 0)
     pixels = None if rgb is None else torch.as_tensor(rgb)[list(lead.values())].to(device)
     logits, _ = model(x.to(device), kv_cache=cache, rgb=pixels)
     prompt_len = torch.tensor([len(p) for p in distinct])
@@ -199,6 +212,12 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     for step in range(max_new_tokens):
         mode = torch.tensor([rows[b].mode(tools, max_turns) for b in running], device=device)
         masked = logits.float().masked_fill(~masks[mode], float("-inf"))
+        if cache.seg is not None:
+            guided = [(j, n_image_tokens - rows[b].image_left) for j, b in enumerate(running)
+                      if mode[j] == IMAGE and rows[b].drawing == "seg"]
+            if guided:
+                at, place = torch.tensor(guided, device=device).T
+                masked[at, tok.image_offset:tok.image_offset + model.config.seg_codes] += seg_guidance * cache.seg[at, place]
         next_ids = sample_next(masked, temperature, top_k, top_p, generator)
         drawing = mode == IMAGE
         if image_temperature is not None and image_temperature != temperature and drawing.any():

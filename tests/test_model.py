@@ -875,3 +875,55 @@ def test_inside_a_tool_call_only_text_and_its_own_close_tag():
     for name, mode in sampler.IN_TOOL.items():
         allowed = masks[mode].nonzero().flatten().tolist()
         assert allowed == list(range(tok.n_text)) + [tok.tool_close[name]]
+
+
+def map_prompt(tok, tool, seed=0):
+    """Stage 1's map request on a random photo, ending in <|image|>: the reply is the map."""
+    import conversations
+    codes = np.random.default_rng(seed).integers(0, tok.codebook_size, N_IMAGE)
+    return tok.render_prompt(conversations.map_request(tool)[:1], {"rgb": codes}) + [tok.image_start]
+
+
+def test_a_row_knows_which_tools_map_it_draws(tok):
+    import sampler
+    row = sampler.RowState(tok, N_IMAGE)
+    row.replay(map_prompt(tok, "seg"))  # the request is in the user turn, the image opens the reply
+    assert row.mode(True, 3) == sampler.IMAGE and row.drawing == "seg"
+    row = sampler.RowState(tok, N_IMAGE)
+    row.replay(user_prompt(tok, "How far?"))
+    assert row.drawing is None
+    for t in [tok.tool_open["depth"], tok.tool_close["depth"]]:  # a tool called in the reply
+        row.feed(t)
+    row.feed(row.forced[0])  # the forced <|image|>
+    assert row.mode(True, 3) == sampler.IMAGE and row.drawing == "depth"
+
+
+def test_seg_guidance_draws_seg_maps_with_the_seg_heads_reading_of_the_photo(tok):
+    """The cache keeps the seg head's log-probabilities at the photo's places; a strongly guided
+    greedy seg map is the head's likeliest code at each place, a depth map is drawn as without
+    guidance, and a shared prefill (fanned out, rows dropped) equals per-row prefills."""
+    model = tiny_model(tok, seed=2, seg_codes=tok.codebook_size)
+    seg, depth = map_prompt(tok, "seg", 0), map_prompt(tok, "depth", 0)
+    hidden = {}
+    hook = model.ln_f.register_forward_hook(lambda m, i, o: hidden.__setitem__("h", o))
+    cache = KVCache(model.config, 1, 64, keep_seg=True)
+    model(torch.tensor([seg]), kv_cache=cache)
+    hook.remove()
+    photo = [i for i, t in enumerate(seg) if t >= tok.image_offset]
+    head = torch.log_softmax(model.seg_head(hidden["h"][0, photo]), -1)
+    torch.testing.assert_close(cache.seg[0], head)
+    kw = dict(max_new_tokens=N_IMAGE + 1, n_image_tokens=N_IMAGE, temperature=0, tools=False)
+    guided = generate(model, tok, [seg, depth], seg_guidance=1e4, **kw)
+    plain = generate(model, tok, [seg, depth], **kw)
+    assert [t - tok.image_offset for t in guided.row(0)[:N_IMAGE]] == head.argmax(-1).tolist()
+    assert guided.row(0)[:N_IMAGE] != plain.row(0)[:N_IMAGE]  # the head and the LM disagree here
+    assert guided.row(1) == plain.row(1)
+    torch.testing.assert_close(guided.logprobs[1], plain.logprobs[1])
+    prompts = [seg] * 3 + [depth] * 2 + [user_prompt(tok, "How far?", 1)] * 2
+    kw = dict(max_new_tokens=30, n_image_tokens=N_IMAGE, temperature=1.0, seed=7, seg_guidance=50.0)
+    shared, per_row = generate(model, tok, prompts, **kw), generate(model, tok, prompts, share_prefill=False, **kw)
+    assert torch.equal(shared.tokens, per_row.tokens) and torch.equal(shared.lengths, per_row.lengths)
+    torch.testing.assert_close(shared.logprobs, per_row.logprobs, atol=1e-5, rtol=0)
+    assert len(set(shared.lengths.tolist())) > 1  # rows finished at different steps: some were dropped
+    with pytest.raises(ValueError, match="seg head"):
+        generate(tiny_model(tok), tok, [seg], **kw)
