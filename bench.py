@@ -309,6 +309,7 @@ LEARN = dict(
     depth_head=True,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
     depth_head_weight=0.25,  # the depth head's loss is scaled by this (model.py, "Place heads")
     seg_head=False, seg_head_weight=1.0,  # True: a head names each RGB place's code of the seg map, its loss (times the weight) added (model.py, "Place heads")
+    seg_head_hidden=0,  # > 0: the seg head is an MLP this wide (model.py, "Place heads")
     seg_guidance=0.0,  # > 0 (with seg_head): seg maps drawn with the seg head's log-probabilities added, times this (sampler.generate)
     number_weight=1.0,  # > 0: a head regresses each number answer's log value, its loss scaled so (model.py, "Numbers"); 0: none
     refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")

@@ -60,6 +60,7 @@ class GPTConfig:
     number_weight: float = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (see "Numbers")
     seg_codes: int = 0  # > 0: a head names the segmentation map's code at each such place, of this many (see "Place heads")
     seg_head_weight: float = 1.0  # the seg head's cross entropy is scaled by this in the loss (see "Place heads")
+    seg_head_hidden: int = 0  # > 0: the seg head is an MLP of this width, not one linear map (see "Place heads")
     seg_guidance: float = 0.0  # > 0: the sampler draws seg maps with the seg head's help, this strong (sampler.generate)
 
 
@@ -504,7 +505,9 @@ class GPT(nn.Module):
         if config.depth_bins:
             self.depth_head = nn.Linear(config.n_embd, config.depth_bins)
         if config.seg_codes:
-            self.seg_head = nn.Linear(config.n_embd, config.seg_codes)
+            self.seg_head = (nn.Linear(config.n_embd, config.seg_codes) if not config.seg_head_hidden else
+                             nn.Sequential(nn.Linear(config.n_embd, config.seg_head_hidden), nn.GELU(),
+                                           nn.Linear(config.seg_head_hidden, config.seg_codes)))
         if config.number_weight:
             self.number_head = nn.Linear(config.n_embd, 1)
         if config.reader_vq:

@@ -250,12 +250,14 @@ def test_loss_is_mean_over_supervised_positions_and_logprobs_match(tok):
     torch.testing.assert_close(model(idx, loss_mask=loss_mask)[0], masked_logits)  # a mask without targets: no loss
 
 
-def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
+@pytest.mark.parametrize("seg_head_hidden", [0, 16])  # 16: the seg head is an MLP
+def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok, seg_head_hidden):
     """Each place head adds the cross entropy of its logits at the first image's places (the mixed
     sequence's second image, a generated map, is not read); labels of -1 and rows without an image
     add nothing, places=None leaves the loss as it was, and a label count that is not the model's
     number of heads stops. The seg head's labels come last."""
-    model = tiny_model(tok, object_classes=5, depth_bins=3, seg_codes=6)
+    model = tiny_model(tok, object_classes=5, depth_bins=3, seg_codes=6, seg_head_hidden=seg_head_hidden)
+    assert isinstance(model.seg_head, torch.nn.Sequential) == bool(seg_head_hidden)
     ids, mask = mixed_sequence(tok, 3)
     text_only = [t for t in ids if t < tok.image_offset]
     rows = [ids, text_only + [tok.pad] * (len(ids) - len(text_only))]
@@ -284,6 +286,8 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok):
         tiny_model(tok, depth_bins=3, depth_head_weight=-1.0)
     with pytest.raises(ValueError, match="seg_head_weight"):
         tiny_model(tok, seg_codes=3, seg_head_weight=-1.0)
+    with pytest.raises(ValueError, match="seg_guidance"):
+        tiny_model(tok, seg_guidance=1.0)  # guidance without a seg head
     _, ignored = model(idx, targets, loss_mask, places=torch.full_like(places, -1))
     torch.testing.assert_close(ignored, plain)
     with pytest.raises(ValueError, match="place heads"):
@@ -918,6 +922,9 @@ def test_seg_guidance_draws_seg_maps_with_the_seg_heads_reading_of_the_photo(tok
     assert [t - tok.image_offset for t in guided.row(0)[:N_IMAGE]] == head.argmax(-1).tolist()
     assert guided.row(0)[:N_IMAGE] != plain.row(0)[:N_IMAGE]  # the head and the LM disagree here
     assert guided.row(1) == plain.row(1)
+    model.config.seg_guidance = 1e4  # a model's own setting is the default
+    assert generate(model, tok, [seg, depth], **kw).row(0) == guided.row(0)
+    model.config.seg_guidance = 0.0
     torch.testing.assert_close(guided.logprobs[1], plain.logprobs[1])
     prompts = [seg] * 3 + [depth] * 2 + [user_prompt(tok, "How far?", 1)] * 2
     kw = dict(max_new_tokens=30, n_image_tokens=N_IMAGE, temperature=1.0, seed=7, seg_guidance=50.0)
