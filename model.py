@@ -82,6 +82,11 @@ class GPTConfig:
 # the code's answer, as the depth head's places hold theirs for the depth map. Measured at full
 # weight, it lifted the drawn seg maps and cost every answer; at a quarter it kept the answers and
 # half the lift (docs/experiments.md, "A seg head at the photo's places …"): off by default.
+# Drawing alone, the model copies its own earlier codes, and one wrong code travels; with
+# seg_guidance > 0 the sampler draws each seg code from the logits plus that many times the
+# head's log-probabilities at the place (sampler.generate), so the photo has a say at every code.
+# seg_head_hidden > 0 makes the head an MLP, which can read the segmentation out of the trunk
+# without the trunk itself being bent linear to it (the bending is what costs the answers).
 #
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
 # one colour's patches spread over hundreds of ids seen a few times each; even with the object head,
