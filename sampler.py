@@ -161,11 +161,11 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     (the reference the tests and bench.py rl compare the shared prefill to). rgb, uint8
     (B, H, W, 3), is each prompt's question image as pixels, for a model that reads them
     (model.py, "Image reader"; the prefill reads them, as it reads the image's codes).
-    seg_guidance > 0 (None: the model's config.seg_guidance; a model with a seg head) draws each code of a seg map from the logits plus
-    that many times the seg head's log-probabilities at the same place of the row's first image
-    (a product of experts): drawing alone, the model copies its own earlier codes and one wrong
-    code travels, while the head reads each place from the photo (model.py, "Place heads"). The
-    logprobs stay the model's own.
+    seg_guidance > 0 (None: the model's config.seg_guidance; needs a seg head) draws each code of a
+    seg map from the logits plus that many times the seg head's log-probabilities at the same place
+    of the row's first image (a product of experts): drawing alone, the model copies its own
+    earlier codes and one wrong code travels, while the head reads each place from the photo
+    (model.py, "Place heads"). The logprobs stay the model's own.
     """
     assert n_image_tokens >= 1 and max_new_tokens >= 1
     device = next(model.parameters()).device
@@ -214,7 +214,7 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
         masked = logits.float().masked_fill(~masks[mode], float("-inf"))
         if cache.seg is not None:
             guided = [(j, n_image_tokens - rows[b].image_left) for j, b in enumerate(running)
-                      if mode[j] == IMAGE and rows[b].drawing == "seg"]
+                      if rows[b].image_left and rows[b].drawing == "seg"]
             if guided:
                 at, place = torch.tensor(guided, device=device).T
                 masked[at, tok.image_offset:tok.image_offset + model.config.seg_codes] += seg_guidance * cache.seg[at, place]
