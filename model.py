@@ -619,7 +619,7 @@ class GPT(nn.Module):
             last_in = x  # the last block's input: what the choosing loss reads
             x = block(x, rope_q, rope_k, cache, prior, mask)
         x = self.ln_f(x)
-        if kv_cache is not None and kv_cache.keep_seg:
+        if kv_cache is not None and kv_cache.keep_seg and kv_cache.seg is None:  # the prefill, not each decode step
             self.photo_seg(x, idx, pos, kv_cache)
         if loss_mask is None:
             logits = self.lm_head(x)
@@ -660,13 +660,12 @@ class GPT(nn.Module):
         """The sum of the place heads' cross entropies (the depth and seg heads' times their weights) over
         the places of each row's first image (rows without an image, and labels of -1, count for nothing)."""
         scale = {"depth_head": self.config.depth_head_weight, "seg_head": self.config.seg_head_weight}
-        heads = self.place_heads()
-        weights = [scale.get(name, 1.0) for name in self.PLACE_HEADS if hasattr(self, name)]
+        heads = [(getattr(self, name), scale.get(name, 1.0)) for name in self.PLACE_HEADS if hasattr(self, name)]
         if places.shape[-1] != len(heads):
             raise ValueError(f"places has {places.shape[-1]} labels a place, the model {len(heads)} place heads")
         first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)
         has, loss = first.any(1), hidden.sum() * 0
-        for j, (head, w) in enumerate(zip(heads, weights)):
+        for j, (head, w) in enumerate(heads):
             target = torch.full_like(idx, -1)
             target[first] = places[has][..., j].reshape(-1)
             if (target >= 0).any():
@@ -678,7 +677,7 @@ class GPT(nn.Module):
         every row that starts in this call (the prefill), zeros for rows without one. A drawn seg
         map's code at a place can then lean on what the head read from the photo there."""
         if not hasattr(self, "seg_head"):
-            raise ValueError("keep_seg needs a model with a seg head (seg_codes > 0)")
+            raise ValueError("seg guidance (a KVCache with keep_seg) needs a model with a seg head (seg_codes > 0)")
         first = first_image(idx, self.config.image_offset, self.config.n_image_tokens) & (pos[:, :1] == 0)
         if not first.any():
             return

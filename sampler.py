@@ -70,7 +70,12 @@ class RowState:
         self.tool = None  # name of the open tool call
         self.tool_calls = 0
         self.last_tool = None  # name of the last tool called, in the prompt or the reply
-        self.drawing = None  # the open image is that tool's map (the last tool called before it)
+
+    @property
+    def drawing(self):
+        """The tool whose map the open image is (None: no image open): no tool is called inside an
+        image, so it is the last tool called before it."""
+        return self.last_tool if self.image_left else None
 
     def mode(self, tools, max_turns):
         if self.image_left:
@@ -92,7 +97,6 @@ class RowState:
                 self.reflect = False
         elif t == tok.image_start:
             self.image_left = self.n_image_tokens
-            self.drawing = self.last_tool
         elif t in self.tool_of:
             self.tool = self.last_tool = self.tool_of[t]
             self.tool_calls += 1
@@ -192,8 +196,6 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     for i, p in enumerate(distinct):
         x[i, :len(p)] = torch.tensor(p)
     seg_guidance = model.config.seg_guidance if seg_guidance is None else seg_guidance
-    if seg_guidance and not model.config.seg_codes:
-        raise ValueError("seg_guidance needs a model with a seg head (seg_codes > 0)")
     cache = KVCache(model.config, len(distinct), max_len, keep_seg=seg_guidance > 0)
     pixels = None if rgb is None else torch.as_tensor(rgb)[list(lead.values())].to(device)
     logits, _ = model(x.to(device), kv_cache=cache, rgb=pixels)
@@ -214,7 +216,7 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
         masked = logits.float().masked_fill(~masks[mode], float("-inf"))
         if cache.seg is not None:
             guided = [(j, n_image_tokens - rows[b].image_left) for j, b in enumerate(running)
-                      if rows[b].image_left and rows[b].drawing == "seg"]
+                      if rows[b].drawing == "seg"]
             if guided:
                 at, place = torch.tensor(guided, device=device).T
                 masked[at, tok.image_offset:tok.image_offset + model.config.seg_codes] += seg_guidance * cache.seg[at, place]
