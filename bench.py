@@ -413,7 +413,9 @@ def bench_learn(argv=()):
 
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
     rng, get_batch = np.random.default_rng([cfg["seed"], 9]), batch_maker(False, {"tokens": 0})
-    per_iter = np.mean([get_batch("train", rng)[0].numel() for _ in range(20)]) * cfg["grad_accum"]
+    # 1000 sampled batches (~7 s): a batch's size varies with its kind (s.d. ~30% of the mean in the
+    # maps arm), and 20 of them once planned a run 7% over its token budget
+    per_iter = np.mean([get_batch("train", rng)[0].numel() for _ in range(1000)]) * cfg["grad_accum"]
     if cfg["tokens"] > 0:
         max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))
     else:
