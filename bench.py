@@ -324,6 +324,30 @@ LEARN = dict(
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, optimizer="muon", muon_lr=0.05, seed=1337, device="auto", compile=False, log_interval=20,
     eval_iters=0, peak_tflops=0.0, init_from="scratch",
 )
+# arm=maps starts from these instead (any --key=value still overrides them): each measured in the maps
+# arm at the default budget against the run without it (docs/experiments.md, the maps-arm entries of
+# 2026-12-06 and 2026-12-07). map_questions: questions after the maps too, else the chain is
+# untaught; the seg head, at 0.75 of its loss, guiding the seg maps drawn (seg matched 0.52 -> 0.61,
+# counting lower as its weight rises); VQA examples at 2.5 (62.5% of the rows) and the number head at
+# twice its weight: distance past blind + 0.20, which no maps-arm run without both reached.
+MAPS_ARM = dict(map_questions=True, seg_head=True, seg_head_weight=0.75, seg_guidance=4.0,
+                vqa_weight=2.5, number_weight=2.0)
+
+
+def learn_config(argv=()):
+    """bench.py learn's config: LEARN, then MAPS_ARM if the arm is maps, then argv's config files
+    and --key=value overrides."""
+    from configurator import configure
+    doc = f"python bench.py learn [--key=value ...] (bench_learn). arm=maps starts from {MAPS_ARM} instead."
+    cfg = configure(dict(LEARN, __doc__=doc), section="learn", argv=list(argv))
+    if cfg["arm"] == "maps":
+        cfg = configure({**LEARN, **MAPS_ARM}, section="learn", argv=list(argv))
+    if cfg["arm"] not in ("rgb", "maps", "blind"):
+        raise SystemExit(f"config error: arm must be rgb, maps or blind, got {cfg['arm']!r}")
+    if cfg["seg_guidance"] > 0 and not cfg["seg_head"]:
+        raise SystemExit("config error: seg_guidance > 0 needs seg_head=True (arm=maps sets both: "
+                         "with --seg_head=False pass --seg_guidance=0 too)")
+    return cfg
 
 
 def bench_learn(argv=()):
@@ -341,11 +365,8 @@ def bench_learn(argv=()):
     import metrics
     import prepare
     import trainer
-    from configurator import configure
     from report import line_chart
-    cfg = configure(dict(LEARN), section="learn", argv=list(argv))
-    if cfg["arm"] not in ("rgb", "maps", "blind"):
-        raise SystemExit(f"config error: arm must be rgb, maps or blind, got {cfg['arm']!r}")
+    cfg = learn_config(argv)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1))))
     t_start = time.time()
     data.prepare(cfg["data_dir"], n_val=600, n_test=200, far=cfg["far"], min_visible=cfg["min_visible"])  # built once
