@@ -397,7 +397,8 @@ def bench_learn(argv=()):
     val_split = splits.get("val") if cfg["arm"] == "maps" else None
 
     def batch_maker(blind, seen):
-        """The get_batch of an arm (blind: VQA only, no image), counting the train tokens in seen."""
+        """The get_batch of an arm (blind: VQA only, no image), counting the train tokens and answers
+        (<answer> tokens: a maps row spends more tokens an answer than a VQA row) in seen."""
         batch = batches.stage1_batches(tok, codes, questions, scenes, cfg, {"vqa": 1.0} if blind else weights,
                                        places, coverage, blind, rgb)
 
@@ -405,6 +406,7 @@ def bench_learn(argv=()):
             b = batch(split, rng)
             if split == "train":
                 seen["tokens"] += b[0].numel()
+                seen["answers"] += int((b[0] == tok.answer).sum())
             return b
         return get_batch
 
@@ -412,7 +414,7 @@ def bench_learn(argv=()):
         """Train one model; returns its curve [{iter, tokens, acc_<cat>}] and the loop's last metrics."""
         c = dict(cfg, out_dir=os.path.join(cfg["out_dir"], name), max_iters=max_iters,
                  eval_interval=-(-max_iters // cfg["evals"]))  # the last evaluation is the run's final one
-        seen = {"tokens": 0}
+        seen = {"tokens": 0, "answers": 0}
         get_batch = batch_maker(blind, seen)
         curve = []
 
@@ -425,7 +427,7 @@ def bench_learn(argv=()):
                 maps, _ = ev.map_quality(model, tok, vq, val_split, codes["val"], range(cfg["map_scenes"]), n_image, **ev.DECODE)
                 out.update(map_object_depth_absrel=maps["object_depth_absrel"], map_seg_miou_matched=maps["seg_miou_matched"])
             model.train()
-            curve.append({"iter": it, "tokens": seen["tokens"], **out})
+            curve.append({"iter": it, "tokens": seen["tokens"], "answers": seen["answers"], **out})
             return out
 
         torch.manual_seed(c["seed"])
@@ -433,7 +435,7 @@ def bench_learn(argv=()):
         return curve, trainer.train(c, run, model, optimizer, start, get_batch, evaluate)
 
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
-    rng, get_batch = np.random.default_rng([cfg["seed"], 9]), batch_maker(False, {"tokens": 0})
+    rng, get_batch = np.random.default_rng([cfg["seed"], 9]), batch_maker(False, {"tokens": 0, "answers": 0})
     # 1000 sampled batches (~7 s): a batch's size varies with its kind (s.d. ~30% of the mean in the
     # maps arm), and 20 of them once planned a run 7% over its token budget
     per_iter = np.mean([get_batch("train", rng)[0].numel() for _ in range(1000)]) * cfg["grad_accum"]
@@ -467,7 +469,7 @@ def bench_learn(argv=()):
         _, blind_last = train_arm("blind", True, max(cfg["evals"], round(max_iters * vqa_share)))
 
     key = "learn_blind_" if cfg["arm"] == "blind" else "learn_"  # a blind arm alone keeps the rgb arm's keys in bench.json
-    out = {"learn_arm": cfg["arm"], f"{key}tokens": last["tokens"], f"{key}iters": max_iters,
+    out = {"learn_arm": cfg["arm"], f"{key}tokens": last["tokens"], f"{key}answers": curve[-1]["answers"], f"{key}iters": max_iters,
            f"{key}minutes": round(minutes, 2), "learn_questions_per_category": min(len(v) for v in by_cat.values())}
     print(f"\n{'category':<18}{'chance':>8}{'blind':>8}{'arm':>8}   (val, direct answers)")
     for cat in by_cat:
