@@ -327,7 +327,7 @@ LEARN = dict(
 # arm=maps starts from these instead (any --key=value still overrides them): each measured in the maps
 # arm at the default budget against the run without it (docs/experiments.md, the maps-arm entries of
 # 2026-12-06 and 2026-12-07). map_questions: questions after the maps too, else the chain is
-# untaught; the seg head, at 0.75 of its loss, guiding the seg maps drawn (seg matched 0.52 -> 0.61,
+# untaught; the seg head, at 0.75 of its loss, guiding the seg maps drawn (seg matched 0.56 -> 0.61,
 # counting lower as its weight rises); VQA examples at 2.5 (62.5% of the rows) and the number head at
 # twice its weight: distance past blind + 0.20, which no maps-arm run without both reached.
 MAPS_ARM = dict(map_questions=True, seg_head=True, seg_head_weight=0.75, seg_guidance=4.0,
@@ -411,7 +411,7 @@ def bench_learn(argv=()):
         return get_batch
 
     def train_arm(name, blind, max_iters):
-        """Train one model; returns its curve [{iter, tokens, acc_<cat>}] and the loop's last metrics."""
+        """Train one model; returns its curve [{iter, tokens, answers, acc_<cat>}] and the loop's last metrics."""
         c = dict(cfg, out_dir=os.path.join(cfg["out_dir"], name), max_iters=max_iters,
                  eval_interval=-(-max_iters // cfg["evals"]))  # the last evaluation is the run's final one
         seen = {"tokens": 0, "answers": 0}
