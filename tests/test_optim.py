@@ -13,6 +13,23 @@ def test_newton_schulz_gives_singular_values_near_one():
         assert s.min() > 0.5 and s.max() < 1.3, s
 
 
+def test_newton_schulz_on_a_stack_equals_each_matrix_alone():
+    """Muon orthogonalises the parts of one shape in one batched call: each must come out as it
+    would alone (to rounding), wide or tall, and the reference form a·x + (b·s + c·s²)·x holds."""
+    torch.manual_seed(0)
+    for shape in ((3, 16, 40), (3, 40, 16), (1, 8, 8)):
+        g = torch.randn(shape)
+        stacked = optim.newton_schulz(g)
+        for k in range(shape[0]):
+            torch.testing.assert_close(stacked[k], optim.newton_schulz(g[k]))
+            x = g[k] / g[k].norm()
+            x = x if shape[1] <= shape[2] else x.T
+            for _ in range(5):
+                s = x @ x.T
+                x = 3.4445 * x + (-4.7750 * s + 2.0315 * s @ s) @ x
+            torch.testing.assert_close(stacked[k], x if shape[1] <= shape[2] else x.T, atol=1e-5, rtol=1e-4)
+
+
 def test_muon_orthogonalises_each_stacked_part_apart():
     """A matrix with muon_parts (the fused q|k|v projection, grouped-query or not) steps by each
     part's orthogonalised momentum, scaled for the whole matrix's shape; a plain matrix as one."""
