@@ -11,7 +11,7 @@ tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~12 s
 # gave the same RGB and depth in a third of the time but a seg round trip of 0.674 (ids matched), which
 # caps the seg maps stage 1 draws; 4800 give 0.709 (docs/experiments.md). The first training script then
 # encodes every split (~24 s).
-vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=4800, disc_start=3600)
+vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=3200, disc_start=2400, modality_weights=(1.0, 1.0, 2.0))
 # stage 1 (and the Base arm with --aux=False): train_stage1.py's design, 4 layers × 128 wide (one K/V head for four query
 # heads) with Muon (its rate held, then falling over the last 40%), the object and depth heads, the referring loss, the pixel reader (on the photo's own pixels) and 7
 # questions an image; sequences of ~350 (VQA) to ~520 tokens (RGB, depth, seg, question, answer). 1760 iterations of
