@@ -124,7 +124,8 @@ def bench_model():
     """Training speed, fp32 on CPU: full steps (forward, backward, AdamW) on a batch of 8 x 600
     tokens; achieved FLOP/s (model.flops_per_token, attention included) divided by the FLOP/s of
     a torch.mm of the model's own MLP shape, (8*600, 256) @ (256, 1024), timed in the same process
-    at the same thread count. Token content does not change speed, so random ids stand in."""
+    at the same thread count. Token content does not change speed, so random ids stand in. Then
+    one Muon step on the same model, against its Newton-Schulz done one matrix part at a time."""
     import torch
     from model import GPT
     torch.manual_seed(0)
@@ -147,9 +148,18 @@ def bench_model():
     reps = max(1, round(dt_step / dt_mm))
     dt, dt_mm = _median_times([step, lambda: [a @ w for _ in range(reps)]], 7)
     train_flops, mm_flops = model.flops_per_token(T) * B * T / dt, reps * 2 * B * T * C * 4 * C / dt_mm
+    # Muon's step on the same matrices (optim.Muon orthogonalises the parts of one shape in one
+    # batched call), against the orthogonalisation alone done one part at a time
+    import optim
+    muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), optimizer="muon")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    parts = [u for p in muon.param_groups[0]["params"] for u in p.grad.split(getattr(p, "muon_parts", (p.size(0),)))]
+    dt_muon, dt_parts = _median_times([muon.step, lambda: [optim.newton_schulz(u) for u in parts]], 7)
     return {"train_tok_per_s": round(B * T / dt), "train_gflop_per_s": round(train_flops / 1e9, 1),
             "matmul_gflop_per_s": round(mm_flops / 1e9, 1),
             "train_matmul_frac": round(train_flops / mm_flops, 3),
+            "muon_step_ms": round(dt_muon * 1000, 1), "newton_schulz_one_by_one_ms": round(dt_parts * 1000, 1),
             "model_params": model.get_num_params(), "model_threads": torch.get_num_threads()}
 
 
@@ -287,7 +297,8 @@ def bench_rl():
 LEARN = dict(
     data_dir="data/learn",  # the tiny preset's scenes at 48 px, with 600 val scenes (~550 questions a category)
     far=6.0, min_visible=48,  # the scenes' settings (data.SceneConfig's defaults, the tiny preset's)
-    vq_ckpt="out/vqgan/ckpt.pt",  # the tiny preset's VQ (trained first if missing)
+    vq_ckpt="out/vqgan_learn/ckpt.pt",  # its own VQ at vqgan.py's defaults, trained first if missing: the one its figures
+    # were measured with (the tiny preset trains a shorter one, for its time)
     out_dir="out/learn",
     arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1); blind: the blind baseline alone
     blind=True,  # also train the blind baseline: the same VQA batches without the image

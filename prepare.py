@@ -5,8 +5,9 @@ builds its output only when it is missing, in the order the pipeline runs them,
     dataset (data.py) -> text BPE (tokenizer.py) -> VQ tokenizer (vqgan.py) -> codes of every split
 
 so `python train_stage1.py` on a fresh checkout just works: it builds what it lacks with the tiny
-preset's settings and says so. runs/tiny_cpu.sh runs data.py, tokenizer.py and vqgan.py itself
-first, with the preset's settings, and then every step here finds its output in place. Loaders
+preset's data and vqgan.py's defaults (a longer VQ than the preset's) and says so. runs/tiny_cpu.sh
+runs data.py, tokenizer.py and vqgan.py itself first, with the preset's settings, and then every
+step here finds its output in place. Loaders
 (data.load_split, Tokenizer.load, vqgan.load_vqgan, vqgan.load_codes) only load; they build
 nothing and say what to run when a file is missing.
 """
@@ -46,7 +47,7 @@ def ensure_codes(data_dir, ckpt_path):
 
 
 def prepare(data_dir="data/tiny", vq_ckpt="out/vqgan/ckpt.pt"):
-    """Build whatever of dataset, BPE, VQ and codes is missing (the tiny preset's settings)."""
+    """Build whatever of dataset, BPE, VQ and codes is missing (the tiny preset's data, vqgan.py's defaults)."""
     size = data.prepare(data_dir)["config"]["image_size"]
     tok_path = tokenizer.tokenizer_path(data_dir)
     if not os.path.exists(tok_path):
@@ -55,7 +56,7 @@ def prepare(data_dir="data/tiny", vq_ckpt="out/vqgan/ckpt.pt"):
     if not os.path.exists(vq_ckpt):
         if os.path.basename(vq_ckpt) != "ckpt.pt":
             raise SystemExit(f"no VQ checkpoint at {vq_ckpt}: vqgan.py writes <out_dir>/ckpt.pt, so name one of those")
-        print(f"no VQ tokenizer at {vq_ckpt}: training one with the tiny preset (python vqgan.py)")
+        print(f"no VQ tokenizer at {vq_ckpt}: training one at vqgan.py's defaults (python vqgan.py)")
         vqgan.train(vqgan.TrainConfig(data_dir=data_dir, out_dir=os.path.dirname(vq_ckpt)), vqgan.VQConfig(image_size=size))
     ensure_codes(data_dir, vq_ckpt)
 

@@ -78,7 +78,7 @@ parser.add_argument("--muon_lr", type=float, default=0.02)
 parser.add_argument("--warmup", type=int, default=50)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--data_dir", default="data/learn")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser.add_argument("--vq_ckpt", default="out/vqgan_learn/ckpt.pt")  # bench.py learn's
 args = parser.parse_args()
 RUNGS = args.rung.split(",")
 if not set(RUNGS) <= {"exist", "exist_text", "colour", "point", "real"} or ("exist_text" in RUNGS and len(RUNGS) > 1):

@@ -24,7 +24,7 @@ def parser(doc, ckpt_help=CKPT_HELP):
     p = argparse.ArgumentParser(description=doc.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help=ckpt_help)
     p.add_argument("--data_dir", default="data/learn")
-    p.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+    p.add_argument("--vq_ckpt", default="out/vqgan_learn/ckpt.pt")  # bench.py learn's
     return p
 
 

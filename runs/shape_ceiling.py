@@ -6,7 +6,7 @@ as the VQ codes give them back (vqgan.decode), which is all a model reading code
 figures bound what a model reading this data can learn about shape: the data itself, and what the
 VQ round trip keeps.
 
-    python runs/shape_ceiling.py --data_dir=data/learn [--decoded --vq_ckpt=out/vqgan/ckpt.pt]
+    python runs/shape_ceiling.py --data_dir=data/learn [--decoded --vq_ckpt=out/vqgan_learn/ckpt.pt]
 
 Ends with `final: {json}`.
 """
@@ -27,7 +27,7 @@ import vqgan  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_dir", default="data/learn")
 parser.add_argument("--decoded", action="store_true", help="crop the VQ round trip of each image instead of its pixels")
-parser.add_argument("--vq_ckpt", default="out/vqgan/ckpt.pt")
+parser.add_argument("--vq_ckpt", default="out/vqgan_learn/ckpt.pt")  # bench.py learn's
 parser.add_argument("--epochs", type=int, default=8)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
