@@ -1,5 +1,5 @@
-# The default preset: the whole pipeline, all four arms, on a 2-core CPU in 13–24 minutes (by machine)
-# (runs/tiny_cpu.sh; each step's time is in docs/experiments.md). 48×48 scenes and 12×12 codes an
+# The default preset: the whole pipeline, all four arms, on a 2-core CPU in under 20 minutes (19.5 on an AMD EPYC,
+# the slower machine measured; runs/tiny_cpu.sh; each step's time is in docs/experiments.md). 48×48 scenes and 12×12 codes an
 # image: 64 px makes every sequence ~1.8× longer, 32 px loses small objects in the VQ round trip.
 # Short runs make this a demonstration of the pipeline; config/cpu64.py is the longer setting.
 # Each dict configures one script (see configurator.py); "_" names are this file's helpers.
@@ -7,10 +7,11 @@ _data_dir = "data/tiny"
 
 data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=48)  # ~13 s, ~22 MB
 tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~12 s
-# the VQ (vqgan.py's defaults): 4800 steps of 8 images, GAN from step 3600, 96 channels; ~4.5 min. 1600 steps
-# gave the same RGB and depth in a third of the time but a seg round trip of 0.674 (ids matched), which
-# caps the seg maps stage 1 draws; 4800 give 0.709 (docs/experiments.md). The first training script then
-# encodes every split (~24 s).
+# the VQ: 3200 steps of 8 images, GAN from step 2400, 96 channels, seg images drawn twice as often as RGB or depth;
+# ~4 min. vqgan.py's defaults (4800 steps, the modalities alike; bench.py learn's VQ) take 1.5× the time for the
+# same seg round trip (palette mIoU 0.708 against 0.710) and RGB + 0.5 dB. The seg round trip caps the seg maps
+# stage 1 draws: 1600 steps lost it (0.674 ids matched against 0.709; docs/experiments.md). The first training
+# script then encodes every split (~22 s).
 vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=3200, disc_start=2400, modality_weights=(1.0, 1.0, 2.0))
 # stage 1 (and the Base arm with --aux=False): train_stage1.py's design, 4 layers × 128 wide (one K/V head for four query
 # heads) with Muon (its rate held, then falling over the last 40%), the object and depth heads, the referring loss, the pixel reader (on the photo's own pixels) and 7
