@@ -32,21 +32,25 @@ def test_newton_schulz_on_a_stack_equals_each_matrix_alone():
 
 def test_muon_orthogonalises_each_stacked_part_apart():
     """A matrix with muon_parts (the fused q|k|v projection, grouped-query or not) steps by each
-    part's orthogonalised momentum, scaled for the whole matrix's shape; a plain matrix as one."""
+    part's orthogonalised momentum, scaled for the whole matrix's shape; a plain matrix as one; and
+    matrices whose parts share a shape (orthogonalised in one batched call) each by its own."""
     torch.manual_seed(0)
     for parts in ((16, 16, 16), (16, 4, 4)):
         w = torch.nn.Parameter(torch.randn(sum(parts), 16))
         w.muon_parts = parts
         plain = torch.nn.Parameter(w.detach().clone())
-        g = torch.randn_like(w)
-        w.grad, plain.grad = g.clone(), g.clone()
-        before = w.detach().clone()
-        optim.Muon([{"params": [w], "muon": True}, {"params": [plain], "muon": True}], lr=0.1, momentum=0.9).step()
-        update = g + 0.9 * g  # Nesterov on a fresh momentum buffer
+        twin = torch.nn.Parameter(torch.randn_like(w))  # the same shape and parts as w, its own gradient
+        twin.muon_parts = parts
+        g, g_twin = torch.randn_like(w), torch.randn_like(w)
+        w.grad, plain.grad, twin.grad = g.clone(), g.clone(), g_twin.clone()
+        before, twin_before = w.detach().clone(), twin.detach().clone()
+        optim.Muon([{"params": [w, twin], "muon": True}, {"params": [plain], "muon": True}], lr=0.1, momentum=0.9).step()
         scale = max(1.0, sum(parts) / 16) ** 0.5
-        want = before - 0.1 * scale * torch.cat([optim.newton_schulz(u) for u in update.split(parts)])
-        torch.testing.assert_close(w.detach(), want)
-        torch.testing.assert_close(plain.detach(), before - 0.1 * scale * optim.newton_schulz(update))
+        for p, start, grad in ((w, before, g), (twin, twin_before, g_twin)):
+            update = grad + 0.9 * grad  # Nesterov on a fresh momentum buffer
+            want = start - 0.1 * scale * torch.cat([optim.newton_schulz(u) for u in update.split(parts)])
+            torch.testing.assert_close(p.detach(), want)
+        torch.testing.assert_close(plain.detach(), before - 0.1 * scale * optim.newton_schulz(g + 0.9 * g))
 
 
 def test_state_dict_round_trip_continues_exactly_and_refuses_other_groups():
