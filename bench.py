@@ -154,7 +154,7 @@ def bench_model():
     muon = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), optimizer="muon")
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    parts = [u for p in muon.param_groups[0]["params"] for u in p.grad.split(getattr(p, "muon_parts", (p.size(0),)))]
+    parts = [u for p in muon.param_groups[0]["params"] for u in optim.split_parts(p, p.grad)]
     dt_muon, dt_parts = _median_times([muon.step, lambda: [optim.newton_schulz(u) for u in parts]], 7)
     return {"train_tok_per_s": round(B * T / dt), "train_gflop_per_s": round(train_flops / 1e9, 1),
             "matmul_gflop_per_s": round(mm_flops / 1e9, 1),

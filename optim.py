@@ -27,6 +27,12 @@ def newton_schulz(g, steps=5):
     return (x if wide else x.mT).reshape(g.shape).to(g.dtype)
 
 
+def split_parts(p, t):
+    """t (p's shape) split into the parts Muon orthogonalises apart: p's `muon_parts` rows (the
+    fused q|k|v projection), or the whole matrix."""
+    return t.split(getattr(p, "muon_parts", (p.size(0),)))
+
+
 class Muon:
     """Muon for the groups marked muon=True, AdamW for the others (with no Muon group it is AdamW),
     in one optimizer so the loop, the schedule (group["lr"] = lr x lr_scale) and checkpoints treat
@@ -90,21 +96,15 @@ class Muon:
 
     def _muon_step(self, group):
         params = [p for p in group["params"] if p.grad is not None]
-        parts = []  # every matrix's Nesterov momentum, split into its parts
+        parts = []  # every matrix's momentum (Nesterov), split into its parts
         for p in params:
             buf = self.state.setdefault(p, {}).setdefault("momentum_buffer", torch.zeros_like(p))
             buf.mul_(group["momentum"]).add_(p.grad)
-            parts.append(p.grad.add(buf, alpha=group["momentum"]).split(getattr(p, "muon_parts", (p.size(0),))))
-        flat = [u for us in parts for u in us]
-        by_shape = {}  # the parts of one shape orthogonalised in one batched call
-        for i, u in enumerate(flat):
-            by_shape.setdefault(u.shape, []).append(i)
-        done = [None] * len(flat)
-        for index in by_shape.values():
-            for i, o in zip(index, newton_schulz(torch.stack([flat[i] for i in index]))):
-                done[i] = o
-        start = 0
+            parts.append(split_parts(p, p.grad.add(buf, alpha=group["momentum"])))
+        by_shape = {}  # the parts of one shape orthogonalised in one batched call, handed back in order
+        for u in (u for us in parts for u in us):
+            by_shape.setdefault(u.shape, []).append(u)
+        done = {shape: iter(newton_schulz(torch.stack(us))) for shape, us in by_shape.items()}
         for p, us in zip(params, parts):
-            update = torch.cat(done[start:start + len(us)])
-            start += len(us)
+            update = torch.cat([next(done[u.shape]) for u in us])
             p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)

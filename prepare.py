@@ -7,9 +7,8 @@ builds its output only when it is missing, in the order the pipeline runs them,
 so `python train_stage1.py` on a fresh checkout just works: it builds what it lacks with the tiny
 preset's data and vqgan.py's defaults (a longer VQ than the preset's) and says so. runs/tiny_cpu.sh
 runs data.py, tokenizer.py and vqgan.py itself first, with the preset's settings, and then every
-step here finds its output in place. Loaders
-(data.load_split, Tokenizer.load, vqgan.load_vqgan, vqgan.load_codes) only load; they build
-nothing and say what to run when a file is missing.
+step here finds its output in place. Loaders (data.load_split, Tokenizer.load, vqgan.load_vqgan,
+vqgan.load_codes) only load; they build nothing and say what to run when a file is missing.
 """
 import json
 import os

@@ -1,6 +1,7 @@
-# The default preset: the whole pipeline, all four arms, on a 2-core CPU in about 20 minutes (19.5–20 on an AMD
-# EPYC, the slower machine measured; runs/tiny_cpu.sh; each step's time is in docs/experiments.md). 48×48 scenes and 12×12 codes an
-# image: 64 px makes every sequence ~1.8× longer, 32 px loses small objects in the VQ round trip.
+# The default preset: the whole pipeline, all four arms, on a 2-core CPU in about 20 minutes (19.5–20 on an
+# AMD EPYC, the slower machine measured; runs/tiny_cpu.sh; each step's time is in docs/experiments.md).
+# 48×48 scenes and 12×12 codes an image: 64 px makes every sequence ~1.8× longer, 32 px loses small
+# objects in the VQ round trip.
 # Short runs make this a demonstration of the pipeline; config/cpu64.py is the longer setting.
 # Each dict configures one script (see configurator.py); "_" names are this file's helpers.
 _data_dir = "data/tiny"
