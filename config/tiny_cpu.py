@@ -37,15 +37,16 @@ stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=4, max_iters=1760, 
               map_questions=True, number_weight=0.0, base_iters=2640, seg_weight=1.0)
 eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test questions a category, maps of 32 scenes
 # stage 2 SFT on interleaved traces (~350 tokens: RGB, map, text), then 70 val replies through the
-# tool loop. 250 iterations: after 100 the sampled replies broke the format half the time.
+# tool loop. 200 iterations: after 100 the sampled replies broke the format half the time; 250 took 44 s
+# more with the report inside its noise (docs/experiments.md).
 # reading="brief": the traces' plan is one fixed sentence a tool and their last thought one fixed
 # sentence, not a reading of the map; the readings this model writes name the wrong objects and
 # its answers follow them. place_losses: stage 1's object and referring losses stay on, which
 # keeps more of its comparisons (docs/experiments.md).
-stage2 = dict(data_dir=_data_dir, max_iters=250, eval_interval=250, batch_size=8, eval_questions=70, reading="brief",
+stage2 = dict(data_dir=_data_dir, max_iters=200, eval_interval=200, batch_size=8, eval_questions=70, reading="brief",
               place_losses=True)
 # RL (GRPO + CPR): an iteration is 4 questions × 8 rollouts, ~10 s on one thread; held-out replies
-# at the start and the end. 12 iterations show the machinery, not a gain; at 1e-4 and 3e-4 held-out
+# at the start and the end. 8 iterations show the machinery, not a gain; at 1e-4 and 3e-4 held-out
 # accuracy fell further than at 3e-5 (docs/experiments.md). max_new_tokens 420: two maps (~146 tokens each) and text.
-rl = dict(data_dir=_data_dir, max_iters=12, eval_interval=12, prompts_per_batch=4, group_size=8, max_new_tokens=420,
+rl = dict(data_dir=_data_dir, max_iters=8, eval_interval=8, prompts_per_batch=4, group_size=8, max_new_tokens=420,
           learning_rate=3e-5, min_lr=3e-5, warmup_iters=2, eval_questions=70, eval_reward_questions=8)
