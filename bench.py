@@ -317,6 +317,7 @@ LEARN = dict(
     n_layer=4, n_head=4, n_kv_head=1, n_embd=128, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=True,  # True: a head names the object at each RGB place, its loss added (model.py)
+    object_head_weight=1.0,  # the object head's loss is scaled by this (model.py, "Place heads")
     depth_head=True,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
     depth_head_weight=0.25,  # the depth head's loss is scaled by this (model.py, "Place heads")
     seg_head=False, seg_head_weight=1.0,  # True: a head names each RGB place's code of the seg map, its loss (times the weight) added (model.py, "Place heads")

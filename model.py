@@ -51,6 +51,7 @@ class GPTConfig:
     n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
     code_patch_dim: int = 0  # > 0: each code's mean pixel patch (vqgan.code_patches) joins its embedding
     object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (see "Place heads")
+    object_head_weight: float = 1.0  # the object head's cross entropy is scaled by this in the loss (see "Place heads")
     depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (see "Place heads")
     depth_head_weight: float = 1.0  # the depth head's cross entropy is scaled by this in the loss (see "Place heads")
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
@@ -480,10 +481,9 @@ class KVCache:
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.depth_head_weight < 0:
-            raise ValueError(f"depth_head_weight must be >= 0, got {config.depth_head_weight}")
-        if config.seg_head_weight < 0:
-            raise ValueError(f"seg_head_weight must be >= 0, got {config.seg_head_weight}")
+        for name in ("object_head_weight", "depth_head_weight", "seg_head_weight"):
+            if getattr(config, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
         if config.seg_guidance < 0 or (config.seg_guidance and not config.seg_codes):
             raise ValueError(f"seg_guidance must be >= 0, and > 0 only with a seg head (seg_codes > 0); got {config.seg_guidance}")
         if config.number_weight < 0:
@@ -657,10 +657,9 @@ class GPT(nn.Module):
         return [getattr(self, name) for name in self.PLACE_HEADS if hasattr(self, name)]
 
     def place_loss(self, hidden, idx, places):
-        """The sum of the place heads' cross entropies (the depth and seg heads' times their weights) over
+        """The sum of the place heads' cross entropies, each times its weight, over
         the places of each row's first image (rows without an image, and labels of -1, count for nothing)."""
-        scale = {"depth_head": self.config.depth_head_weight, "seg_head": self.config.seg_head_weight}
-        heads = [(getattr(self, name), scale.get(name, 1.0)) for name in self.PLACE_HEADS if hasattr(self, name)]
+        heads = [(getattr(self, name), getattr(self.config, name + "_weight")) for name in self.PLACE_HEADS if hasattr(self, name)]
         if places.shape[-1] != len(heads):
             raise ValueError(f"places has {places.shape[-1]} labels a place, the model {len(heads)} place heads")
         first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)

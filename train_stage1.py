@@ -69,6 +69,7 @@ grid_rope = True  # image codes' rotations follow their grid place (model.py)
 grid_prior = 6.0  # map codes' attention starts on the aligned place (model.py)
 code_patches = False  # True: each code's mean pixel patch joins its embedding (model.py, GPTConfig.code_patch_dim)
 object_head = True  # True: a head names the object at each RGB place, its loss added (model.py, "Place heads")
+object_head_weight = 1.0  # the object head's loss is scaled by this
 depth_head = True  # True: a head gives each RGB place's depth, binned, its loss added (model.py, "Place heads"): size and distance + 0.04–0.07
 depth_head_weight = 0.25  # the depth head's loss is scaled by this: a quarter keeps most of its size gain at a third of its cost (docs/experiments.md)
 seg_head = False  # True: a head names each RGB place's code of the seg map, its loss added (model.py, "Place heads")

@@ -183,6 +183,7 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],
                           object_classes=data.N_OBJECT_CLASSES if cfg.get("object_head") else 0,
+                          object_head_weight=float(cfg.get("object_head_weight", 1.0)),
                           depth_bins=data.N_DEPTH_BINS if cfg.get("depth_head") else 0,
                           depth_head_weight=float(cfg.get("depth_head_weight", 1.0)),
                           reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None,

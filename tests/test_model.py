@@ -281,7 +281,12 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok, 
     model.config.seg_head_weight = 0.5
     _, half = model(idx, targets, loss_mask, places=places)
     torch.testing.assert_close(half - plain, object_ce + 0.25 * depth_ce + 0.5 * seg_ce)
-    model.config.depth_head_weight = model.config.seg_head_weight = 1.0
+    model.config.object_head_weight = 2.0
+    _, double = model(idx, targets, loss_mask, places=places)
+    torch.testing.assert_close(double - plain, 2.0 * object_ce + 0.25 * depth_ce + 0.5 * seg_ce)
+    model.config.object_head_weight = model.config.depth_head_weight = model.config.seg_head_weight = 1.0
+    with pytest.raises(ValueError, match="object_head_weight"):
+        tiny_model(tok, object_classes=3, object_head_weight=-1.0)
     with pytest.raises(ValueError, match="depth_head_weight"):
         tiny_model(tok, depth_bins=3, depth_head_weight=-1.0)
     with pytest.raises(ValueError, match="seg_head_weight"):
