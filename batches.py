@@ -63,7 +63,7 @@ def branched_row(rows):
 
 def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, scenes=None, blind=False, per_image=1,
                  places=None, practice="file", branched=False, coverage=None, refer_heads=0, choose=False,
-                 refer_options=False, map_questions=False, practice_weights=None, rgb=None, numbers=False):
+                 refer_options=False, map_questions=False, practice_weights=None, rgb=None, numbers=False, even_counts=False):
     """A batch from the stage-1 mixture; weights {kind: w} over vqa/depth/seg/chain. One kind per
     batch: the kinds differ in length by up to 3×, and a batch pads to its longest row, so mixing
     them within a batch would spend half the compute on padding. Over iterations the mixture holds.
@@ -76,7 +76,8 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     the grounding drills ("drills"); the picked question always comes first, so the question file's
     category balance holds. practice_weights {category: w} draws the fresh ones' categories in
     proportion to w (1 for one not named; data.practice_questions): a category a model learns slowest
-    can have more of the practice. Packed in turn, a later question can read its answer off an earlier
+    can have more of the practice, and even_counts=True draws its counting questions evenly over the
+    counts (data.practice_questions). Packed in turn, a later question can read its answer off an earlier
     one; branched=True packs them as branches instead (branched_row), each seeing only the image.
     With places (the split's data.place_labels) or branches, the batch gains a fourth item, the
     model's keyword tensors: {"places": each row's scene's labels for the place heads (-1 for a
@@ -104,8 +105,9 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
         pool = [i for i in range(len(codes)) if has(i, kind)]
     if practice not in ("file", "scene", "drills"):
         raise ValueError(f"practice must be file, scene or drills, got {practice!r}")
-    if practice_weights and practice == "file":
-        raise ValueError("practice_weights weighs the questions drawn fresh from the scene: it needs practice='scene' or 'drills'")
+    if (practice_weights or even_counts) and practice == "file":
+        raise ValueError("practice_weights and even_counts shape the questions drawn fresh from the scene: they need "
+                         "practice='scene' or 'drills'")
     unknown = set(practice_weights or ()) - set(data.CATEGORIES) - set(data.DRILLS)
     if unknown or any(not isinstance(v, (int, float)) or v < 0 for v in (practice_weights or {}).values()):
         raise ValueError(f"practice_weights takes {{category: weight >= 0}} over {data.CATEGORIES} and the drills "
@@ -138,14 +140,14 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
                 qs += [others[j] for j in rng.permutation(len(others))[:per_image - 1]]
             elif per_image > 1:
                 qs += data.practice_questions(scenes[scene], rng, per_image - 1, practice == "drills", skip=pick,
-                                              weights=practice_weights)
+                                              weights=practice_weights, even_counts=even_counts)
             render, keep = (lambda: pack(qs, scene)), 1
         else:
             scene = pick["scene"] if kind == "chain" else pick
             own = [pick] if kind == "chain" else []  # a chain asks its own question, after both maps
             conv = conversations.perception_chain(pick) if own else conversations.map_request(kind)
             qs = own + (data.practice_questions(scenes[scene], rng, per_image - len(own), practice == "drills",
-                                                skip=pick if own else None, weights=practice_weights)
+                                                skip=pick if own else None, weights=practice_weights, even_counts=even_counts)
                         if map_questions else [])
             render = lambda: tok.render_conversation(conv + conversations.packed_vqa(qs[len(own):], image=False),
                                                      scene_codes(codes, scene))
@@ -300,7 +302,7 @@ def load_traces(split, tools, seed=0, reading="values"):
 
 def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage, blind=False, rgb=None):
     """get_batch(split, rng) over stage1_batch with a script's options: cfg's batch_size,
-    block_size, questions_per_image, practice, practice_weights, branched, refer_heads, choose,
+    block_size, questions_per_image, practice, practice_weights, even_counts, branched, refer_heads, choose,
     refer_options, map_questions, number_weight and map_noise; codes, questions, scenes, places and coverage by split (place_targets' dicts),
     and rgb, the splits' pictures, for a model that reads them (reader_pixels; None: not sent).
     train_stage1.py's batches, and bench.py learn's (blind=True: its blind model's, no image and no
@@ -312,7 +314,8 @@ def stage1_batches(tok, codes, questions, scenes, cfg, weights, places, coverage
                             branched=cfg["branched"], coverage=coverage.get(split), refer_heads=cfg["refer_heads"],
                             choose=cfg["choose"], refer_options=cfg["refer_options"],
                             map_questions=cfg["map_questions"] and not blind, practice_weights=cfg["practice_weights"],
-                            rgb=None if rgb is None else rgb[split], numbers=cfg.get("number_weight", 0) > 0)
+                            rgb=None if rgb is None else rgb[split], numbers=cfg.get("number_weight", 0) > 0,
+                            even_counts=cfg.get("even_counts", False))
         if split == "train" and cfg.get("map_noise", 0) > 0:
             batch = (noisy_maps(tok, batch[0], codes[split].shape[-1], cfg["map_noise"], rng), *batch[1:])
         return batch

@@ -54,6 +54,7 @@ chain_weight = 0.5
 questions_per_image = 7  # > 1: a VQA example asks up to this many of its scene's questions after one image
 practice = "scene"  # where the packed questions come from: file, scene (drawn fresh) or drills (+ grounding drills; batches.py)
 practice_weights = {}  # {category: w}: draw the fresh questions' categories in proportion to w (1 if not named; batches.py)
+even_counts = False  # True: draw the fresh counting questions evenly over their answers, 0 to 3+ (data.practice_questions)
 branched = False  # True: packed questions each see the image and only their own turn, so none reads another's answer
 map_questions = False  # True: depth, seg and chain examples ask up to questions_per_image of their scene's questions after their maps too
 map_noise = 0.0  # > 0: this share of the drawn maps' input codes replaced by random ones in training (batches.noisy_maps)

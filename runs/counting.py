@@ -3,7 +3,9 @@ Where does counting go wrong? bench.py learn gives one counting figure; this spl
 count and by what is counted (a colour: "How many red objects are there?", or a shape: "How many
 cubes are there?"), and lists the confusions (true count -> greedy answer), over every val counting
 question. A model that finds the counted objects but cannot tell how many there are answers 0s and
-1s right and every larger count with the same number.
+1s right and every larger count with the same number. With --mode=chain_true (a maps-arm model)
+the questions are asked after the scene's true depth and seg maps, as the perception chain asks
+them: does the seg map, which paints each object in its own colour, make counting easier?
 
     python runs/counting.py out/learn/rgb/ckpt.pt --data_dir=data/learn
 
@@ -23,11 +25,12 @@ import metrics  # noqa: E402
 import probe  # noqa: E402 (runs/probe.py)
 
 parser = probe.parser(__doc__)
+parser.add_argument("--mode", default="direct", choices=("direct", "chain", "chain_true"), help="eval.answer's mode")
 args = parser.parse_args()
 
 model, tok, codes, questions, rgb = probe.load(args)
 asked = [q for q in questions["val"] if q["category"] == "counting"]
-replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], temperature=0.0, rgb=rgb)
+replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], mode=args.mode, temperature=0.0, rgb=rgb)
 scores = metrics.question_scores(tok, asked, replies)
 groups, confusions = collections.defaultdict(list), collections.Counter()
 for q, s in zip(asked, scores):
@@ -36,7 +39,7 @@ for q, s in zip(asked, scores):
     for key in ("all", f"count {count}", what, f"{what} count {count}"):
         groups[key].append(s["score"])
     confusions[(q["answer"], s["answer"].strip())] += 1
-result = {"ckpt": args.ckpt}
+result = {"ckpt": args.ckpt, "mode": args.mode}
 print(f"{'questions':<20}{'n':>5}{'accuracy':>10}")
 for key, v in sorted(groups.items()):
     print(f"{key:<20}{len(v):>5}{np.mean(v):>10.3f}")

@@ -261,6 +261,30 @@ def test_practice_weights_set_how_often_a_category_is_drawn(dataset):
     assert n["general"] == 0 and n["distance"] > 2.5 * n["size"] > 0
 
 
+def test_even_counts_draw_each_count_a_scene_offers_equally_often(dataset):
+    """even_counts: after zeros are passed over as before, a counting question's count is drawn
+    uniformly over the counts left (3 and more as one), so counts above 1 come more often than as
+    make_questions draws them; the questions stay right (the answer counts what they name)."""
+    scenes = data.load_split(dataset, "train")["scenes"]
+    only = {c: 0 for c in data.CATEGORIES if c != "counting"}
+    drawn = {}
+    for even in (False, True):
+        rng, n = np.random.default_rng(0), collections.Counter()
+        for _ in range(20):
+            for scene in scenes:
+                for q in data.practice_questions(scene, rng, 1, drills=False, weights=only, even_counts=even):
+                    assert q["category"] == "counting" and q["answer"] == str(len(q["objects"]))
+                    n[min(int(q["answer"]), 3)] += 1
+        drawn[even] = n
+    assert sum(drawn[True].values()) == sum(drawn[False].values())
+    assert drawn[True][1] < drawn[False][1] and drawn[True][2] + drawn[True][3] > drawn[False][2] + drawn[False][3]
+    rng, picks = np.random.default_rng(1), collections.Counter()
+    qs = [{"answer": a} for a in ("1", "1", "1", "1", "2", "4")]  # one scene's counts: four 1s, a 2, a 4
+    for _ in range(3000):
+        picks[data.pick_question("counting", qs, rng, even_counts=True)["answer"]] += 1
+    assert all(900 < picks[a] < 1100 for a in ("1", "2", "4"))  # each count a third, whatever its questions
+
+
 def test_answer_key_is_the_shortest_word_that_picks_the_option_out():
     assert data.answer_key("red cube", ["blue sphere", "red cube"]) == "red"
     assert data.answer_key("red cube", ["red sphere", "red cube"]) == "cube"

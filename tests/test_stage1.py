@@ -120,9 +120,10 @@ def test_practice_rows_begin_as_the_file_row_and_ask_fresh_questions_of_its_scen
     with pytest.raises(ValueError, match="practice_weights takes"):
         batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="scene",
                              practice_weights={"distances": 2})
-    with pytest.raises(ValueError, match="practice_weights weighs"):
-        batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="file",
-                             practice_weights={"distance": 2})
+    for shaping in (dict(practice_weights={"distance": 2}), dict(even_counts=True)):
+        with pytest.raises(ValueError, match="practice_weights and even_counts shape"):
+            batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="file",
+                                 **shaping)
     with pytest.raises(ValueError, match="practice must be"):
         batches.stage1_batch(tok, codes, qs, np.random.default_rng(0), 2, 1024, w, scenes, per_image=2, practice="all")
     with pytest.raises(ValueError, match="manifest"):
