@@ -311,7 +311,7 @@ LEARN = dict(
     questions_per_image=7,  # > 1: up to this many of a scene's questions after its one image (training only)
     practice="scene",  # packed questions from the question file, drawn fresh from the scene, or with drills (batches.py)
     practice_weights={},  # {category: w}: the fresh questions' categories drawn in proportion to w (1 if not named)
-    even_counts=False,  # True: the fresh counting questions drawn evenly over their answers, 0 to 3+ (data.practice_questions)
+    even_counts=False,  # True: the fresh counting questions' counts drawn evenly, 3 and more as one, zeros as before (data.pick_question)
     branched=False,  # True: packed questions each see the image and only their own turn (batches.branched_row)
     map_questions=False,  # True: depth, seg and chain examples ask questions after their maps too (arm=maps; batches.py)
     map_noise=0.0,  # > 0: this share of the drawn maps' input codes replaced by random ones in training (batches.noisy_maps)

@@ -657,8 +657,8 @@ class GPT(nn.Module):
         return [getattr(self, name) for name in self.PLACE_HEADS if hasattr(self, name)]
 
     def place_loss(self, hidden, idx, places):
-        """The sum of the place heads' cross entropies, each times its weight, over
-        the places of each row's first image (rows without an image, and labels of -1, count for nothing)."""
+        """The sum of the place heads' cross entropies, each times its weight, over the places of each
+        row's first image (rows without an image, and labels of -1, count for nothing)."""
         heads = [(getattr(self, name), getattr(self.config, name + "_weight")) for name in self.PLACE_HEADS if hasattr(self, name)]
         if places.shape[-1] != len(heads):
             raise ValueError(f"places has {places.shape[-1]} labels a place, the model {len(heads)} place heads")
