@@ -3,9 +3,9 @@ Where does counting go wrong? bench.py learn gives one counting figure; this spl
 count and by what is counted (a colour: "How many red objects are there?", or a shape: "How many
 cubes are there?"), and lists the confusions (true count -> greedy answer), over every val counting
 question. A model that finds the counted objects but cannot tell how many there are answers 0s and
-1s right and every larger count with the same number. Counts of 2 or more are also split by how
-much of the image the smallest counted object covers, in multiples of the smallest a named object
-may show (the scene's min_visible): is a miss a small object not seen? With --mode=chain_true (a maps-arm model)
+1s right and every larger count with the same number. Counts of 1, and of 2 or more, are also split
+by how much of the image the smallest counted object covers, in multiples of the least a named
+object may show (the scene's min_visible): is a miss a small object not seen, or not counted? With --mode=chain_true (a maps-arm model)
 the questions are asked after the scene's true depth and seg maps, as the perception chain asks
 them: does the seg map, which paints each object in its own colour, make counting easier?
 
@@ -40,10 +40,11 @@ for q, s in zip(asked, scores):
     what = "shape" if any(f"many {shape}s" in q["question"] for shape in data.SHAPES) else "colour"
     count = q["answer"] if int(q["answer"]) < 3 else "3+"
     keys = ["all", f"count {count}", what, f"{what} count {count}"]
-    if int(q["answer"]) >= 2:
+    if int(q["answer"]) >= 1:
         g = scenes[q["scene"]]
         smallest = min(o["visible_pixels"] for o in g["objects"] if o["id"] in q["objects"]) / g["min_visible"]
-        keys.append("2+, smallest " + ("< 1.5x" if smallest < 1.5 else "1.5-2x" if smallest < 2 else ">= 2x"))
+        keys.append(("1" if q["answer"] == "1" else "2+") + ", smallest "
+                    + ("< 1.5x" if smallest < 1.5 else "1.5-2x" if smallest < 2 else ">= 2x"))
     for key in keys:
         groups[key].append(s["score"])
     confusions[(q["answer"], s["answer"].strip())] += 1
