@@ -5,9 +5,10 @@ cubes are there?"), and lists the confusions (true count -> greedy answer), over
 question. A model that finds the counted objects but cannot tell how many there are answers 0s and
 1s right and every larger count with the same number. Counts of 1, and of 2 or more, are also split
 by how much of the image the smallest counted object covers, in multiples of the least a named
-object may show (the scene's min_visible): is a miss a small object not seen, or not counted? With --mode=chain_true (a maps-arm model)
-the questions are asked after the scene's true depth and seg maps, as the perception chain asks
-them: does the seg map, which paints each object in its own colour, make counting easier?
+object may show (the scene's min_visible): is a miss a small object not seen, or not counted?
+With --mode=chain_true (a maps-arm model) the questions are asked after the scene's true depth and
+seg maps, as the perception chain asks them: does the seg map, which paints each object in its own
+colour, make counting easier?
 
     python runs/counting.py out/learn/rgb/ckpt.pt --data_dir=data/learn
 
@@ -32,7 +33,7 @@ args = parser.parse_args()
 
 model, tok, codes, questions, rgb = probe.load(args)
 asked = [q for q in questions["val"] if q["category"] == "counting"]
-scenes = data.load_split(args.data_dir, "val")["scenes"]
+scenes = data.load_scenes(args.data_dir, "val")
 replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], mode=args.mode, temperature=0.0, rgb=rgb)
 scores = metrics.question_scores(tok, asked, replies)
 groups, confusions = collections.defaultdict(list), collections.Counter()
