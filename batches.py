@@ -180,16 +180,20 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     return (x, y, m, extra) if extra else (x, y, m)
 
 
-def place_targets(splits, n_image_tokens, object_head=False, depth_head=False, refer_heads=0, seg_head=False, codes=None):
+def place_targets(splits, n_image_tokens, object_head=False, depth_head=False, refer_heads=0, seg_head=False, codes=None,
+                  anchor_head=False):
     """({split: data.place_labels}, {split: data.place_coverage}) for load_split's splits, each {}
     when its loss is off: what stage1_batch's places= and coverage= take. seg_head adds each
-    place's code of the seg pseudo-image (from codes, by split) as the last label, the seg head's."""
+    place's code of the seg pseudo-image (from codes, by split) as a label, the seg head's;
+    anchor_head each place's data.place_anchors after it, the model's order (model.PLACE_HEADS)."""
     side = math.isqrt(n_image_tokens)
-    coverage = {s: data.place_coverage(sp["seg"], side) for s, sp in splits.items()} if object_head or refer_heads else {}
+    coverage = ({s: data.place_coverage(sp["seg"], side) for s, sp in splits.items()}
+                if object_head or refer_heads or anchor_head else {})
     places = {}
     for s, sp in splits.items():
         cols = [data.place_labels(sp, side, object_head, depth_head, coverage.get(s))] if object_head or depth_head else []
         cols += [np.asarray(codes[s][:, data.MODALITIES.index("seg"), :, None], dtype=np.int64)] if seg_head else []
+        cols += [data.place_anchors(sp["seg"], sp["scenes"], side, coverage[s])[..., None]] if anchor_head else []
         if cols:
             places[s] = np.concatenate(cols, -1)
     return places, coverage if refer_heads else {}

@@ -322,6 +322,8 @@ LEARN = dict(
     depth_head=True,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
     depth_head_weight=0.25,  # the depth head's loss is scaled by this (model.py, "Place heads")
     seg_head=False, seg_head_weight=1.0,  # True: a head names each RGB place's code of the seg map, its loss (times the weight) added (model.py, "Place heads")
+    anchor_head=False,  # True: a head names each object's class at the one place it covers most, its loss added (model.py, "Place heads")
+    anchor_head_weight=1.0,  # the anchor head's loss is scaled by this
     seg_head_hidden=0,  # > 0: the seg head is an MLP this wide (model.py, "Place heads")
     seg_guidance=0.0,  # > 0 (with seg_head): seg maps drawn with the seg head's log-probabilities added, times this (sampler.generate)
     number_weight=1.0,  # > 0: a head regresses each number answer's log value, its loss scaled so (model.py, "Numbers"); 0: none
@@ -386,7 +388,7 @@ def bench_learn(argv=()):
     tok, vq, codes, questions, _ = prepare.stage_data(cfg["data_dir"], cfg["vq_ckpt"])
     patches = prepare.code_patches(cfg["data_dir"], vq, codes["train"]) if cfg["code_patches"] else None
     n_image = codes["train"].shape[-1]
-    targets = {k: cfg[k] for k in ("object_head", "depth_head", "refer_heads", "seg_head")}
+    targets = {k: cfg[k] for k in ("object_head", "depth_head", "refer_heads", "seg_head", "anchor_head")}
     reads_pixels = trainer.reads_pixels(cfg)
     splits = {s: data.load_split(cfg["data_dir"], s)  # each split read once: for the place labels or pixels, val for the maps
               for s in ("train", "val") if any(targets.values()) or reads_pixels or (s == "val" and cfg["arm"] == "maps")}

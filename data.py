@@ -370,6 +370,11 @@ def place_coverage(seg, side):
     return np.stack([(blocks == k).sum(-1, dtype=np.int32) for k in range(len(SEG_PALETTE))], -1)
 
 
+def object_class(obj):
+    """The place heads' class of an object: 1 + colour * 3 + shape (0 is none)."""
+    return 1 + list(COLORS).index(obj["color"]) * len(SHAPES) + SHAPES.index(obj["shape"])
+
+
 def place_objects(seg, scenes, side, coverage=None):
     """(N, side²) int64: at each place of a side×side grid over the (N, H, W) segmentations, the
     class (1 + colour * 3 + shape) of the object covering most of its pixels, if that is at least a
@@ -385,10 +390,27 @@ def place_objects(seg, scenes, side, coverage=None):
             lut[i] = -1
             continue
         for o in objs:
-            lut[i, o["id"]] = 1 + list(COLORS).index(o["color"]) * len(SHAPES) + SHAPES.index(o["shape"])
+            lut[i, o["id"]] = object_class(o)
     labels = np.take_along_axis(lut, counts.argmax(-1), 1)
     labels[(counts.max(-1) < p * p / 4) & (lut.min(1, keepdims=True) >= 0)] = 0
     return labels
+
+
+def place_anchors(seg, scenes, side, coverage=None):
+    """(N, side²) int64: at the one place each object covers most of (its anchor), the object's
+    class as place_objects gives it; 0 at every other place, so each object is marked once
+    whatever its size; -1 for a scene whose objects carry no colour and shape. Where two objects
+    share an anchor, the smaller keeps it. The anchor head's targets (model.py, "Place heads")."""
+    counts = place_coverage(seg, side) if coverage is None else coverage
+    classes = place_objects(seg, scenes, side, counts)  # for the -1 of manifest scenes
+    out = np.where(classes < 0, -1, 0)
+    for i, g in enumerate(scenes):
+        if classes[i].min() < 0:
+            continue
+        for o in sorted(g["objects"], key=lambda o: -counts[i, :, o["id"]].sum()):
+            if counts[i, :, o["id"]].max() > 0:
+                out[i, counts[i, :, o["id"]].argmax()] = object_class(o)
+    return out
 
 
 N_DEPTH_BINS = 32  # the depth head's classes: equal steps of log depth over [DEPTH_MIN, DEPTH_MAX], ~13% each

@@ -61,6 +61,8 @@ class GPTConfig:
     number_weight: float = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (see "Numbers")
     seg_codes: int = 0  # > 0: a head names the segmentation map's code at each such place, of this many (see "Place heads")
     seg_head_weight: float = 1.0  # the seg head's cross entropy is scaled by this in the loss (see "Place heads")
+    anchor_classes: int = 0  # > 0: a head names, at the one place each object covers most, its class (see "Place heads")
+    anchor_head_weight: float = 1.0  # the anchor head's cross entropy is scaled by this in the loss (see "Place heads")
     seg_head_hidden: int = 0  # > 0: the seg head is an MLP of this width, not one linear map (see "Place heads")
     seg_guidance: float = 0.0  # > 0: the sampler draws seg maps with the seg head's help, this strong (sampler.generate)
 
@@ -88,6 +90,12 @@ class GPTConfig:
 # head's log-probabilities at the place (sampler.generate), so the photo has a say at every code.
 # Guidance helps as much as the head reads: at half weight (answers kept) the drawn maps gained
 # 0.01, at full weight 0.04 (docs/experiments.md, "Seg maps drawn with the seg head's help …").
+# The object head labels every place an object covers, so "how many red objects?" can be read as
+# how much red there is, and a small second object beside a large one is little of it (the 2s a
+# maps-arm model misses are mostly such pairs, docs/experiments.md). With anchor_classes > 0 a
+# fourth head names an object's class at the one place it covers most and "none" everywhere
+# else (data.place_anchors): each object is marked once, whatever its size, and a count is the
+# number of marks of the named kind.
 # seg_head_hidden > 0 makes the head an MLP, meant to read the segmentation out of the trunk
 # without bending the trunk to it; measured, it drew no better than the linear head.
 #
@@ -481,7 +489,7 @@ class KVCache:
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        for name in ("object_head_weight", "depth_head_weight", "seg_head_weight"):
+        for name in ("object_head_weight", "depth_head_weight", "seg_head_weight", "anchor_head_weight"):
             if getattr(config, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
         if config.seg_guidance < 0 or (config.seg_guidance and not config.seg_codes):
@@ -515,6 +523,8 @@ class GPT(nn.Module):
             self.seg_head = (nn.Linear(config.n_embd, config.seg_codes) if not config.seg_head_hidden else
                              nn.Sequential(nn.Linear(config.n_embd, config.seg_head_hidden), nn.GELU(),
                                            nn.Linear(config.seg_head_hidden, config.seg_codes)))
+        if config.anchor_classes:
+            self.anchor_head = nn.Linear(config.n_embd, config.anchor_classes)
         if config.number_weight:
             self.number_head = nn.Linear(config.n_embd, 1)
         if config.reader_vq:
@@ -651,7 +661,7 @@ class GPT(nn.Module):
                 loss = loss + self.config.number_weight * F.mse_loss(guess, numbers[has].float())
         return logits, loss
 
-    PLACE_HEADS = ("object_head", "depth_head", "seg_head")  # in the order of the labels a place takes
+    PLACE_HEADS = ("object_head", "depth_head", "seg_head", "anchor_head")  # in the order of the labels a place takes
 
     def place_heads(self):
         return [getattr(self, name) for name in self.PLACE_HEADS if hasattr(self, name)]

@@ -75,6 +75,8 @@ depth_head = True  # True: a head gives each RGB place's depth, binned, its loss
 depth_head_weight = 0.25  # the depth head's loss is scaled by this: a quarter keeps most of its size gain at a third of its cost (docs/experiments.md)
 seg_head = False  # True: a head names each RGB place's code of the seg map, its loss added (model.py, "Place heads")
 seg_head_weight = 1.0  # the seg head's loss is scaled by this
+anchor_head = False  # True: a head names each object's class at the one place it covers most, its loss added (model.py, "Place heads")
+anchor_head_weight = 1.0  # the anchor head's loss is scaled by this
 seg_head_hidden = 0  # > 0: the seg head is an MLP this wide (model.py, "Place heads")
 seg_guidance = 0.0  # > 0 (with seg_head): seg maps are drawn with the seg head's log-probabilities added, times this (sampler.generate)
 number_weight = 1.0  # > 0: a head regresses each number answer's log value, its loss scaled so (model.py, "Numbers"): distance apart off its prior, distance + 0.05 (docs/experiments.md)
@@ -129,9 +131,9 @@ if __name__ == "__main__":
 
     reads_pixels = trainer.reads_pixels(config)
     splits = {s: data.load_split(data_dir, s)  # each split read once; train only for the place labels or pixels
-              for s in ("train", "val") if s == "val" or object_head or depth_head or seg_head or refer_heads or reads_pixels}
+              for s in ("train", "val") if s == "val" or object_head or depth_head or seg_head or anchor_head or refer_heads or reads_pixels}
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(data_dir, s) for s in ("train", "val")}
-    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads, seg_head, codes)
+    places, coverage = batches.place_targets(splits, n_image, object_head, depth_head, refer_heads, seg_head, codes, anchor_head)
 
     rgb = {s: sp["rgb"] for s, sp in splits.items()} if reads_pixels else None
     val_rgb = None if rgb is None else rgb["val"]

@@ -122,13 +122,14 @@ def require_init(path, tools):
 
 def place_settings(init_from, out_dir):
     """The place and referring losses that place_losses=True keeps on: {"object_head", "depth_head",
-    "seg_head", "refer_heads"} as the stage-1 run that trained the init model set them. A stage-2 run keeps them
+    "seg_head", "anchor_head", "refer_heads"} as the stage-1 run that trained the init model set them. A stage-2 run keeps them
     in its own config, so a resume (init_from="resume", the checkpoint in out_dir) reads them back."""
     path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     saved = trainer.load_checkpoint(path)["config"]
     return saved.get("place_settings") or {"object_head": saved.get("object_head", False),
                                            "depth_head": saved.get("depth_head", False),
                                            "seg_head": saved.get("seg_head", False),
+                                           "anchor_head": saved.get("anchor_head", False),
                                            "refer_heads": saved.get("refer_heads", 0)}
 
 
@@ -189,7 +190,7 @@ if __name__ == "__main__":
         config["place_settings"] = kept = place_settings(init_from, out_dir)
         heads = kept["refer_heads"]
         places, coverage = batches.place_targets(splits, n_image, kept["object_head"], kept["depth_head"], heads,
-                                                 kept.get("seg_head", False), codes)
+                                                 kept.get("seg_head", False), codes, kept.get("anchor_head", False))
 
     rgb = {s: sp["rgb"] for s, sp in splits.items()} if model.config.reader_pixels else {}
 

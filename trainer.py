@@ -193,6 +193,8 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           seg_codes=tok.codebook_size if cfg.get("seg_head") else 0,
                           seg_head_weight=float(cfg.get("seg_head_weight", 1.0)),
                           seg_head_hidden=int(cfg.get("seg_head_hidden", 0)),
+                          anchor_classes=data.N_OBJECT_CLASSES if cfg.get("anchor_head") else 0,
+                          anchor_head_weight=float(cfg.get("anchor_head_weight", 1.0)),
                           seg_guidance=float(cfg.get("seg_guidance", 0.0)))
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():

@@ -450,6 +450,15 @@ def test_place_objects_names_the_object_covering_most_of_each_place():
     coverage = data.place_coverage(seg, 2)
     given = data.place_objects(seg, scenes, 2, coverage)  # the coverage passed in, as place_targets does
     assert np.array_equal(given, labels) and np.array_equal(coverage, data.place_coverage(seg, 2))  # and left as it was
+    # anchors: each object's class once, at the place it covers most, however little of it that is
+    anchors = data.place_anchors(seg, scenes, 2)
+    assert anchors[0].tolist() == [red_sphere, 0, 0, white_cube] and anchors[1].tolist() == [-1] * 4
+    seg[0, 4:, 4:6] = 1  # object 3 now shows only its 3 pixels in place 1: no place's class, still an anchor
+    assert data.place_objects(seg, scenes, 2)[0].tolist() == [red_sphere, 0, 0, 0]
+    assert data.place_anchors(seg, scenes, 2)[0].tolist() == [red_sphere, white_cube, 0, 0]
+    seg[0, 0, 0] = 4  # an object in the scene's map but not its graph is not asked about: no anchor
+    scenes[0]["objects"].append({"id": 5, "color": "red", "shape": "cube"})  # nor one out of view
+    assert data.place_anchors(seg, scenes, 2)[0].tolist() == [red_sphere, white_cube, 0, 0]
 
 
 def test_referent_places_are_what_a_questions_objects_cover():

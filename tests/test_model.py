@@ -255,7 +255,8 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok, 
     """Each place head adds the cross entropy of its logits at the first image's places (the mixed
     sequence's second image, a generated map, is not read); labels of -1 and rows without an image
     add nothing, places=None leaves the loss as it was, and a label count that is not the model's
-    number of heads stops. The seg head's labels come last."""
+    number of heads stops. The seg head's labels come after the object's and depth's, the anchor
+    head's after those."""
     model = tiny_model(tok, object_classes=5, depth_bins=3, seg_codes=6, seg_head_hidden=seg_head_hidden)
     assert isinstance(model.seg_head, torch.nn.Sequential) == bool(seg_head_hidden)
     ids, mask = mixed_sequence(tok, 3)
@@ -285,6 +286,20 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok, 
     _, double = model(idx, targets, loss_mask, places=places)
     torch.testing.assert_close(double - plain, 2.0 * object_ce + 0.25 * depth_ce + 0.5 * seg_ce)
     model.config.object_head_weight = model.config.depth_head_weight = model.config.seg_head_weight = 1.0
+    anchored = tiny_model(tok, object_classes=5, depth_bins=3, seg_codes=6, anchor_classes=5, anchor_head_weight=0.5)
+    with pytest.raises(ValueError, match="3 labels a place, the model 4"):
+        anchored(idx, targets, loss_mask, places=places)
+    anchors = torch.tensor([[[0], [2], [-1], [0]], [[1]] * 4])  # the fourth label, the anchor head's
+    _, unplaced = anchored(idx, targets, loss_mask)
+    _, with_anchor = anchored(idx, targets, loss_mask, places=torch.cat([places, anchors], -1))
+    anchored_hidden = {}  # a dict of its own: the hook above returns hidden["h"] as model's ln_f output
+    anchored.ln_f.register_forward_hook(lambda m, i, o: anchored_hidden.__setitem__("h", o))
+    anchored(idx)
+    h = anchored_hidden["h"][0, first]
+    ces = [torch.nn.functional.cross_entropy(head(h)[rows], torch.tensor(labels)) for head, rows, labels in
+           [(anchored.object_head, [0, 1, 3], [0, 3, 4]), (anchored.depth_head, [0, 2, 3], [2, 0, 1]),
+            (anchored.seg_head, [0, 1, 3], [5, 1, 2]), (anchored.anchor_head, [0, 1, 3], [0, 2, 0])]]
+    torch.testing.assert_close(with_anchor - unplaced, ces[0] + ces[1] + ces[2] + 0.5 * ces[3])
     with pytest.raises(ValueError, match="object_head_weight"):
         tiny_model(tok, object_classes=3, object_head_weight=-1.0)
     with pytest.raises(ValueError, match="depth_head_weight"):

@@ -188,6 +188,11 @@ def test_place_targets_end_with_the_seg_maps_codes(data_dir, setup):
     alone, _ = batches.place_targets(splits, N, seg_head=True, codes={"train": codes})
     assert alone["train"].shape == (20, N, 1) and (alone["train"][..., 0] == with_seg["train"][..., 2]).all()
     assert batches.place_targets(splits, N)[0] == {}
+    anchored, _ = batches.place_targets(splits, N, object_head=True, depth_head=True, seg_head=True, codes={"train": codes},
+                                        anchor_head=True)  # the anchors last, as model.PLACE_HEADS
+    side = int(N ** 0.5)
+    assert (anchored["train"][..., :3] == with_seg["train"]).all()
+    assert (anchored["train"][..., 3] == data.place_anchors(splits["train"]["seg"], splits["train"]["scenes"], side)).all()
 
 
 def test_noisy_maps_touch_only_the_drawn_maps_inputs(setup):

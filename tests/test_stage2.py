@@ -165,7 +165,7 @@ def test_bad_config_fails_before_any_work(tmp_path, arg, msg):
 def test_place_settings_come_from_the_stage_1_run_and_survive_a_resume(tmp_path):
     """place_losses=True keeps the losses the init model's stage-1 run set; the stage-2 run's own
     checkpoint carries them, so init_from=resume (which names no stage-1 checkpoint) finds them."""
-    stage1 = {"object_head": True, "depth_head": False, "seg_head": True, "refer_heads": 2}
+    stage1 = {"object_head": True, "depth_head": False, "seg_head": True, "anchor_head": True, "refer_heads": 2}
     torch.save({"config": dict(stage1, learning_rate=1e-3)}, tmp_path / "stage1.pt")
     kept = s2.place_settings(str(tmp_path / "stage1.pt"), str(tmp_path / "out"))
     assert kept == stage1
@@ -174,7 +174,7 @@ def test_place_settings_come_from_the_stage_1_run_and_survive_a_resume(tmp_path)
     assert s2.place_settings("resume", str(tmp_path / "out")) == stage1
     torch.save({"config": {}}, tmp_path / "plain.pt")  # a run that set none of them
     assert s2.place_settings(str(tmp_path / "plain.pt"), str(tmp_path / "out")) == {
-        "object_head": False, "depth_head": False, "seg_head": False, "refer_heads": 0}
+        "object_head": False, "depth_head": False, "seg_head": False, "anchor_head": False, "refer_heads": 0}
 
 
 def test_trace_loss_normalises_text_and_codes_apart(setup):
