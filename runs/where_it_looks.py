@@ -8,9 +8,13 @@ are (what uniform attention would put there). A head that has learned the lookup
 that share on the named object and not on the others; one that looks at objects in general is
 above it on both. With an object head, also what it sees there: whether the head's most common
 class over the first object's places has that object's colour and shape, by the object's size in
-pixels (quartiles). A lookup can only answer what the places show.
+pixels (quartiles). A lookup can only answer what the places show. For counts of two or more,
+the referring head's (head 0 of the referring layer) mass on the largest and the smallest counted
+object apart, and how often the first answer word is right where it all but passes the smallest
+by (under a quarter of the largest's mass) and where it does not: is a missed count a missed look?
 
     python runs/where_it_looks.py out/learn/rgb/ckpt.pt --data_dir=data/learn --n=800
+    python runs/where_it_looks.py out/learn_maps/maps/ckpt.pt --category=counting
 
 Ends with `final: {json}`.
 """
@@ -31,19 +35,22 @@ from model import attention_logp, first_image, place_attention, repeat_kv  # noq
 
 parser = probe.parser(__doc__)
 parser.add_argument("--n", type=int, default=800, help="val questions, balanced over categories")
+parser.add_argument("--category", default="", help="every val question of this category instead (e.g. counting)")
 args = parser.parse_args()
 
 model, tok, codes, questions, rgb = probe.load(args)
 n_image = codes["val"].shape[-1]
 split = data.load_split(args.data_dir, "val")
 coverage = data.place_coverage(split["seg"], math.isqrt(n_image))
-asked = [q for q in ev.balanced_sample(questions["val"], args.n) if data.referents(q)]
+asked = [q for q in (ev.balanced_sample(questions["val"], args.n) if not args.category else
+                     [q for q in questions["val"] if q["category"] == args.category]) if data.referents(q)]
 inputs = []  # each block's positional inputs in the last forward: (x, rope_q, rope_k, cache, prior, mask)
 for block in model.blocks:
     block.register_forward_pre_hook(lambda m, a: inputs.append(a))
 final = {}  # the last hidden states, where the object head reads
 model.ln_f.register_forward_hook(lambda m, i, o: final.__setitem__("h", o))
 seen = []  # (pixels, colour right, shape right) of each question's first object, as the object head names it
+looks = []  # (mass on the largest, on the smallest counted object, first answer word right) of each count of 2+
 L, H = model.config.n_layer, model.config.n_head
 GROUPS = ("first object", "second object", "other objects")
 mass, share, counted = np.zeros((3, L, H)), np.zeros(3), np.zeros(3)
@@ -55,7 +62,7 @@ with torch.no_grad():
         x, _, m = batches.make_batch(tok, rows, model.config.block_size)
         t = batches.refer_targets(tok, x, m, [[q] for q in chunk], [coverage[q["scene"]] for q in chunk], 2)
         inputs.clear()
-        model(x, rgb=batches.scene_pictures(rgb, chunk))
+        logits, _ = model(x, rgb=batches.scene_pictures(rgb, chunk))
         b, pos = (t["refer_at"] >= 0).nonzero(as_tuple=True)
         first = first_image(x, model.config.image_offset, n_image)[b]  # (n, T)
         others = [data.referent_places(coverage[q["scene"]], ids[(ids >= 2) & ~np.isin(ids, q["objects"])]) for q in chunk]
@@ -67,6 +74,18 @@ with torch.no_grad():
             for g in range(3):
                 log_mass = place_attention(attention_logp(q, k, None, b, pos), first, named[:, g, None].expand(-1, H, -1))
                 mass[g, layer] += log_mass.exp()[has[:, g]].sum(0).numpy()
+        block, (h, rope_q, rope_k, _, prior, _) = model.blocks[model.config.refer_layer], inputs[model.config.refer_layer]
+        q, k, _ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
+        logp = attention_logp(q, repeat_kv(k, q.size(1)), None, b, pos)[:, :1]  # the first referring head
+        for j, r in enumerate(b.tolist()):
+            q = chunk[r]
+            if q["category"] != "counting" or len(q["objects"]) < 2:
+                continue
+            c = coverage[q["scene"]]
+            ends = [min(q["objects"], key=lambda o: -c[:, o].sum()), min(q["objects"], key=lambda o: c[:, o].sum())]
+            on = [place_attention(logp[j:j + 1], first[j:j + 1], torch.from_numpy(data.referent_places(c, [o]))[None, None])
+                  .exp().item() for o in ends]
+            looks.append((*on, tok.decode([int(logits[r, pos[j]].argmax())]).strip() == q["answer"]))
         for g in range(3):
             share[g] += (named[:, g].sum(-1) / (pos + 1))[has[:, g]].sum().item()
             counted[g] += has[:, g].sum().item()
@@ -102,4 +121,13 @@ if seen:
     print(f"{'all':<12}{len(px):>5}{colour.mean():>8.3f}{shape.mean():>8.3f}")
     out["object_head"] = {"n": len(px), "colour": round(float(colour.mean()), 4), "shape": round(float(shape.mean()), 4),
                           "pixel_quartiles": edges.round(1).tolist()}
+if looks:
+    large, small, right = (np.array(v) for v in zip(*looks))
+    passed = small < large / 4
+    print(f"\ncounts of 2+ ({len(right)}): the referring head's mass on the largest counted object {large.mean():.3f}, "
+          f"on the smallest {small.mean():.3f}; first word right where the smallest gets under a quarter of the "
+          f"largest's mass {right[passed].mean():.3f} ({passed.sum()}), elsewhere {right[~passed].mean():.3f} ({(~passed).sum()})")
+    out["counting_looks"] = {"n": len(right), "largest": round(float(large.mean()), 4), "smallest": round(float(small.mean()), 4),
+                             "passed_by": int(passed.sum()), "right_passed_by": round(float(right[passed].mean()), 4),
+                             "right_else": round(float(right[~passed].mean()), 4)}
 print("final: " + json.dumps(out))
