@@ -8,7 +8,10 @@ by how much of the image the smallest counted object covers, in multiples of the
 object may show (the scene's min_visible): is a miss a small object not seen, or not counted?
 With --mode=chain_true (a maps-arm model) the questions are asked after the scene's true depth and
 seg maps, as the perception chain asks them: does the seg map, which paints each object in its own
-colour, make counting easier?
+colour, make counting easier? A model with the anchor head (model.py, "Place heads") is also
+scored by what that head alone says: the number of places it marks with a class of the asked
+colour or shape. Right where the answer is wrong, the count is in the photo's places and the
+answer does not read it.
 
     python runs/counting.py out/learn/rgb/ckpt.pt --data_dir=data/learn
 
@@ -20,12 +23,15 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import batches  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import metrics  # noqa: E402
 import probe  # noqa: E402 (runs/probe.py)
+from model import first_image  # noqa: E402
 
 parser = probe.parser(__doc__)
 parser.add_argument("--mode", default="direct", choices=("direct", "chain", "chain_true"), help="eval.answer's mode")
@@ -36,8 +42,32 @@ asked = [q for q in questions["val"] if q["category"] == "counting"]
 scenes = data.load_scenes(args.data_dir, "val")
 replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], mode=args.mode, temperature=0.0, rgb=rgb)
 scores = metrics.question_scores(tok, asked, replies)
+
+
+def anchor_counts(questions):
+    """The anchor head's count for each question: its marks at the question image's places whose
+    class has the asked shape, or colour."""
+    hidden = {}
+    model.ln_f.register_forward_hook(lambda m, i, o: hidden.__setitem__("h", o))
+    counts = []
+    with torch.no_grad():
+        for at in range(0, len(questions), 64):
+            chunk = questions[at:at + 64]
+            x, _, _ = batches.make_batch(tok, batches.vqa_rows(tok, chunk, codes["val"]), model.config.block_size)
+            model(x, rgb=batches.scene_pictures(rgb, chunk))
+            first = first_image(x, model.config.image_offset, codes["val"].shape[-1])
+            marks = model.anchor_head(hidden["h"][first]).argmax(-1).view(len(chunk), -1) - 1  # colour * 3 + shape, -1 none
+            for q, m in zip(chunk, marks.tolist()):
+                shape = next((k for k, sh in enumerate(data.SHAPES) if f"many {sh}s" in q["question"]), None)
+                colour = next((k for k, c in enumerate(data.COLORS) if f" {c} " in q["question"]), None)
+                counts.append(sum(c >= 0 and (c % len(data.SHAPES) == shape if shape is not None else
+                                              c // len(data.SHAPES) == colour) for c in m))
+    return counts
+
+
+anchored = anchor_counts(asked) if hasattr(model, "anchor_head") else None
 groups, confusions = collections.defaultdict(list), collections.Counter()
-for q, s in zip(asked, scores):
+for i, (q, s) in enumerate(zip(asked, scores)):
     what = "shape" if any(f"many {shape}s" in q["question"] for shape in data.SHAPES) else "colour"
     count = q["answer"] if int(q["answer"]) < 3 else "3+"
     keys = ["all", f"count {count}", what, f"{what} count {count}"]
@@ -48,6 +78,10 @@ for q, s in zip(asked, scores):
                     + ("< 1.5x" if smallest < 1.5 else "1.5-2x" if smallest < 2 else ">= 2x"))
     for key in keys:
         groups[key].append(s["score"])
+    if anchored is not None:
+        right = anchored[i] == int(q["answer"])
+        groups[f"anchor head, count {count}"].append(right)
+        groups["anchor head, answer " + ("right" if s["score"] else "wrong")].append(right)
     confusions[(q["answer"], s["answer"].strip())] += 1
 result = {"ckpt": args.ckpt, "mode": args.mode}
 print(f"{'questions':<20}{'n':>5}{'accuracy':>10}")
