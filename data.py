@@ -375,6 +375,13 @@ def object_class(obj):
     return 1 + list(COLORS).index(obj["color"]) * len(SHAPES) + SHAPES.index(obj["shape"])
 
 
+def has_classes(graph):
+    """Whether a scene's objects all carry a colour and shape (not so for manifest data): the
+    place heads label only such scenes."""
+    objs = graph.get("objects")
+    return objs is not None and all(o.get("color") in COLORS and o.get("shape") in SHAPES for o in objs)
+
+
 def place_objects(seg, scenes, side, coverage=None):
     """(N, side²) int64: at each place of a side×side grid over the (N, H, W) segmentations, the
     class (1 + colour * 3 + shape) of the object covering most of its pixels, if that is at least a
@@ -385,11 +392,10 @@ def place_objects(seg, scenes, side, coverage=None):
     counts[..., :2] = 0  # sky and ground
     lut = np.zeros((n, len(SEG_PALETTE)), dtype=np.int64)
     for i, g in enumerate(scenes):
-        objs = g.get("objects")
-        if objs is None or any(o.get("color") not in COLORS or o.get("shape") not in SHAPES for o in objs):
+        if not has_classes(g):
             lut[i] = -1
             continue
-        for o in objs:
+        for o in g["objects"]:
             lut[i, o["id"]] = object_class(o)
     labels = np.take_along_axis(lut, counts.argmax(-1), 1)
     labels[(counts.max(-1) < p * p / 4) & (lut.min(1, keepdims=True) >= 0)] = 0
@@ -402,10 +408,10 @@ def place_anchors(seg, scenes, side, coverage=None):
     whatever its size; -1 for a scene whose objects carry no colour and shape. Where two objects
     share an anchor, the smaller keeps it. The anchor head's targets (model.py, "Place heads")."""
     counts = place_coverage(seg, side) if coverage is None else coverage
-    classes = place_objects(seg, scenes, side, counts)  # for the -1 of manifest scenes
-    out = np.where(classes < 0, -1, 0)
+    out = np.zeros((len(seg), counts.shape[1]), dtype=np.int64)
     for i, g in enumerate(scenes):
-        if classes[i].min() < 0:
+        if not has_classes(g):
+            out[i] = -1
             continue
         for o in sorted(g["objects"], key=lambda o: -counts[i, :, o["id"]].sum()):
             if counts[i, :, o["id"]].max() > 0:

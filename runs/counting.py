@@ -44,6 +44,14 @@ replies = ev.answer(model, tok, asked, codes["val"], codes["val"].shape[-1], mod
 scores = metrics.question_scores(tok, asked, replies)
 
 
+def counted_by(q):
+    """What a counting question counts: ("shape", index in data.SHAPES) or ("colour", index in data.COLORS)."""
+    shape = next((k for k, sh in enumerate(data.SHAPES) if f"many {sh}s" in q["question"]), None)
+    if shape is not None:
+        return "shape", shape
+    return "colour", next((k for k, c in enumerate(data.COLORS) if f" {c} " in q["question"]), None)
+
+
 def anchor_counts(questions):
     """The anchor head's count for each question: its marks at the question image's places whose
     class has the asked shape, or colour."""
@@ -58,17 +66,16 @@ def anchor_counts(questions):
             first = first_image(x, model.config.image_offset, codes["val"].shape[-1])
             marks = model.anchor_head(hidden["h"][first]).argmax(-1).view(len(chunk), -1) - 1  # colour * 3 + shape, -1 none
             for q, m in zip(chunk, marks.tolist()):
-                shape = next((k for k, sh in enumerate(data.SHAPES) if f"many {sh}s" in q["question"]), None)
-                colour = next((k for k, c in enumerate(data.COLORS) if f" {c} " in q["question"]), None)
-                counts.append(sum(c >= 0 and (c % len(data.SHAPES) == shape if shape is not None else
-                                              c // len(data.SHAPES) == colour) for c in m))
+                what, k = counted_by(q)
+                counts.append(sum(c >= 0 and (c % len(data.SHAPES) if what == "shape" else c // len(data.SHAPES)) == k
+                                  for c in m))
     return counts
 
 
 anchored = anchor_counts(asked) if hasattr(model, "anchor_head") else None
 groups, confusions = collections.defaultdict(list), collections.Counter()
 for i, (q, s) in enumerate(zip(asked, scores)):
-    what = "shape" if any(f"many {shape}s" in q["question"] for shape in data.SHAPES) else "colour"
+    what = counted_by(q)[0]
     count = q["answer"] if int(q["answer"]) < 3 else "3+"
     keys = ["all", f"count {count}", what, f"{what} count {count}"]
     if int(q["answer"]) >= 1:

@@ -78,14 +78,14 @@ with torch.no_grad():
         q, k, _ = block.attn.project(block.ln_1(h), rope_q, rope_k, prior)
         logp = attention_logp(q, repeat_kv(k, q.size(1)), None, b, pos)[:, :1]  # the first referring head
         for j, r in enumerate(b.tolist()):
-            q = chunk[r]
-            if q["category"] != "counting" or len(q["objects"]) < 2:
+            asked_q = chunk[r]
+            if asked_q["category"] != "counting" or len(asked_q["objects"]) < 2:
                 continue
-            c = coverage[q["scene"]]
-            ends = [min(q["objects"], key=lambda o: -c[:, o].sum()), min(q["objects"], key=lambda o: c[:, o].sum())]
+            c = coverage[asked_q["scene"]]
+            ends = [max(asked_q["objects"], key=lambda o: c[:, o].sum()), min(asked_q["objects"], key=lambda o: c[:, o].sum())]
             on = [place_attention(logp[j:j + 1], first[j:j + 1], torch.from_numpy(data.referent_places(c, [o]))[None, None])
                   .exp().item() for o in ends]
-            looks.append((*on, tok.decode([int(logits[r, pos[j]].argmax())]).strip() == q["answer"]))
+            looks.append((*on, tok.decode([int(logits[r, pos[j]].argmax())]).strip() == asked_q["answer"]))
         for g in range(3):
             share[g] += (named[:, g].sum(-1) / (pos + 1))[has[:, g]].sum().item()
             counted[g] += has[:, g].sum().item()
