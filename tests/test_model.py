@@ -269,8 +269,9 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok, 
     _, with_places = model(idx, targets, loss_mask, places=places)
     first = [i for i, t in enumerate(ids[:-1]) if t >= tok.image_offset][:N_IMAGE]
     hidden = {}
-    model.ln_f.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+    hook = model.ln_f.register_forward_hook(lambda m, i, o: hidden.update(h=o))  # records only (returns None)
     model(idx)
+    hook.remove()
     h = hidden["h"][0, first]
     object_ce = torch.nn.functional.cross_entropy(model.object_head(h)[[0, 1, 3]], torch.tensor([0, 3, 4]))
     depth_ce = torch.nn.functional.cross_entropy(model.depth_head(h)[[0, 2, 3]], torch.tensor([2, 0, 1]))
@@ -292,10 +293,10 @@ def test_place_loss_is_the_heads_cross_entropies_at_the_first_image_places(tok, 
     anchors = torch.tensor([[[0], [2], [-1], [0]], [[1]] * 4])  # the fourth label, the anchor head's
     _, unplaced = anchored(idx, targets, loss_mask)
     _, with_anchor = anchored(idx, targets, loss_mask, places=torch.cat([places, anchors], -1))
-    anchored_hidden = {}  # a dict of its own: the hook above returns hidden["h"] as model's ln_f output
-    anchored.ln_f.register_forward_hook(lambda m, i, o: anchored_hidden.__setitem__("h", o))
+    hook = anchored.ln_f.register_forward_hook(lambda m, i, o: hidden.update(h=o))
     anchored(idx)
-    h = anchored_hidden["h"][0, first]
+    hook.remove()
+    h = hidden["h"][0, first]
     ces = [torch.nn.functional.cross_entropy(head(h)[rows], torch.tensor(labels)) for head, rows, labels in
            [(anchored.object_head, [0, 1, 3], [0, 3, 4]), (anchored.depth_head, [0, 2, 3], [2, 0, 1]),
             (anchored.seg_head, [0, 1, 3], [5, 1, 2]), (anchored.anchor_head, [0, 1, 3], [0, 2, 0])]]
@@ -326,8 +327,9 @@ def test_number_loss_is_its_weight_times_the_squared_error_where_numbers_are_mar
     _, plain = model(idx, targets, loss_mask)
     _, with_numbers = model(idx, targets, loss_mask, numbers=numbers)
     hidden = {}
-    model.ln_f.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+    hook = model.ln_f.register_forward_hook(lambda m, i, o: hidden.update(h=o))  # records only (returns None)
     model(idx)
+    hook.remove()
     h = hidden["h"]
     guess = model.number_head(torch.stack([h[0, 5], h[1, 9], h[1, 20]])).squeeze(-1)
     torch.testing.assert_close(with_numbers - plain, 0.5 * ((guess - torch.tensor([0.7, -1.2, 2.0])) ** 2).mean())
