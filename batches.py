@@ -16,6 +16,7 @@ import torch
 
 import conversations
 import data
+import grounding
 import model
 
 
@@ -79,12 +80,12 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     can have more of the practice, and even_counts=True draws its counting questions evenly over the
     counts (data.practice_questions). Packed in turn, a later question can read its answer off an earlier
     one; branched=True packs them as branches instead (branched_row), each seeing only the image.
-    With places (the split's data.place_labels) or branches, the batch gains a fourth item, the
+    With places (the split's grounding.place_labels) or branches, the batch gains a fourth item, the
     model's keyword tensors: {"places": each row's scene's labels for the place heads (-1 for a
     blind row), "branches": the branch of each token}. refer_heads > 0, with coverage (the split's
-    data.place_coverage), adds the referring loss's targets to VQA batches that show the image:
+    grounding.place_coverage), adds the referring loss's targets to VQA batches that show the image:
     "refer_at", the question whose answer each position begins, and "refer", the places each
-    question's object groups (data.referents) cover, up to refer_heads groups (model.py, "Referring").
+    question's object groups (grounding.referents) cover, up to refer_heads groups (model.py, "Referring").
     choose=True adds "choose", the words of each multiple-choice question's answer option, and
     refer_options=True teaches the first referring head at each option's name to look at its object
     (model.py, "Choosing"). map_questions=True asks questions after the maps too: a depth or seg
@@ -121,7 +122,7 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     if refer_options and (refer_heads == 0 or scenes is None):
         raise ValueError("refer_options needs refer_heads > 0 and the split's scene graphs")
     if refer_heads > 0 and coverage is None:
-        raise ValueError("refer_heads > 0 needs the split's place coverage (data.place_coverage)")
+        raise ValueError("refer_heads > 0 needs the split's place coverage (grounding.place_coverage)")
     by_scene = collections.defaultdict(list)
     for q in questions if kind == "vqa" and per_image > 1 and practice == "file" else ():
         by_scene[q["scene"]].append(q)
@@ -182,18 +183,18 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
 
 def place_targets(splits, n_image_tokens, object_head=False, depth_head=False, refer_heads=0, seg_head=False, codes=None,
                   anchor_head=False):
-    """({split: data.place_labels}, {split: data.place_coverage}) for load_split's splits, each {}
+    """({split: grounding.place_labels}, {split: grounding.place_coverage}) for load_split's splits, each {}
     when its loss is off: what stage1_batch's places= and coverage= take. seg_head adds each
     place's code of the seg pseudo-image (from codes, by split) as a label, the seg head's;
-    anchor_head each place's data.place_anchors after it, the model's order (model.PLACE_HEADS)."""
+    anchor_head each place's grounding.place_anchors after it, the model's order (model.PLACE_HEADS)."""
     side = math.isqrt(n_image_tokens)
-    coverage = ({s: data.place_coverage(sp["seg"], side) for s, sp in splits.items()}
+    coverage = ({s: grounding.place_coverage(sp["seg"], side) for s, sp in splits.items()}
                 if object_head or refer_heads or anchor_head else {})
     places = {}
     for s, sp in splits.items():
-        cols = [data.place_labels(sp, side, object_head, depth_head, coverage.get(s))] if object_head or depth_head else []
+        cols = [grounding.place_labels(sp, side, object_head, depth_head, coverage.get(s))] if object_head or depth_head else []
         cols += [np.asarray(codes[s][:, data.MODALITIES.index("seg"), :, None], dtype=np.int64)] if seg_head else []
-        cols += [data.place_anchors(sp["seg"], sp["scenes"], side, coverage[s])[..., None]] if anchor_head else []
+        cols += [grounding.place_anchors(sp["seg"], sp["scenes"], side, coverage[s])[..., None]] if anchor_head else []
         if cols:
             places[s] = np.concatenate(cols, -1)
     return places, coverage if refer_heads else {}
@@ -217,9 +218,9 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
     row_qs of scenes with place coverages. refer_at (B, T) names the entry of the targets each
     position takes: question k's <answer> (the position predicting its first answer word) entry k,
     -1 for positions that take none. With heads > 0, refer (B, entries, heads, places) bool: the
-    places each entry's object groups (data.referents) cover. With graphs (the rows' scene
+    places each entry's object groups (grounding.referents) cover. With graphs (the rows' scene
     graphs), the last token of each option's name takes an entry too, after the questions', whose
-    head 0 looks at that option's object (data.option_objects). With choose, choose (B, entries, T)
+    head 0 looks at that option's object (grounding.option_objects). With choose, choose (B, entries, T)
     bool: each position that predicts a later word of a multiple-choice answer ("cube" of "red
     cube") takes an entry, after those, marking that word where the answer's option says it in
     the question."""
@@ -241,12 +242,12 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
     for r, qs in enumerate(row_qs):
         entry = len(qs)
         for k, q in enumerate(qs):
-            for h, group in enumerate(data.referents(q)[:heads]):
-                out["refer"][r, k, h] = torch.from_numpy(data.referent_places(coverages[r], group))
+            for h, group in enumerate(grounding.referents(q)[:heads]):
+                out["refer"][r, k, h] = torch.from_numpy(grounding.referent_places(coverages[r], group))
             if graphs is not None and heads and options[r][k]:
-                for obj, words in zip(data.option_objects(q, graphs[r]), options[r][k]):
+                for obj, words in zip(grounding.option_objects(q, graphs[r]), options[r][k]):
                     refer_at[r, words[-1]] = entry
-                    out["refer"][r, entry, 0] = torch.from_numpy(data.referent_places(coverages[r], [obj]))
+                    out["refer"][r, entry, 0] = torch.from_numpy(grounding.referent_places(coverages[r], [obj]))
                     entry += 1
         for k in range(len(qs)):
             for at, word in copies[r][k]:
@@ -285,8 +286,8 @@ def copied_words(tok, row, answer_at, q, options):
 
 def option_tokens(tok, row, answer_at, q):
     """[[positions]]: the tokens of row (ids) where each option of multiple-choice question q names
-    its object (data.option_spans), q's words ending just before the <assistant><answer> at answer_at."""
-    spans = data.option_spans(q)
+    its object (grounding.option_spans), q's words ending just before the <assistant><answer> at answer_at."""
+    spans = grounding.option_spans(q)
     if not spans:
         return []
     words = tok.encode(q["question"])
@@ -342,7 +343,7 @@ def noisy_maps(tok, x, n_image_tokens, rate, rng):
 def stage2_batch(tok, codes, traces, rng, batch_size, block_size, places=None, coverage=None, refer_heads=0, rgb=None,
                  numbers=False):
     """A batch of traces, rendered with their scene's codes (the true maps stand in for the ones
-    the model will draw). With places (the split's data.place_labels) or refer_heads > 0 (with
+    the model will draw). With places (the split's grounding.place_labels) or refer_heads > 0 (with
     the split's coverage), a 4th item carries stage 1's place and referring targets for the rows,
     as stage1_batch gives them: the referring loss then looks from each trace's <answer>; numbers=True
     adds the number head's (number_targets), there too. rgb (the split's pictures) adds "rgb", as

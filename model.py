@@ -71,10 +71,10 @@ class GPTConfig:
 # Place heads. A question's answer is one token, so "which object is the red cube?" is learned from
 # one bit per question, through a lookup that forms late (the grounding plateau). With
 # object_classes > 0, a linear head on the final hidden state of each place of a row's first image
-# (the RGB in every training layout) predicts the class of the object covering it (data.place_objects:
+# (the RGB in every training layout) predicts the class of the object covering it (grounding.place_objects:
 # colour and shape, 0 for none), and its cross entropy joins the loss: a label at every place, read
 # from the image alone. With depth_bins > 0 a second head does the same for the place's depth
-# (data.place_depths), so "how far is the red cube?" becomes the same one-hop lookup as "what colour
+# (grounding.place_depths), so "how far is the red cube?" becomes the same one-hop lookup as "what colour
 # is the cube?". Its loss has a weight of its own, depth_head_weight: at full weight the depth head
 # costs relative distance (which object is closest to another) three times what it gives size,
 # and a quarter keeps most of the size at a third of that cost (docs/experiments.md). A map the
@@ -94,7 +94,7 @@ class GPTConfig:
 # how much red there is, and a small second object beside a large one is little of it (the 2s a
 # maps-arm model misses are mostly such pairs, docs/experiments.md). With anchor_classes > 0 a
 # fourth head names an object's class at the one place it covers most and "none" everywhere
-# else (data.place_anchors): each object is marked once, whatever its size, and a count is the
+# else (grounding.place_anchors): each object is marked once, whatever its size, and a count is the
 # number of marks of the named kind. Measured in the maps arm: counting + 0.008 and + 0.023 on two
 # seeds, its 2s most (docs/experiments.md); off by default until measured with a deeper model.
 # seg_head_hidden > 0 makes the head an MLP, meant to read the segmentation out of the trunk

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import data
+import grounding
 
 from model import GPT, GPTConfig
 
@@ -182,9 +182,9 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],
-                          object_classes=data.N_OBJECT_CLASSES if cfg.get("object_head") else 0,
+                          object_classes=grounding.N_OBJECT_CLASSES if cfg.get("object_head") else 0,
                           object_head_weight=float(cfg.get("object_head_weight", 1.0)),
-                          depth_bins=data.N_DEPTH_BINS if cfg.get("depth_head") else 0,
+                          depth_bins=grounding.N_DEPTH_BINS if cfg.get("depth_head") else 0,
                           depth_head_weight=float(cfg.get("depth_head_weight", 1.0)),
                           reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None,
                           reader_pixels=reads_pixels(cfg),
@@ -193,7 +193,7 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           seg_codes=tok.codebook_size if cfg.get("seg_head") else 0,
                           seg_head_weight=float(cfg.get("seg_head_weight", 1.0)),
                           seg_head_hidden=int(cfg.get("seg_head_hidden", 0)),
-                          anchor_classes=data.N_OBJECT_CLASSES if cfg.get("anchor_head") else 0,
+                          anchor_classes=grounding.N_OBJECT_CLASSES if cfg.get("anchor_head") else 0,
                           anchor_head_weight=float(cfg.get("anchor_head_weight", 1.0)),
                           seg_guidance=float(cfg.get("seg_guidance", 0.0)))
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)

@@ -45,6 +45,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
 import data  # noqa: E402
+import grounding  # noqa: E402
 import prepare  # noqa: E402
 import vqgan  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -219,7 +220,7 @@ stem_pixels = {s: (splits[s]["rgb"] if args.input in ("conv", "codes", "table") 
 config = GPTConfig(block_size=BLOCK_SIZE, vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
                    n_embd=args.n_embd, image_offset=tok.image_offset, n_image_tokens=side * side, grid_prior=6.0,
                    code_patch_dim=patches.shape[1] if args.input == "table" else 0,
-                   object_classes=data.N_OBJECT_CLASSES if args.object_head else 0)
+                   object_classes=grounding.N_OBJECT_CLASSES if args.object_head else 0)
 model = GPT(config)
 if args.input == "table":  # the model's own code_patches (model.py)
     model.code_patches.copy_(torch.from_numpy(patches))
@@ -228,13 +229,13 @@ state = {}
 if stem is not None:  # the stem's output joins the token embeddings through a forward hook on wte
     model.wte.register_forward_hook(lambda mod, inp, out: stem(inp[0], out, state["pixels"]))
     model.add_module("stem", stem)
-labels = ({s: torch.from_numpy(data.place_objects(splits[s]["seg"], splits[s]["scenes"], side)) for s in splits}
+labels = ({s: torch.from_numpy(grounding.place_objects(splits[s]["seg"], splits[s]["scenes"], side)) for s in splits}
           if args.object_head or args.dense_map else None)
 # the object map's classes drawn as the codes the RGB images use least (an RGB code means nothing else here)
 class_codes = np.argsort(np.bincount(codes["train"][:, 0].ravel(), minlength=vq.cfg.codebook_size),
-                         kind="stable")[:data.N_OBJECT_CLASSES]
+                         kind="stable")[:grounding.N_OBJECT_CLASSES]
 code_class = torch.zeros(vq.cfg.codebook_size, dtype=torch.long)
-code_class[torch.from_numpy(class_codes)] = torch.arange(data.N_OBJECT_CLASSES)
+code_class[torch.from_numpy(class_codes)] = torch.arange(grounding.N_OBJECT_CLASSES)
 if args.object_head:  # to score the head, its input (the final hidden states) through a hook on ln_f
     model.ln_f.register_forward_hook(lambda mod, inp, out: state.__setitem__("hidden", out))
 optimizer = model.configure_optimizers(0.1, args.lr, (0.9, 0.95), args.optimizer, args.muon_lr)
@@ -289,7 +290,7 @@ def evaluate():
             for b in range(len(x)):
                 s, e = answer_spans(m[b])[-2]  # <|image|> and the codes; <|/image|> is forced, <|eos|> its own run
                 drawn[b] = code_class[(logits[b, s + 1:e].argmax(-1) - tok.image_offset).clamp(0)]
-            dense = nn.functional.one_hot(drawn, data.N_OBJECT_CLASSES)
+            dense = nn.functional.one_hot(drawn, grounding.N_OBJECT_CLASSES)
         if dense is not None:  # the dense head on object places: colour and shape read apart
             on, guess = patch_y > 0, dense.argmax(-1)
             hits["patch colour"] += ((guess[on] - 1) // 3 == (patch_y[on] - 1) // 3).tolist()

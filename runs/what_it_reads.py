@@ -6,7 +6,7 @@ the options in the question's order), a linear probe (logistic regression, fit o
 half the questions, scored on the other half) predicts the fact the answer needs from:
 - "looking heads": the attention outputs at <answer> of the first two heads of the layer the
   referring loss teaches (model.py, "Referring"), taught to look at the question's first and
-  second referent (data.referents: the answer's object, then the other one);
+  second referent (grounding.referents: the answer's object, then the other one);
 - "answer state": the residual stream at <answer> after the last layer (what the head reads);
 - "place table": the model's own place embedding (wpe_image) averaged over each object's places:
   what a perfect lookup of position alone would bring back, the ceiling of position as it is coded.
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
 import data  # noqa: E402
+import grounding  # noqa: E402
 import probe  # noqa: E402 (runs/probe.py)
 from model import attention_logp, first_image, place_attention, repeat_kv  # noqa: E402
 
@@ -43,13 +44,13 @@ model, tok, codes, questions, rgb = probe.load(args)
 n_image = codes["val"].shape[-1]
 side = math.isqrt(n_image)
 split = data.load_split(args.data_dir, "val")
-coverage = data.place_coverage(split["seg"], side)
+coverage = grounding.place_coverage(split["seg"], side)
 
 
 def pair(q):
     """The two compared objects in the order the question offers them, or None."""
     if q["kind"] in ("depth_order", "relation_left"):
-        return data.option_objects(q, split["scenes"][q["scene"]])
+        return grounding.option_objects(q, split["scenes"][q["scene"]])
     return None
 
 
@@ -77,8 +78,8 @@ with torch.no_grad():
         out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)  # (B, H, T, D)
         feats["looking heads"].append(out[b, :2, pos].flatten(1))
         first = first_image(x, model.config.image_offset, n_image)
-        targets = torch.stack([torch.stack([torch.from_numpy(data.referent_places(coverage[q["scene"]], g))
-                                            for g in data.referents(q)[:2]]) for q in chunk])  # (B, 2, places): head h's
+        targets = torch.stack([torch.stack([torch.from_numpy(grounding.referent_places(coverage[q["scene"]], g))
+                                            for g in grounding.referents(q)[:2]]) for q in chunk])  # (B, 2, places): head h's
         logp = attention_logp(q_[:, :2], k_[:, :2], None, b, pos)
         found.append(torch.stack([place_attention(logp, first, targets).exp(),
                                   place_attention(logp, first, targets.flip(1)).exp()], 1))  # (B, own/other, heads)
@@ -87,7 +88,7 @@ with torch.no_grad():
             scene = split["scenes"][q["scene"]]
             objs = {o["id"]: o for o in scene["objects"]}
             a, c = (objs[j] for j in pair(q))
-            places = [torch.from_numpy(data.referent_places(coverage[q["scene"]], [o["id"]])) for o in (a, c)]
+            places = [torch.from_numpy(grounding.referent_places(coverage[q["scene"]], [o["id"]])) for o in (a, c)]
             feats["place table"].append(torch.cat([model.wpe_image.weight[p].mean(0) for p in places]))
             facts["lower"].append(a["centroid"][1] > c["centroid"][1])
             facts["nearer"].append(data.camera_distance(scene, a) < data.camera_distance(scene, c))

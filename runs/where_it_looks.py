@@ -2,7 +2,7 @@
 Where does a model look when it begins an answer? For val questions asked one a row after their
 image, the attention that each head of each layer puts, at the position of <answer> (the one that
 predicts the first answer word), on the places the question's first and second objects cover
-(data.referents, data.referent_places: what the referring loss teaches, model.py "Referring"),
+(grounding.referents, grounding.referent_places: what the referring loss teaches, model.py "Referring"),
 and on the places of the scene's other objects, against the share of the visible keys those places
 are (what uniform attention would put there). A head that has learned the lookup is far above
 that share on the named object and not on the others; one that looks at objects in general is
@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import batches  # noqa: E402
 import data  # noqa: E402
 import eval as ev  # noqa: E402
+import grounding  # noqa: E402
 import probe  # noqa: E402 (runs/probe.py)
 from model import attention_logp, first_image, place_attention, repeat_kv  # noqa: E402
 
@@ -41,9 +42,9 @@ args = parser.parse_args()
 model, tok, codes, questions, rgb = probe.load(args)
 n_image = codes["val"].shape[-1]
 split = data.load_split(args.data_dir, "val")
-coverage = data.place_coverage(split["seg"], math.isqrt(n_image))
+coverage = grounding.place_coverage(split["seg"], math.isqrt(n_image))
 asked = [q for q in (ev.balanced_sample(questions["val"], args.n) if not args.category else
-                     [q for q in questions["val"] if q["category"] == args.category]) if data.referents(q)]
+                     [q for q in questions["val"] if q["category"] == args.category]) if grounding.referents(q)]
 inputs = []  # each block's positional inputs in the last forward: (x, rope_q, rope_k, cache, prior, mask)
 for block in model.blocks:
     block.register_forward_pre_hook(lambda m, a: inputs.append(a))
@@ -65,7 +66,7 @@ with torch.no_grad():
         logits, _ = model(x, rgb=batches.scene_pictures(rgb, chunk))
         b, pos = (t["refer_at"] >= 0).nonzero(as_tuple=True)
         first = first_image(x, model.config.image_offset, n_image)[b]  # (n, T)
-        others = [data.referent_places(coverage[q["scene"]], ids[(ids >= 2) & ~np.isin(ids, q["objects"])]) for q in chunk]
+        others = [grounding.referent_places(coverage[q["scene"]], ids[(ids >= 2) & ~np.isin(ids, q["objects"])]) for q in chunk]
         named = torch.cat([t["refer"][b, 0], torch.from_numpy(np.stack(others))[b, None]], 1)  # (n, 3, places)
         has = named.any(-1)  # (n, 3)
         for layer, (block, (h, rope_q, rope_k, _, prior, _)) in enumerate(zip(model.blocks, inputs)):
@@ -83,7 +84,7 @@ with torch.no_grad():
                 continue
             c = coverage[asked_q["scene"]]
             ends = [max(asked_q["objects"], key=lambda o: c[:, o].sum()), min(asked_q["objects"], key=lambda o: c[:, o].sum())]
-            on = [place_attention(logp[j:j + 1], first[j:j + 1], torch.from_numpy(data.referent_places(c, [o]))[None, None])
+            on = [place_attention(logp[j:j + 1], first[j:j + 1], torch.from_numpy(grounding.referent_places(c, [o]))[None, None])
                   .exp().item() for o in ends]
             looks.append((*on, tok.decode([int(logits[r, pos[j]].argmax())]).strip() == asked_q["answer"]))
         for g in range(3):
@@ -93,7 +94,7 @@ with torch.no_grad():
             classes = model.object_head(final["h"]).argmax(-1)  # (B, T): 1 + colour * 3 + shape, 0 for none
             for j, r in enumerate(b.tolist()):
                 q = chunk[r]
-                if len(data.referents(q)[0]) != 1 or not has[j, 0]:
+                if len(grounding.referents(q)[0]) != 1 or not has[j, 0]:
                     continue
                 votes = classes[r][first[j]][named[j, 0]]
                 votes = votes[votes > 0]

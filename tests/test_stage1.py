@@ -11,6 +11,7 @@ import torch
 
 import batches
 import data
+import grounding
 import tokenizer
 import train_stage1 as s1
 
@@ -136,7 +137,7 @@ def test_map_questions_ask_the_scenes_questions_after_the_maps(setup, data_dir):
     then up to per_image of its scene's questions, each answered; a chain row asks its own question
     first, then more; every answer brings its referring targets; a short block asks fewer."""
     tok, codes, qs = setup
-    scenes, cov = data.load_scenes(data_dir, "train"), data.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
+    scenes, cov = data.load_scenes(data_dir, "train"), grounding.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
     for kind, n_maps in (("depth", 2), ("seg", 2), ("chain", 3)):
         x, y, m, extra = batches.stage1_batch(tok, codes, qs, np.random.default_rng(3), 4, 1024, {kind: 1.0}, scenes,
                                               per_image=3, map_questions=True, practice="scene", coverage=cov, refer_heads=2)
@@ -192,7 +193,7 @@ def test_place_targets_end_with_the_seg_maps_codes(data_dir, setup):
                                         anchor_head=True)  # the anchors last, as model.PLACE_HEADS
     side = int(N ** 0.5)
     assert (anchored["train"][..., :3] == with_seg["train"]).all()
-    assert (anchored["train"][..., 3] == data.place_anchors(splits["train"]["seg"], splits["train"]["scenes"], side)).all()
+    assert (anchored["train"][..., 3] == grounding.place_anchors(splits["train"]["seg"], splits["train"]["scenes"], side)).all()
 
 
 def test_noisy_maps_touch_only_the_drawn_maps_inputs(setup):
@@ -334,12 +335,12 @@ def test_branched_questions_are_each_predicted_as_if_asked_alone(setup, data_dir
 
 def test_refer_targets_mark_each_answer_and_the_places_of_its_objects(setup, data_dir):
     """refer_heads: the position of each question's <answer> holds the question's index, in order;
-    its groups' places are data.referent_places of the row's scene; a branched row's referring loss
+    its groups' places are grounding.referent_places of the row's scene; a branched row's referring loss
     is that of its questions asked alone; blind and map batches bring no targets."""
     import conversations
     from model import GPT, GPTConfig
     tok, codes, qs = setup
-    scenes, cov = data.load_scenes(data_dir, "train"), data.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
+    scenes, cov = data.load_scenes(data_dir, "train"), grounding.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
     s = next(s for s in range(20) if sum(q["scene"] == s and len(q["objects"]) == 2 for q in qs) >= 1
              and sum(q["scene"] == s for q in qs) >= 3)
     asked = sorted((q for q in qs if q["scene"] == s), key=lambda q: -len(q["objects"]))[:3]
@@ -349,9 +350,9 @@ def test_refer_targets_mark_each_answer_and_the_places_of_its_objects(setup, dat
     at = (t["refer_at"][0] >= 0).nonzero().flatten()
     assert t["refer_at"][0, at].tolist() == [0, 1, 2] and (x[0, at] == tok.answer).all()
     for k, q in enumerate(asked):
-        groups = data.referents(q)
+        groups = grounding.referents(q)
         for h in range(2):
-            want = data.referent_places(cov[s], groups[h]) if h < len(groups) else np.zeros(N, bool)
+            want = grounding.referent_places(cov[s], groups[h]) if h < len(groups) else np.zeros(N, bool)
             assert t["refer"][0, k, h].tolist() == want.tolist()
     assert t["refer"][0, 0, 1].any()  # a two-object question fills the second head
 
@@ -447,14 +448,14 @@ def test_choose_and_option_targets_mark_the_words_of_each_option(setup, data_dir
         assert len(marked) == 1 and marked[0] in said[at] and x[0, marked[0]] == y[0, at]  # the word it predicts
 
     graphs = [data.load_scenes(data_dir, "train")[s]]
-    cov = data.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
+    cov = grounding.place_coverage(data.load_split(data_dir, "train")["seg"], 4)
     t = batches.refer_targets(tok, x, m, [asked], [cov[s]], 2, graphs=graphs)
     at = {int(t["refer_at"][0, p]): p for p in (t["refer_at"][0] >= 0).nonzero().flatten().tolist()}
     offered = [(obj, choice) for q in asked if "options" in q  # each option, in the questions' order
-               for obj, choice in zip(data.option_objects(q, graphs[0]), q["choices"])]
+               for obj, choice in zip(grounding.option_objects(q, graphs[0]), q["choices"])]
     assert sorted(at) == list(range(3 + len(offered))) and "choose" not in t  # the questions' entries, then each option's
     for j, (obj, choice) in enumerate(offered):
         p = at[3 + j]
         assert tok.decode(x[0, :p + 1].tolist()).endswith(choice)
-        assert t["refer"][0, 3 + j, 0].tolist() == data.referent_places(cov[s], [obj]).tolist()
+        assert t["refer"][0, 3 + j, 0].tolist() == grounding.referent_places(cov[s], [obj]).tolist()
         assert not t["refer"][0, 3 + j, 1].any()

@@ -12,6 +12,7 @@ import batches
 import conversations
 import data
 import eval as ev
+import grounding
 import metrics
 import tokenizer
 import train_stage1 as s1
@@ -204,7 +205,7 @@ def test_trace_batches_carry_stage_1s_place_and_referring_losses(setup):
     targets at its one <answer>; trace_loss then adds exactly what those add to the model's own loss."""
     tok, codes, split = setup
     side = int(N ** 0.5)
-    places, coverage = data.place_labels(split, side, True, False), data.place_coverage(split["seg"], side)
+    places, coverage = grounding.place_labels(split, side, True, False), grounding.place_coverage(split["seg"], side)
     traces = conversations.build_traces(split, reading="brief")
     x, y, m, extra = batches.stage2_batch(tok, codes, traces, np.random.default_rng(0), 4, 512, places, coverage, 2)
     assert ((extra["refer_at"] == 0) == ((x == tok.answer) & (m == 1))).all()  # where each trace's answer begins
@@ -213,7 +214,7 @@ def test_trace_batches_carry_stage_1s_place_and_referring_losses(setup):
     assert all(torch.equal(a, b) for a, b in zip((x, y, m), again))  # the same rows with or without the targets
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=512, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32,
-                          image_offset=tok.image_offset, n_image_tokens=N, object_classes=data.N_OBJECT_CLASSES))
+                          image_offset=tok.image_offset, n_image_tokens=N, object_classes=grounding.N_OBJECT_CLASSES))
     plain, _ = s2.trace_loss(model, (x, y, m), tok.image_offset, 0.5)
     with_places, _ = s2.trace_loss(model, (x, y, m, extra), tok.image_offset, 0.5)
     added = model(x, y, m, **extra)[1] - model(x, y, m)[1]
