@@ -29,12 +29,16 @@ vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=3200, dis
 # (vqa_acc 0.4214 against 0.5761 without; docs/experiments.md).
 # seg_weight=1.0: twice stage 1's default seg rows: seg matched + 0.014 on 200 val scenes (0.5183 against 0.5045),
 # object depth 0.092 against 0.087, vqa_acc level (docs/experiments.md).
+# seg_head at a quarter of its loss, guiding the seg maps drawn (seg_guidance): seg matched + 0.043 (0.5632 against
+# 0.5198, one thread), vqa_acc - 0.010; at 0.75 (bench.py learn's maps arm) + 0.055 but Base's answers fell 0.10
+# (docs/experiments.md). Base trains the head too: stage 1 starts from its weights.
 # base_iters: the Base arm trains 2640 iterations; at 1760 it answered every counting question "1" (test)
 # and its vqa_acc was 0.59 against 0.72 at 2640, which stage 1, starting from it, builds on.
 stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=4, max_iters=1760, warmup_iters=20, log_interval=40,
               # maps of 96 val scenes: on 32, the sampled maps' figures moved by ±0.01–0.02 (docs/experiments.md)
               eval_interval=1760, eval_scenes=96, eval_questions=280,  # 40 val questions a category
-              map_questions=True, number_weight=0.0, base_iters=2640, seg_weight=1.0)
+              map_questions=True, number_weight=0.0, base_iters=2640, seg_weight=1.0,
+              seg_head=True, seg_head_weight=0.25, seg_guidance=4.0)
 eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test questions a category, maps of 32 scenes
 # stage 2 SFT on interleaved traces (~350 tokens: RGB, map, text), then 70 val replies through the
 # tool loop. 200 iterations: after 100 the sampled replies broke the format half the time; 250 took 44 s
