@@ -85,10 +85,10 @@ def stage1_batch(tok, codes, questions, rng, batch_size, block_size, weights, sc
     blind row), "branches": the branch of each token}. refer_heads > 0, with coverage (the split's
     grounding.place_coverage), adds the referring loss's targets to VQA batches that show the image:
     "refer_at", the question whose answer each position begins, and "refer", the places each
-    question's object groups (grounding.referents) cover, up to refer_heads groups (model.py, "Referring").
+    question's object groups (grounding.referents) cover, up to refer_heads groups (losses.py, "Referring").
     choose=True adds "choose", the words of each multiple-choice question's answer option, and
     refer_options=True teaches the first referring head at each option's name to look at its object
-    (model.py, "Choosing"). map_questions=True asks questions after the maps too: a depth or seg
+    (losses.py, "Choosing"). map_questions=True asks questions after the maps too: a depth or seg
     example then asks up to per_image of its scene's questions after its map, and a chain example
     up to per_image - 1 more after its own (drawn fresh from the scene), so that every example
     trains answering, not only the VQA kind's; such a batch's loss mask weighs its text (the
@@ -259,7 +259,7 @@ def refer_targets(tok, x, m, row_qs, coverages, heads, choose=False, graphs=None
 
 def number_targets(tok, x, m, row_qs):
     """(B, T) float: at each number question's <answer> in rows x (loss mask m) asking row_qs, the
-    log of its answer in metres (sizes are asked in centimetres); NaN elsewhere (model.py, "Numbers")."""
+    log of its answer in metres (sizes are asked in centimetres); NaN elsewhere (losses.py, "Numbers")."""
     out, begins = torch.full(x.shape, float("nan")), answer_begins(tok, x, m)
     for r, qs in enumerate(row_qs):
         for q, at in zip(qs, begins[r].nonzero().flatten().tolist()):

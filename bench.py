@@ -318,19 +318,19 @@ LEARN = dict(
     n_layer=4, n_head=4, n_kv_head=1, n_embd=128, block_size=640, dropout=0.0, attn_impl="auto", grid_rope=True, grid_prior=6.0,
     code_patches=False,  # True: each code's mean pixel patch joins its embedding (model.py)
     object_head=True,  # True: a head names the object at each RGB place, its loss added (model.py)
-    object_head_weight=1.0,  # the object head's loss is scaled by this (model.py, "Place heads")
+    object_head_weight=1.0,  # the object head's loss is scaled by this (losses.py, "Place heads")
     depth_head=True,  # True: a head gives each RGB place's depth, binned, its loss added (model.py)
-    depth_head_weight=0.25,  # the depth head's loss is scaled by this (model.py, "Place heads")
-    seg_head=False, seg_head_weight=1.0,  # True: a head names each RGB place's code of the seg map, its loss (times the weight) added (model.py, "Place heads")
-    anchor_head=False,  # True: a head names each object's class at the one place it covers most, its loss added (model.py, "Place heads")
+    depth_head_weight=0.25,  # the depth head's loss is scaled by this (losses.py, "Place heads")
+    seg_head=False, seg_head_weight=1.0,  # True: a head names each RGB place's code of the seg map, its loss (times the weight) added (losses.py, "Place heads")
+    anchor_head=False,  # True: a head names each object's class at the one place it covers most, its loss added (losses.py, "Place heads")
     anchor_head_weight=1.0,  # the anchor head's loss is scaled by this
-    seg_head_hidden=0,  # > 0: the seg head is an MLP this wide (model.py, "Place heads")
+    seg_head_hidden=0,  # > 0: the seg head is an MLP this wide (losses.py, "Place heads")
     seg_guidance=0.0,  # > 0 (with seg_head): seg maps drawn with the seg head's log-probabilities added, times this (sampler.generate)
-    number_weight=1.0,  # > 0: a head regresses each number answer's log value, its loss scaled so (model.py, "Numbers"); 0: none
-    refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (model.py, "Referring")
-    pointer=False,  # True: what each referring head brings back must say where it looked (model.py, "Referring")
+    number_weight=1.0,  # > 0: a head regresses each number answer's log value, its loss scaled so (losses.py, "Numbers"); 0: none
+    refer_heads=2,  # > 0: that many last-layer heads are taught to look at what each question names (losses.py, "Referring")
+    pointer=False,  # True: what each referring head brings back must say where it looked (losses.py, "Referring")
     refer_layer=-1,  # the block whose heads the referring loss teaches (-1: the last)
-    choose=False,  # True: the last head of the last layer is taught to copy a named answer's words from its option (model.py, "Choosing")
+    choose=False,  # True: the last head of the last layer is taught to copy a named answer's words from its option (losses.py, "Choosing")
     refer_options=False,  # True: at each multiple-choice option's name, the first referring head is taught to look at its object
     image_reader=True,  # True: the RGB is also read as pixels through a conv stem, VQ-decoded unless reader_pixels (model.py)
     reader_pixels=True,  # True: the reader reads the question image's own pixels, not its decoded codes (model.py)

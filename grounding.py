@@ -1,6 +1,6 @@
 """
 What each place of an image holds, and which places a question is about: the labels that the
-place heads, the referring loss and the choosing loss learn from (model.py, "Place heads",
+place heads, the referring loss and the choosing loss learn from (losses.py, "Place heads",
 "Referring", "Choosing"), computed from a split's exact segmentation, depth and scene graphs.
 
 A place is one cell of the side×side grid of a VQ image's codes (12×12 at 48 px: a 4×4 patch of
@@ -64,7 +64,7 @@ def place_anchors(seg, scenes, side, coverage=None):
     """(N, side²) int64: at the one place each object covers most of (its anchor), the object's
     class as place_objects gives it; 0 at every other place, so each object is marked once
     whatever its size; -1 for a scene whose objects carry no colour and shape. Where two objects
-    share an anchor, the smaller keeps it. The anchor head's targets (model.py, "Place heads")."""
+    share an anchor, the smaller keeps it. The anchor head's targets (losses.py, "Place heads")."""
     counts = place_coverage(seg, side) if coverage is None else coverage
     out = np.zeros((len(seg), counts.shape[1]), dtype=np.int64)
     for i, g in enumerate(scenes):
@@ -107,7 +107,7 @@ def referents(q):
     """The groups of objects (ids) a question is about, in q["objects"]' order: one group of
     everything a count or an existence drill covers, else each object alone. A comparison lists
     its answer first (depth order, relation), a relative distance its anchor first. Manifest
-    questions name none. The referring loss's targets, a group a head (model.py, "Referring")."""
+    questions name none. The referring loss's targets, a group a head (losses.py, "Referring")."""
     objs = q.get("objects", [])
     if not objs:
         return []
@@ -117,7 +117,7 @@ def referents(q):
 def option_spans(q):
     """[(start, end)]: where each option of a multiple-choice question names its object in the
     question's text ("red cube" in "… the red cube or the blue sphere?"), in the options' order;
-    [] for other questions. The choosing loss's and the options' referring targets (model.py,
+    [] for other questions. The choosing loss's and the options' referring targets (losses.py,
     "Choosing")."""
     if "options" not in q:
         return []

@@ -21,7 +21,8 @@ The grammar of images and tool calls is enforced at sampling time, in sampler.py
 
 A modern small GPT, in nanoGPT's reading order: GPTConfig, then the pieces (RoPE and grid RoPE,
 attention with three interchangeable backends, MLP, Block), the KV cache, and GPT itself with its
-loss, per-token log-probs (for RL), optimizer groups (Muon is optim.py) and FLOP count.
+loss (the next token's; the grounding losses beside it are losses.py), per-token log-probs (for
+RL), optimizer groups (Muon is optim.py) and FLOP count.
 """
 import math
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import losses
 from optim import Muon
 
 
@@ -50,56 +52,24 @@ class GPTConfig:
     image_offset: int = 0  # tok.image_offset: ids >= this are image codes
     n_image_tokens: int = 0  # codes per image (grid²); 0: no grid embedding (a text-only model)
     code_patch_dim: int = 0  # > 0: each code's mean pixel patch (vqgan.code_patches) joins its embedding
-    object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (see "Place heads")
-    object_head_weight: float = 1.0  # the object head's cross entropy is scaled by this in the loss (see "Place heads")
-    depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (see "Place heads")
-    depth_head_weight: float = 1.0  # the depth head's cross entropy is scaled by this in the loss (see "Place heads")
+    object_classes: int = 0  # > 0: a head names the object at each place of a row's first image (losses.py, "Place heads")
+    object_head_weight: float = 1.0  # the object head's cross entropy is scaled by this in the loss (losses.py, "Place heads")
+    depth_bins: int = 0  # > 0: a head gives each such place's depth, binned (losses.py, "Place heads")
+    depth_head_weight: float = 1.0  # the depth head's cross entropy is scaled by this in the loss (losses.py, "Place heads")
     reader_vq: dict = None  # a VQConfig as a dict: read each row's first image through its decoder (see "Image reader")
     reader_pixels: bool = False  # the reader reads the first image's true pixels, passed as rgb= (see "Image reader")
-    pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (see "Referring")
-    refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; see "Referring")
-    number_weight: float = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (see "Numbers")
-    seg_codes: int = 0  # > 0: a head names the segmentation map's code at each such place, of this many (see "Place heads")
-    seg_head_weight: float = 1.0  # the seg head's cross entropy is scaled by this in the loss (see "Place heads")
-    anchor_classes: int = 0  # > 0: a head names, at the one place each object covers most, its class (see "Place heads")
-    anchor_head_weight: float = 1.0  # the anchor head's cross entropy is scaled by this in the loss (see "Place heads")
-    seg_head_hidden: int = 0  # > 0: the seg head is an MLP of this width, not one linear map (see "Place heads")
+    pointer: bool = False  # with the referring loss: what each referring head brings back must say where it looked (losses.py, "Referring")
+    refer_layer: int = -1  # the block whose first heads the referring loss teaches (-1: the last; losses.py, "Referring")
+    number_weight: float = 0.0  # > 0: a head regresses each number answer's log value, its loss scaled so (losses.py, "Numbers")
+    seg_codes: int = 0  # > 0: a head names the segmentation map's code at each such place, of this many (losses.py, "Place heads")
+    seg_head_weight: float = 1.0  # the seg head's cross entropy is scaled by this in the loss (losses.py, "Place heads")
+    anchor_classes: int = 0  # > 0: a head names, at the one place each object covers most, its class (losses.py, "Place heads")
+    anchor_head_weight: float = 1.0  # the anchor head's cross entropy is scaled by this in the loss (losses.py, "Place heads")
+    seg_head_hidden: int = 0  # > 0: the seg head is an MLP of this width, not one linear map (losses.py, "Place heads")
     seg_guidance: float = 0.0  # > 0: the sampler draws seg maps with the seg head's help, this strong (sampler.generate)
 
 
 # ---------------------------------------------------------------------------------------------
-# Place heads. A question's answer is one token, so "which object is the red cube?" is learned from
-# one bit per question, through a lookup that forms late (the grounding plateau). With
-# object_classes > 0, a linear head on the final hidden state of each place of a row's first image
-# (the RGB in every training layout) predicts the class of the object covering it (grounding.place_objects:
-# colour and shape, 0 for none), and its cross entropy joins the loss: a label at every place, read
-# from the image alone. With depth_bins > 0 a second head does the same for the place's depth
-# (grounding.place_depths), so "how far is the red cube?" becomes the same one-hop lookup as "what colour
-# is the cube?". Its loss has a weight of its own, depth_head_weight: at full weight the depth head
-# costs relative distance (which object is closest to another) three times what it gives size,
-# and a quarter keeps most of the size at a third of that cost (docs/experiments.md). A map the
-# model draws is no substitute: teacher-forced, each map code can be copied from the codes before
-# it, so little of its signal reaches the image's places. The same holds for drawing: with
-# seg_codes > 0 a third head names the code the segmentation map has at each place (the VQ's code
-# for that patch of the seg pseudo-image), so the place a drawn seg code attends to already holds
-# the code's answer, as the depth head's places hold theirs for the depth map. Measured at full
-# weight, it lifted the drawn seg maps and cost every answer; at a quarter it kept the answers and
-# half the lift (docs/experiments.md, "A seg head at the photo's places …"): off by default.
-# Drawing alone, the model copies its own earlier codes, and one wrong code travels; with
-# seg_guidance > 0 the sampler draws each seg code from the logits plus that many times the
-# head's log-probabilities at the place (sampler.generate), so the photo has a say at every code.
-# Guidance helps as much as the head reads: at half weight (answers kept) the drawn maps gained
-# 0.01, at full weight 0.04 (docs/experiments.md, "Seg maps drawn with the seg head's help …").
-# The object head labels every place an object covers, so "how many red objects?" can be read as
-# how much red there is, and a small second object beside a large one is little of it (the 2s a
-# maps-arm model misses are mostly such pairs, docs/experiments.md). With anchor_classes > 0 a
-# fourth head names an object's class at the one place it covers most and "none" everywhere
-# else (grounding.place_anchors): each object is marked once, whatever its size, and a count is the
-# number of marks of the named kind. Measured in the maps arm: counting + 0.008 and + 0.023 on two
-# seeds, its 2s most (docs/experiments.md); off by default until measured with a deeper model.
-# seg_head_hidden > 0 makes the head an MLP, meant to read the segmentation out of the trunk
-# without bending the trunk to it; measured, it drew no better than the linear head.
-#
 # Image reader. A code id says nothing about its colour until its embedding has been trained, and
 # one colour's patches spread over hundreds of ids seen a few times each; even with the object head,
 # a model reading code ids names a place's colour right 68% of the time where one reading pixels
@@ -115,40 +85,10 @@ class GPTConfig:
 # reading the true pixels counts and names shapes better (docs/experiments.md). The question image
 # is always one the model was given, so its pixels exist wherever it is asked.
 #
-# Referring. The place heads teach each place what it shows; the answer still has to find, among
-# 144 places, the ones the question names, and it learns that lookup from the one answer token.
-# The referring loss teaches it directly, as supervised attention, with no new weights: at the
-# position where an answer begins, head h of the last layer is trained to put its attention on the
-# places covered by the question's h-th object ("the red cube"; for a count, every object counted),
-# -log of the attention mass there (batches.stage1_batch builds the targets from the segmentation).
-# The other heads, and every other position, stay free.
-# Pointing. A comparison needs more than the two objects found: which is lower, which further left.
-# The place embedding holds that, but a linear probe reads it at chance from what the referring
-# heads bring back (runs/what_it_reads.py): their values carry what an object is, not where, and
-# the comparison's one answer token has not taught them otherwise. With pointer, a linear map of
-# what head h brings back (its attention-weighted values) is trained to give the (row, col) of
-# the centre of the places it is taught to look at, squared error on a [-1, 1] grid.
-#
-# Choosing. A multiple-choice question offers objects by name and is answered with one ("Which is
-# closer to the camera, the red cube or the blue sphere?" -> "blue sphere"). The referring heads
-# find the answer's object, and its colour comes out right; its shape then has to be copied from
-# the question's option, the word after that colour, and a model that has not learned to copy
-# picks either option's shape. With choose targets, at each position that predicts a later word of
-# such an answer (" sphere" after "blue"), the last head of the last layer is trained to put its
-# attention on that word in the answer's option (-log of the mass there, as for referring;
-# batches.refer_targets): the copy, taught directly. With refer_options, each option's name is
-# also a place the first referring head learns to look from (at its object; with pointer,
-# bringing back where it is). (Asked with letters, "(A) the red cube (B) the blue sphere" -> "B",
-# the heads found the nearer object and the answer still stayed at chance: nothing taught the
-# lookup from the object found back to its letter. docs/experiments.md.)
-#
-# Numbers. A number answer is learned from its digits' cross entropy, which scores "1.9 m" as wrong
-# for 2.0 m as for 9.0 m: nothing says how near a guess was, and a distance between two objects
-# stays at its prior. With number_weight > 0, a linear head on the final hidden state where a number
-# answer begins (the position predicting its first digit) regresses the answer's log value in
-# metres, squared error, so the state that writes the digits is taught the magnitude smoothly.
-# It pays from ~5M tokens on; before that it holds the comparisons back (docs/experiments.md).
-#
+# The place heads (object, depth, seg, anchor, number) and the referring and choosing losses teach
+# the model to find what a question names. GPT holds the heads' weights; losses.py says what each
+# loss is, and why, and computes it from forward's hidden states and attention.
+
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
 # only on the difference of the two tokens' positions. It also lets the sampler give every row its
@@ -248,24 +188,6 @@ def additive_mask(visible):
     """(B, Tq, Tk) bool -> (B, 1, Tq, Tk) float: 0 where a query may see a key, -inf elsewhere.
     Made once a forward: sdpa would turn a bool mask into one in every layer."""
     return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf")).unsqueeze(1)
-
-
-def attention_logp(q, k, mask, b, t):
-    """(n, heads, T) log attention weights of the query at row b[i], position t[i], in each head of
-    q, over its row's keys. q, k (B, heads, T, D) as attention compares them; mask its additive
-    mask (None: causal)."""
-    scores = torch.einsum("nhd,nhsd->nhs", q[b, :, t], k[b]).float() / math.sqrt(q.size(-1))
-    visible = (torch.arange(k.size(2), device=k.device) <= t[:, None]) if mask is None else mask[b, 0, t] == 0
-    return scores.masked_fill(~visible[:, None], float("-inf")).log_softmax(-1)
-
-
-def place_attention(logp, first, target):
-    """log of the attention mass, from attention_logp's (n, heads, T), that each query puts on the
-    places of its row's first image that target (n, heads, places) marks (-inf where it marks
-    none); first (n, T) the positions of that image (model.first_image), whole."""
-    at_place = torch.zeros_like(logp, dtype=torch.bool)  # the marked places, at their key positions
-    at_place[first.unsqueeze(1).expand_as(at_place)] = target.reshape(-1)
-    return logp.masked_fill(~at_place, float("-inf")).logsumexp(-1)
 
 
 class ImageReader(nn.Module):
@@ -571,17 +493,17 @@ class GPT(nn.Module):
         alone). With kv_cache,
         idx continues each row of the cache (see KVCache). places (B, n_image_tokens, heads), the
         labels at each place of a row's first image for each place head in turn (object, then depth;
-        -1: none asked), adds each head's mean cross entropy to the loss (see "Place heads").
+        -1: none asked), adds each head's mean cross entropy to the loss (losses.py, "Place heads").
         branches (B, T) lays out questions packed after one shared image (see branch_layout).
         refer_at (B, T), the question (0, 1, …) whose answer the token at each position begins (-1:
         none), and refer (B, questions, heads, n_image_tokens), the places of the row's first image
-        each question's objects cover, one group a head, add the referring loss (see "Referring");
+        each question's objects cover, one group a head, add the referring loss (losses.py, "Referring");
         with refer_at, choose (B, entries, T), the question's word each position's answer word
-        copies, adds the choosing loss (see "Choosing"). rgb (B, H, W, 3) uint8, each row's question
+        copies, adds the choosing loss (losses.py, "Choosing"). rgb (B, H, W, 3) uint8, each row's question
         image as pixels (rows that start no image in this call: anything), is what a reader_pixels
         model reads (see "Image reader"); other models ignore it. numbers (B, T), the log value in
         metres of the number answer each position begins (NaN: none), adds the number head's loss
-        (see "Numbers"); a model without one ignores it."""
+        (losses.py, "Numbers"); a model without one ignores it."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.config.block_size:
@@ -644,43 +566,27 @@ class GPT(nn.Module):
         else:
             weight = loss_mask[at].float()
             loss = (F.cross_entropy(logits.float(), targets[at], reduction="none") * weight).sum() / weight.sum().clamp(min=1)
+        if places is not None or refer is not None:
+            first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)
         if places is not None:
-            loss = loss + self.place_loss(x, idx, places)
+            loss = loss + losses.place_loss(self, x, first, places)
         if refer is not None:  # the referring layer's q and k again: attention kernels do not return their weights
             block = self.blocks[refer_layer]
             q, k, v = block.attn.project(block.ln_1(refer_in), rope_q, rope_k, prior)
             k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
-            loss = loss + self.refer_loss(q, k, v, idx, mask, refer_at, refer)
+            loss = loss + losses.refer_loss(self, q, k, v, first, mask, refer_at, refer)
         if choose is not None:
             last = self.blocks[-1]
             q, k, _ = last.attn.project(last.ln_1(last_in), rope_q, rope_k, prior)
-            loss = loss + self.choose_loss(q, repeat_kv(k, q.size(1)), mask, refer_at, choose)
+            loss = loss + losses.choose_loss(q, repeat_kv(k, q.size(1)), mask, refer_at, choose)
         if numbers is not None and self.config.number_weight:
-            has = ~numbers.isnan()
-            if has.any():
-                guess = self.number_head(x[has]).squeeze(-1).float()
-                loss = loss + self.config.number_weight * F.mse_loss(guess, numbers[has].float())
+            loss = loss + losses.number_loss(self, x, numbers)
         return logits, loss
 
     PLACE_HEADS = ("object_head", "depth_head", "seg_head", "anchor_head")  # in the order of the labels a place takes
 
     def place_heads(self):
         return [getattr(self, name) for name in self.PLACE_HEADS if hasattr(self, name)]
-
-    def place_loss(self, hidden, idx, places):
-        """The sum of the place heads' cross entropies, each times its weight, over the places of each
-        row's first image (rows without an image, and labels of -1, count for nothing)."""
-        heads = [(getattr(self, name), getattr(self.config, name + "_weight")) for name in self.PLACE_HEADS if hasattr(self, name)]
-        if places.shape[-1] != len(heads):
-            raise ValueError(f"places has {places.shape[-1]} labels a place, the model {len(heads)} place heads")
-        first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)
-        has, loss = first.any(1), hidden.sum() * 0
-        for j, (head, w) in enumerate(heads):
-            target = torch.full_like(idx, -1)
-            target[first] = places[has][..., j].reshape(-1)
-            if (target >= 0).any():
-                loss = loss + w * F.cross_entropy(head(hidden[target >= 0]).float(), target[target >= 0])
-        return loss
 
     def photo_seg(self, hidden, idx, pos, kv_cache):
         """Put in kv_cache.seg the seg head's log-probabilities at each place of the first image of
@@ -694,50 +600,6 @@ class GPT(nn.Module):
         seg = hidden.new_zeros(idx.size(0), self.config.n_image_tokens, self.config.seg_codes, dtype=torch.float)
         seg[first.any(1)] = F.log_softmax(self.seg_head(hidden[first]).float(), -1).view(-1, *seg.shape[1:])
         kv_cache.seg = seg
-
-    def refer_loss(self, q, k, v, idx, mask, refer_at, refer):
-        """-log of the attention mass that head h of the last layer puts, at each position where a
-        question's answer begins, on the places of that question's h-th object group, averaged over
-        the (position, head) pairs whose group covers a place; with pointer, plus the squared error
-        of the (row, col) that head's output points at (see "Referring"). q, k, v (B, H, T, D) as
-        the last layer computes them; mask its additive mask (None: causal)."""
-        b, t = (refer_at >= 0).nonzero(as_tuple=True)
-        heads = refer.size(2)
-        if heads > self.config.n_head:
-            raise ValueError(f"{heads} referring heads, but the model has {self.config.n_head} heads a layer")
-        first = first_image(idx, self.config.image_offset, self.config.n_image_tokens)
-        keep = first[b].any(1)  # a row cut before its image has no places to look at
-        b, t = b[keep], t[keep]
-        target = refer[b, refer_at[b, t]]  # (n, heads, places)
-        if not target.any():
-            return q.sum() * 0
-        logp = attention_logp(q[:, :heads], k[:, :heads], mask, b, t)
-        mass = place_attention(logp, first[b], target)
-        has = target.any(-1)
-        loss = -mass[has].mean()
-        if self.config.pointer:
-            out = torch.einsum("nhs,nhsd->nhd", logp.exp().to(v.dtype), v[b, :heads]).float()  # what each head brings back
-            side = self.grid_side
-            grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).view(-1, 2)
-            grid = (2 * grid / (side - 1) - 1).to(out.device)  # (places, 2): row, col in [-1, 1]
-            centre = target.float() @ grid / target.sum(-1, keepdim=True).clamp(min=1)  # (n, heads, 2)
-            said = torch.einsum("nhd,hdc->nhc", out, self.pointer[:heads])
-            loss = loss + (said - centre)[has].square().sum(-1).mean()
-        return loss
-
-    def choose_loss(self, q, k, mask, refer_at, choose):
-        """-log of the attention mass that the last head of the last layer puts, at each position
-        that predicts a later word of a multiple-choice answer, on that word in the question's
-        answer option, averaged over those positions (see "Choosing"). q, k (B, H, T, D) as the
-        last layer computes them."""
-        b, t = (refer_at >= 0).nonzero(as_tuple=True)
-        target = choose[b, refer_at[b, t]]  # (n, T)
-        has = target.any(-1)
-        if not has.any():
-            return q.sum() * 0
-        b, t, target = b[has], t[has], target[has]
-        logp = attention_logp(q[:, -1:], k[:, -1:], mask, b, t)[:, 0]
-        return -logp.masked_fill(~target, float("-inf")).logsumexp(-1).mean()
 
     def grid_place(self, idx, pos, kv_cache):
         """(B, T) the place of idx's image codes in their image, -1 for other tokens. With a KV

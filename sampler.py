@@ -169,7 +169,7 @@ def generate(model, tok, prompts, max_new_tokens, n_image_tokens, temperature=1.
     seg map from the logits plus that many times the seg head's log-probabilities at the same place
     of the row's first image (a product of experts): drawing alone, the model copies its own
     earlier codes and one wrong code travels, while the head reads each place from the photo
-    (model.py, "Place heads"). The logprobs stay the model's own.
+    (losses.py, "Place heads"). The logprobs stay the model's own.
     """
     assert n_image_tokens >= 1 and max_new_tokens >= 1
     device = next(model.parameters()).device

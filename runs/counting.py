@@ -8,7 +8,7 @@ by how much of the image the smallest counted object covers, in multiples of the
 object may show (the scene's min_visible): is a miss a small object not seen, or not counted?
 With --mode=chain_true (a maps-arm model) the questions are asked after the scene's true depth and
 seg maps, as the perception chain asks them: does the seg map, which paints each object in its own
-colour, make counting easier? A model with the anchor head (model.py, "Place heads") is also
+colour, make counting easier? A model with the anchor head (losses.py, "Place heads") is also
 scored by what that head alone says: the number of places it marks with a class of the asked
 colour or shape. Right where the answer is wrong, the count is in the photo's places and the
 answer does not read it.

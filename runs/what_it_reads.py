@@ -5,7 +5,7 @@ those objects are. For val questions that compare two objects (depth order and r
 the options in the question's order), a linear probe (logistic regression, fit on
 half the questions, scored on the other half) predicts the fact the answer needs from:
 - "looking heads": the attention outputs at <answer> of the first two heads of the layer the
-  referring loss teaches (model.py, "Referring"), taught to look at the question's first and
+  referring loss teaches (losses.py, "Referring"), taught to look at the question's first and
   second referent (grounding.referents: the answer's object, then the other one);
 - "answer state": the residual stream at <answer> after the last layer (what the head reads);
 - "place table": the model's own place embedding (wpe_image) averaged over each object's places:
@@ -34,7 +34,8 @@ import batches  # noqa: E402
 import data  # noqa: E402
 import grounding  # noqa: E402
 import probe  # noqa: E402 (runs/probe.py)
-from model import attention_logp, first_image, place_attention, repeat_kv  # noqa: E402
+from losses import attention_logp, place_attention  # noqa: E402
+from model import first_image, repeat_kv  # noqa: E402
 
 parser = probe.parser(__doc__, "a model trained on data_dir's scenes with refer_heads >= 2 (bench.py learn writes out_dir/rgb/ckpt.pt)")
 args = parser.parse_args()

@@ -2,7 +2,7 @@
 Where does a model look when it begins an answer? For val questions asked one a row after their
 image, the attention that each head of each layer puts, at the position of <answer> (the one that
 predicts the first answer word), on the places the question's first and second objects cover
-(grounding.referents, grounding.referent_places: what the referring loss teaches, model.py "Referring"),
+(grounding.referents, grounding.referent_places: what the referring loss teaches, losses.py "Referring"),
 and on the places of the scene's other objects, against the share of the visible keys those places
 are (what uniform attention would put there). A head that has learned the lookup is far above
 that share on the named object and not on the others; one that looks at objects in general is
@@ -32,7 +32,8 @@ import data  # noqa: E402
 import eval as ev  # noqa: E402
 import grounding  # noqa: E402
 import probe  # noqa: E402 (runs/probe.py)
-from model import attention_logp, first_image, place_attention, repeat_kv  # noqa: E402
+from losses import attention_logp, place_attention  # noqa: E402
+from model import first_image, repeat_kv  # noqa: E402
 
 parser = probe.parser(__doc__)
 parser.add_argument("--n", type=int, default=800, help="val questions, balanced over categories")

@@ -15,7 +15,6 @@ import eval as ev
 import grounding
 import metrics
 import tokenizer
-import train_stage1 as s1
 import train_stage2 as s2
 import trainer
 from model import GPT, GPTConfig
