@@ -157,6 +157,36 @@ def reads_pixels(cfg):
     return bool(cfg.get("image_reader") and cfg.get("reader_pixels"))
 
 
+# How much each loss counts, and how strongly the seg head guides drawing, are training settings, not
+# the model: a stage that starts from another's weights takes them from its own config where that
+# sets them (train_stage1.py does; stage 2 and RL keep the checkpoint's). Which heads exist is the
+# model: they come with the weights.
+LOSS_SETTINGS = ("object_head_weight", "depth_head_weight", "seg_head_weight", "anchor_head_weight",
+                 "number_weight", "seg_guidance")
+HEADS = {"object_head": "object_classes", "depth_head": "depth_bins", "seg_head": "seg_codes",
+         "anchor_head": "anchor_classes"}  # config flag -> the GPTConfig size that is 0 without the head
+
+
+def next_stage_args(model_args, cfg, path):
+    """The checkpoint's model_args with cfg's loss settings (LOSS_SETTINGS) where cfg has them, or
+    a clear error where cfg asks for a head the checkpoint lacks or has one it turns off (the
+    number head is there iff number_weight > 0)."""
+    args = dict(model_args)
+    for flag, size in HEADS.items():
+        if flag in cfg and bool(cfg[flag]) != bool(args.get(size)):
+            raise ValueError(f"{path} was trained {'with' if args.get(size) else 'without'} the {flag.replace('_', ' ')}, "
+                             f"but this run sets {flag}={cfg[flag]}: heads come with the weights, so set "
+                             f"{flag}={not cfg[flag]} or train the earlier stage again")
+    for key in LOSS_SETTINGS:
+        if key in cfg:
+            if key == "number_weight" and (float(cfg[key]) > 0) != (args.get(key, 0.0) > 0):
+                raise ValueError(f"{path} was trained {'with' if args.get(key, 0.0) > 0 else 'without'} the number head "
+                                 f"(number_weight {args.get(key, 0.0)}), but this run sets number_weight={cfg[key]}: "
+                                 "heads come with the weights, so keep it on (> 0) or off (0) as it was")
+            args[key] = float(cfg[key])
+    return args
+
+
 def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
     """(model, optimizer, start) from init_from: scratch, resume (out_dir/ckpt.pt), or the
     path of a previous stage's checkpoint (weights only; a fresh optimizer and schedule). The
@@ -170,7 +200,7 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
         model_args = ckpt["model_args"]
     elif init != "scratch":
         ckpt = load_checkpoint(init, run.device)
-        model_args = ckpt["model_args"]
+        model_args = next_stage_args(ckpt["model_args"], cfg, init)
     else:
         if cfg.get("image_reader") and vq is None:
             raise ValueError("image_reader=True reads images through the VQ decoder: pass init_model the VQ tokenizer (vq=)")
