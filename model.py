@@ -85,8 +85,8 @@ class GPTConfig:
 # reading the true pixels counts and names shapes better (docs/experiments.md). The question image
 # is always one the model was given, so its pixels exist wherever it is asked.
 #
-# The place heads (object, depth, seg, anchor, number) and the referring and choosing losses teach
-# the model to find what a question names. GPT holds the heads' weights; losses.py says what each
+# The place heads (object, depth, seg, anchor), the number head and the referring and choosing
+# losses teach the model to find what a question names. GPT holds the heads' weights; losses.py says what each
 # loss is, and why, and computes it from forward's hidden states and attention.
 
 # ---------------------------------------------------------------------------------------------
