@@ -86,8 +86,8 @@ class GPTConfig:
 # is always one the model was given, so its pixels exist wherever it is asked.
 #
 # The place heads (object, depth, seg, anchor), the number head and the referring and choosing
-# losses teach the model to find what a question names. GPT holds the heads' weights; losses.py says what each
-# loss is, and why, and computes it from forward's hidden states and attention.
+# losses teach the model to find what a question names. GPT holds the heads' weights; losses.py
+# says what each loss is, and why, and computes it from forward's hidden states and attention.
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding: position enters as a rotation of q and k, so attention scores depend
