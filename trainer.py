@@ -160,23 +160,35 @@ def reads_pixels(cfg):
 # How much each loss counts, and how strongly the seg head guides drawing, are training settings, not
 # the model: a stage that starts from another's weights takes them from its own config where that
 # sets them (train_stage1.py does; stage 2 and RL keep the checkpoint's). Which heads exist is the
-# model: they come with the weights.
+# model: they come with the weights, and a next stage may add one (stage 1 adds the seg head to Base,
+# which draws no maps) but not drop one.
 LOSS_SETTINGS = ("object_head_weight", "depth_head_weight", "seg_head_weight", "anchor_head_weight",
                  "number_weight", "seg_guidance")
 HEADS = {"object_head": "object_classes", "depth_head": "depth_bins", "seg_head": "seg_codes",
          "anchor_head": "anchor_classes"}  # config flag -> the GPTConfig size that is 0 without the head
 
 
-def next_stage_args(model_args, cfg, path):
-    """The checkpoint's model_args with cfg's loss settings (LOSS_SETTINGS) where cfg has them, or
-    a clear error where cfg asks for a head the checkpoint lacks or has one it turns off (the
-    number head is there iff number_weight > 0)."""
-    args = dict(model_args)
+def head_sizes(tok):
+    """Each place head's number of classes (HEADS' GPTConfig sizes) for this tokenizer's codebook."""
+    return {"object_classes": grounding.N_OBJECT_CLASSES, "depth_bins": grounding.N_DEPTH_BINS,
+            "seg_codes": tok.codebook_size, "anchor_classes": grounding.N_OBJECT_CLASSES}
+
+
+def next_stage_args(model_args, cfg, path, sizes):
+    """(model_args, added): the checkpoint's model_args with cfg's loss settings (LOSS_SETTINGS) where
+    cfg has them and with the heads cfg turns on that the checkpoint lacks (of sizes, head_sizes(tok));
+    added names those, which start from scratch. A clear error where cfg turns off a head the
+    checkpoint has, or the number head on or off (it is there iff number_weight > 0)."""
+    args, added = dict(model_args), []
     for flag, size in HEADS.items():
-        if flag in cfg and bool(cfg[flag]) != bool(args.get(size)):
-            raise ValueError(f"{path} was trained {'with' if args.get(size) else 'without'} the {flag.replace('_', ' ')}, "
-                             f"but this run sets {flag}={cfg[flag]}: heads come with the weights, so set "
-                             f"{flag}={not cfg[flag]} or train the earlier stage again")
+        if flag in cfg and not cfg[flag] and args.get(size):
+            raise ValueError(f"{path} was trained with the {flag.replace('_', ' ')}, but this run sets {flag}={cfg[flag]}: "
+                             f"heads come with the weights, so set {flag}=True or train the earlier stage again")
+        if cfg.get(flag) and not args.get(size):
+            args[size] = sizes[size]
+            added.append(flag)
+    if "seg_head" in added:
+        args["seg_head_hidden"] = int(cfg.get("seg_head_hidden", 0))
     for key in LOSS_SETTINGS:
         if key in cfg:
             if key == "number_weight" and (float(cfg[key]) > 0) != (args.get(key, 0.0) > 0):
@@ -184,7 +196,7 @@ def next_stage_args(model_args, cfg, path):
                                  f"(number_weight {args.get(key, 0.0)}), but this run sets number_weight={cfg[key]}: "
                                  "heads come with the weights, so keep it on (> 0) or off (0) as it was")
             args[key] = float(cfg[key])
-    return args
+    return args, added
 
 
 def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
@@ -194,13 +206,13 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
     (vqgan.code_patches) gives a model from scratch what each code looks like, and with
     image_reader=True the VQ tokenizer vq gives it the decoder its image reader reads through; a
     checkpoint carries both."""
-    ckpt, init = None, cfg["init_from"]
+    ckpt, init, added, sizes = None, cfg["init_from"], [], head_sizes(tok)
     if init == "resume":
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), run.device)
         model_args = ckpt["model_args"]
     elif init != "scratch":
         ckpt = load_checkpoint(init, run.device)
-        model_args = next_stage_args(ckpt["model_args"], cfg, init)
+        model_args, added = next_stage_args(ckpt["model_args"], cfg, init, sizes)
     else:
         if cfg.get("image_reader") and vq is None:
             raise ValueError("image_reader=True reads images through the VQ decoder: pass init_model the VQ tokenizer (vq=)")
@@ -212,18 +224,18 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],
-                          object_classes=grounding.N_OBJECT_CLASSES if cfg.get("object_head") else 0,
+                          object_classes=sizes["object_classes"] if cfg.get("object_head") else 0,
                           object_head_weight=float(cfg.get("object_head_weight", 1.0)),
-                          depth_bins=grounding.N_DEPTH_BINS if cfg.get("depth_head") else 0,
+                          depth_bins=sizes["depth_bins"] if cfg.get("depth_head") else 0,
                           depth_head_weight=float(cfg.get("depth_head_weight", 1.0)),
                           reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None,
                           reader_pixels=reads_pixels(cfg),
                           pointer=bool(cfg.get("pointer")), refer_layer=int(cfg.get("refer_layer", -1)),
                           number_weight=float(cfg.get("number_weight", 0.0)),
-                          seg_codes=tok.codebook_size if cfg.get("seg_head") else 0,
+                          seg_codes=sizes["seg_codes"] if cfg.get("seg_head") else 0,
                           seg_head_weight=float(cfg.get("seg_head_weight", 1.0)),
                           seg_head_hidden=int(cfg.get("seg_head_hidden", 0)),
-                          anchor_classes=grounding.N_OBJECT_CLASSES if cfg.get("anchor_head") else 0,
+                          anchor_classes=sizes["anchor_classes"] if cfg.get("anchor_head") else 0,
                           anchor_head_weight=float(cfg.get("anchor_head_weight", 1.0)),
                           seg_guidance=float(cfg.get("seg_guidance", 0.0)))
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
@@ -234,7 +246,10 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
     model_args = dict(model_args, attn_impl=cfg["attn_impl"])
     model = GPT(model_config(model_args, os.path.join(cfg["out_dir"], "ckpt.pt") if init == "resume" else init))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        # an added head keeps the fresh weights the model was built with; every other weight must load
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if unexpected or any(k.split(".")[0] not in added for k in missing):
+            raise ValueError(f"{init} does not fit this model: missing {missing}, unexpected {unexpected}")
     else:
         if code_patches is not None:
             model.code_patches.copy_(torch.as_tensor(code_patches))
@@ -256,7 +271,8 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
         print(f"resuming from {cfg['out_dir']}/ckpt.pt at iteration {start['iter']}")
     elif ckpt is not None:
-        print(f"initialised from {init} (iteration {ckpt['iter_num']} of that run)")
+        print(f"initialised from {init} (iteration {ckpt['iter_num']} of that run)"
+              + "".join(f"; the {h.replace('_', ' ')} is new, from scratch" for h in added))
     return model, optimizer, start
 
 

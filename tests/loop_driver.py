@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import trainer  # noqa: E402
 
 VOCAB, T = 64, 24
-TOK = types.SimpleNamespace(vocab_size=VOCAB, image_offset=VOCAB)  # text only: no image codes
+TOK = types.SimpleNamespace(vocab_size=VOCAB, image_offset=VOCAB, codebook_size=0)  # text only: no image codes
 # sequences that repeat a random 4-token motif: learnable, so the loss moves
 _rng = np.random.default_rng(0)
 CORPUS = torch.tensor(np.tile(_rng.integers(0, VOCAB, (256, 4)), (1, T // 4 + 1))[:, :T + 1])

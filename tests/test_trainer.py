@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import types
 
 import pytest
 import torch
@@ -113,27 +114,30 @@ def test_init_model_gives_the_depth_head_its_weight_and_the_kv_heads(tmp_path):
     assert not no_reader.config.reader_pixels  # without image_reader there is no reader to read pixels
 
 
-def test_a_next_stage_takes_its_own_loss_weights_and_the_checkpoints_heads(tmp_path):
+def test_a_next_stage_takes_its_own_loss_weights_keeps_the_checkpoints_heads_and_may_add_one(tmp_path):
     """init_from a previous stage's checkpoint: the loss weights come from this run's config where it
     sets them (the checkpoint's where it does not, as in stage 2 and RL), the heads and weights from
-    the checkpoint; asking for a head it lacks, turning one of its heads off, or turning the number
-    head on or off stops with a clear error."""
+    the checkpoint; a head it lacks is added from scratch; turning one of its heads off, or the number
+    head on or off, stops with a clear error."""
     from dataclasses import asdict
     run = trainer.setup_run("cpu")
+    tok = types.SimpleNamespace(**dict(vars(loop_driver.TOK), codebook_size=8))  # 8 codes for a seg head to name
     cfg = dict(loop_driver.config(str(tmp_path / "a"), 1, 1), depth_head=True, depth_head_weight=0.25, number_weight=1.0)
-    earlier = trainer.init_model(cfg, run, loop_driver.TOK, 0)[0]
+    earlier = trainer.init_model(cfg, run, tok, 0)[0]
     path = str(tmp_path / "earlier.pt")
     trainer.save_checkpoint(path, {"model": earlier.state_dict(), "model_args": asdict(earlier.config), "iter_num": 1})
-    later = trainer.init_model(dict(cfg, init_from=path, depth_head_weight=0.5, number_weight=2.0), run, loop_driver.TOK, 0)[0]
+    later = trainer.init_model(dict(cfg, init_from=path, depth_head_weight=0.5, number_weight=2.0), run, tok, 0)[0]
     assert (later.config.depth_head_weight, later.config.number_weight) == (0.5, 2.0)
     assert all(torch.equal(later.state_dict()[k], v) for k, v in earlier.state_dict().items())
     kept = {k: v for k, v in cfg.items() if k not in ("depth_head", "depth_head_weight", "number_weight")}
-    assert trainer.init_model(dict(kept, init_from=path), run, loop_driver.TOK, 0)[0].config.depth_head_weight == 0.25
+    assert trainer.init_model(dict(kept, init_from=path), run, tok, 0)[0].config.depth_head_weight == 0.25
+    grown = trainer.init_model(dict(cfg, init_from=path, seg_head=True, seg_head_weight=0.5), run, tok, 0)[0]
+    assert grown.config.seg_codes == tok.codebook_size and grown.config.seg_head_weight == 0.5
+    assert all(torch.equal(grown.state_dict()[k], v) for k, v in earlier.state_dict().items())
     for change, message in [(dict(depth_head=False), "trained with the depth head, but this run sets depth_head=False"),
-                            (dict(seg_head=True), "trained without the seg head, but this run sets seg_head=True"),
                             (dict(number_weight=0.0), "trained with the number head")]:
         with pytest.raises(ValueError, match=message):
-            trainer.init_model(dict(cfg, init_from=path, **change), run, loop_driver.TOK, 0)
+            trainer.init_model(dict(cfg, init_from=path, **change), run, tok, 0)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
