@@ -8,12 +8,12 @@ _data_dir = "data/tiny"
 
 data = dict(out_dir=_data_dir, n_train=4000, n_val=200, n_test=400, image_size=48)  # ~13 s, ~22 MB
 tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~12 s
-# the VQ: 3200 steps of 8 images, GAN from step 2400, 96 channels, seg images drawn twice as often as RGB or depth;
-# ~4 min. vqgan.py's defaults (4800 steps, the modalities alike; bench.py learn's VQ) take 1.5× the time for the
-# same seg round trip (palette mIoU 0.708 against 0.710) and RGB + 0.5 dB. The seg round trip caps the seg maps
-# stage 1 draws: 1600 steps lost it (0.674 ids matched against 0.709; docs/experiments.md). The first training
+# the VQ: 2400 steps of 8 images, GAN from step 1800, 96 channels, seg images drawn twice as often as RGB or depth;
+# ~3–4.5 min. The seg round trip caps the seg maps stage 1 draws: 1600 steps lost it (0.674 ids matched against
+# 0.709), 3200 kept 0.712 (palette mIoU) where 2400 keep 0.699 in 0.71× the time (docs/experiments.md); vqgan.py's
+# defaults (4800 steps, the modalities alike; bench.py learn's VQ) take twice the time. The first training
 # script then encodes every split (~22 s).
-vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=3200, disc_start=2400, modality_weights=(1.0, 1.0, 2.0))
+vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=2400, disc_start=1800, modality_weights=(1.0, 1.0, 2.0))
 # stage 1 (and the Base arm with --aux=False): train_stage1.py's design, 4 layers × 128 wide (one K/V head for four query
 # heads) with Muon (its rate held, then falling over the last 40%), the object and depth heads, the referring loss, the pixel reader (on the photo's own pixels) and 7
 # questions an image; sequences of ~350 (VQA) to ~520 tokens (RGB, depth, seg, question, answer). 1760 iterations of
