@@ -38,7 +38,7 @@ from configurator import configure
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out/stage1"
-init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path to a checkpoint to start from (its heads come with it; the loss weights below are this run's)
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path to a checkpoint to start from (its heads come with it, and one turned on below that it lacks starts from scratch; the loss weights below are this run's)
 data_dir = "data/tiny"
 vq_ckpt = "out/vqgan/ckpt.pt"
 seed = 1337

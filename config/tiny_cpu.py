@@ -1,5 +1,5 @@
-# The default preset: the whole pipeline, all four arms, on a 2-core CPU in about 20 minutes (18.5–21.6 on an
-# AMD EPYC, the slower machine measured; runs/tiny_cpu.sh; each step's time is in docs/experiments.md).
+# The default preset: the whole pipeline, all four arms, on a 2-core CPU in about 24 minutes on a slow day of an
+# AMD EPYC, the slower machine measured (~18–20 on its faster days; runs/tiny_cpu.sh; each step's time is in docs/experiments.md).
 # 48×48 scenes and 12×12 codes an image: 64 px makes every sequence ~1.8× longer, 32 px loses small
 # objects in the VQ round trip.
 # Short runs make this a demonstration of the pipeline; config/cpu64.py is the longer setting.

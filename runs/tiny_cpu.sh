@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole nanoCOOPER pipeline on the tiny CPU preset (2 cores: about 20 min, 18.5–21.6 on an AMD EPYC), one step after another:
+# The whole nanoCOOPER pipeline on the tiny CPU preset (2 cores: ~24 min on a slow day of an AMD EPYC, less on a fast one), one step after another:
 # data -> tokenizer -> VQ -> the Base arm -> stage 1 (from Base) -> stage 2 SFT (COOPER and RE arms) -> RL
 # -> eval ($OUT/report/report.md). Every step writes under $OUT (default out/); a step whose
 # $OUT/<name>/final.json exists is skipped, so a rerun continues where it stopped; `rm -r out data`
