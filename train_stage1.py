@@ -7,7 +7,7 @@ The model learns, in one vocabulary and with one next-token loss, to
   (c) draw a segmentation map likewise:              RGB, <segmentation>…</segmentation> -> map
   (d) answer with its maps in context, the way the PE arm is judged: RGB -> depth -> seg -> question -> answer
 Loss falls only on what the assistant says. `--aux=False` trains the Base arm on the same VQA
-examples (a) alone; `--token_budget=N` sizes a run by tokens instead of iterations (a Base run
+examples (a) alone, without the seg head (it guides the seg maps drawn, and Base draws none); `--token_budget=N` sizes a run by tokens instead of iterations (a Base run
 with the tokens of Base and stage 1 together tells whether a gain is more than extra compute).
 
 The paper starts stage 1 from a pretrained model that already answers questions; here that model
@@ -56,7 +56,10 @@ practice = "scene"  # where the packed questions come from: file, scene (drawn f
 practice_weights = {}  # {category: w}: draw the fresh questions' categories in proportion to w (1 if not named; batches.py)
 even_counts = False  # True: draw the fresh counting questions' counts evenly, 3 and more as one, zeros as before (data.pick_question)
 branched = False  # True: packed questions each see the image and only their own turn, so none reads another's answer
-map_questions = False  # True: depth, seg and chain examples ask up to questions_per_image of their scene's questions after their maps too
+# True: depth, seg and chain examples ask up to questions_per_image of their scene's questions after their maps too
+# (the referring loss with them); else answering after the maps is untaught, and the chain (the PE arm) scored 0.14
+# under direct answers, with true maps as with its own (docs/experiments.md)
+map_questions = True
 map_noise = 0.0  # > 0: this share of the drawn maps' input codes replaced by random ones in training (batches.noisy_maps)
 # model
 n_layer = 4
@@ -73,12 +76,16 @@ object_head = True  # True: a head names the object at each RGB place, its loss 
 object_head_weight = 1.0  # the object head's loss is scaled by this
 depth_head = True  # True: a head gives each RGB place's depth, binned, its loss added (losses.py, "Place heads"): size and distance + 0.04–0.07
 depth_head_weight = 0.25  # the depth head's loss is scaled by this: a quarter keeps most of its size gain at a third of its cost (docs/experiments.md)
-seg_head = False  # True: a head names each RGB place's code of the seg map, its loss added (losses.py, "Place heads")
-seg_head_weight = 1.0  # the seg head's loss is scaled by this
+# True: a head names each RGB place's code of the seg map, its loss added (losses.py, "Place heads"); at a quarter of
+# its loss, guiding the seg maps drawn (seg_guidance), seg matched + 0.043 in the tiny preset (0.5632 against 0.5198),
+# vqa_acc - 0.010; at 0.75 + 0.055 but Base's answers fell 0.10. The Base arm trains without it (below): stage 1 adds
+# it from scratch, seg matched 0.5425 against 0.5571 with Base's, Base's vqa_acc 0.705 against 0.661 (docs/experiments.md)
+seg_head = True
+seg_head_weight = 0.25  # the seg head's loss is scaled by this
 anchor_head = False  # True: a head names each object's class at the one place it covers most, its loss added (losses.py, "Place heads")
 anchor_head_weight = 1.0  # the anchor head's loss is scaled by this
 seg_head_hidden = 0  # > 0: the seg head is an MLP this wide (losses.py, "Place heads")
-seg_guidance = 0.0  # > 0 (with seg_head): seg maps are drawn with the seg head's log-probabilities added, times this (sampler.generate)
+seg_guidance = 4.0  # > 0 (with seg_head): seg maps are drawn with the seg head's log-probabilities added, times this (sampler.generate)
 number_weight = 1.0  # > 0: a head regresses each number answer's log value, its loss scaled so (losses.py, "Numbers"): distance apart off its prior, distance + 0.05 (docs/experiments.md)
 refer_heads = 2  # > 0: that many last-layer heads are taught to look at what each question names (losses.py, "Referring")
 pointer = False  # True: what each referring head brings back must say where it looked (losses.py, "Referring")
@@ -121,6 +128,9 @@ def run_iters(aux, max_iters, base_iters):
 if __name__ == "__main__":
     config = configure(globals(), section="stage1")  # config/*.py and --key=value; bad keys stop here
     config["max_iters"] = max_iters = run_iters(aux, max_iters, base_iters)
+    if not aux and seg_head:  # the seg head guides the seg maps drawn, which the Base arm never draws, and cost its answers
+        print("the Base arm (aux=False) trains no seg head: it draws no seg maps (stage 1 adds the head from scratch)")
+        config["seg_head"], config["seg_guidance"] = seg_head, seg_guidance = False, 0.0
     t_start = time.time()
     run = trainer.setup_run(device)
     torch.manual_seed(seed)

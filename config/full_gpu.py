@@ -17,9 +17,10 @@ tokenizer = dict(data_dir=_data, vocab_size=8192)
 vqgan = dict(data_dir=_data, out_dir=_out + "/vqgan", image_size=256, downsample=8, channels=256, codebook_size=8192,
              batch_size=64, max_iters=100000, disc_start=50000)  # 32×32 codes an image
 # stage 1: 50k iterations × 8 GPUs × 4 × 8 accumulated sequences ≈ 12.8M sequences × ~2k tokens ≈ 25B tokens ≈ 1 day
-# Real data has no scene graphs to draw practice questions from: a row packs its image's own questions.
-stage1 = dict(data_dir=_data, vq_ckpt=_vq, out_dir=_out + "/stage1", **_model, practice="file", batch_size=4, grad_accum=64,
-              max_iters=50000, learning_rate=3e-4, min_lr=3e-5, warmup_iters=2000, eval_interval=2500,
+# Real data has no scene graphs to draw practice questions from: a row packs its image's own questions, and
+# questions after the maps (drawn from the scene) are off.
+stage1 = dict(data_dir=_data, vq_ckpt=_vq, out_dir=_out + "/stage1", **_model, practice="file", map_questions=False,
+              batch_size=4, grad_accum=64, max_iters=50000, learning_rate=3e-4, min_lr=3e-5, warmup_iters=2000, eval_interval=2500,
               eval_scenes=500, eval_questions=2000)
 stage2 = dict(data_dir=_data, vq_ckpt=_vq, init_from=_out + "/stage1/ckpt.pt", out_dir=_out + "/stage2", batch_size=4,
               grad_accum=32, max_iters=5000, eval_interval=1000, eval_questions=2000, compile=True)

@@ -14,32 +14,25 @@ tokenizer = dict(data_dir=_data_dir, vocab_size=1024)  # ~12 s
 # defaults (4800 steps, the modalities alike; bench.py learn's VQ) take twice the time. The first training
 # script then encodes every split (~22 s).
 vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=2400, disc_start=1800, modality_weights=(1.0, 1.0, 2.0))
-# stage 1 (and the Base arm with --aux=False): train_stage1.py's design, 4 layers × 128 wide (one K/V head for four query
-# heads) with Muon (its rate held, then falling over the last 40%), the object and depth heads, the referring loss, the pixel reader (on the photo's own pixels) and 7
-# questions an image; sequences of ~350 (VQA) to ~520 tokens (RGB, depth, seg, question, answer). 1760 iterations of
-# 4 sequences, ~0.17 s each:
+# stage 1 (and the Base arm with --aux=False): train_stage1.py's design, 4 layers × 128 wide (one K/V head for four
+# query heads) with Muon (its rate held, then falling over the last 40%), the object and depth heads, the referring
+# loss, the pixel reader (on the photo's own pixels), 7 questions an image, questions after the maps too, and the
+# seg head guiding the seg maps, which Base trains without; sequences of ~350 (VQA) to ~520 tokens (RGB, depth, seg,
+# question, answer). 1760 iterations of 4 sequences, ~0.17 s each:
 # the tokens of 440 iterations of 16, in 4× the steps, which is what the answers need. runs/tiny_cpu.sh
 # starts stage 1 from Base's weights: from scratch (VQA 1 or 3 parts to 1.5 of maps) its answers
 # passed chance in one run of six; from Base they keep its comparisons (docs/experiments.md).
-# map_questions: the depth, seg and chain examples ask the scene's questions after their maps too
-# (the referring loss with them); answering after the maps was otherwise left untaught, and the
-# chain (the PE arm) scored 0.14 under direct answers, with true maps as with its own.
 # number_weight=0: the number head, which pays from ~5M tokens on (bench.py learn), delays the
 # comparisons before that: with it this preset's Base scored depth order 0.2 and relation 0.15
 # (vqa_acc 0.4214 against 0.5761 without; docs/experiments.md).
 # seg_weight=1.0: twice stage 1's default seg rows: seg matched + 0.014 on 200 val scenes (0.5183 against 0.5045),
 # object depth 0.092 against 0.087, vqa_acc level (docs/experiments.md).
-# seg_head at a quarter of its loss, guiding the seg maps drawn (seg_guidance): seg matched + 0.043 (0.5632 against
-# 0.5198, one thread), vqa_acc - 0.010; at 0.75 (bench.py learn's maps arm) + 0.055 but Base's answers fell 0.10
-# (docs/experiments.md). Base trains without it (runs/tiny_cpu.sh), and stage 1 adds it from scratch: on one VQ, seg
-# matched 0.5425 against 0.5571 with the head trained in Base too, Base's vqa_acc 0.705 against 0.661, Base ~7% faster.
 # base_iters: the Base arm trains 2640 iterations; at 1760 it answered every counting question "1" (test)
 # and its vqa_acc was 0.59 against 0.72 at 2640, which stage 1, starting from it, builds on.
 stage1 = dict(data_dir=_data_dir, block_size=640, batch_size=4, max_iters=1760, warmup_iters=20, log_interval=40,
               # maps of 96 val scenes: on 32, the sampled maps' figures moved by ±0.01–0.02 (docs/experiments.md)
               eval_interval=1760, eval_scenes=96, eval_questions=280,  # 40 val questions a category
-              map_questions=True, number_weight=0.0, base_iters=2640, seg_weight=1.0,
-              seg_head=True, seg_head_weight=0.25, seg_guidance=4.0)
+              number_weight=0.0, base_iters=2640, seg_weight=1.0)
 eval = dict(data_dir=_data_dir, n_questions=210, n_map_scenes=32)  # 30 test questions a category, maps of 32 scenes
 # stage 2 SFT on interleaved traces (~350 tokens: RGB, map, text), then 70 val replies through the
 # tool loop. 200 iterations: after 100 the sampled replies broke the format half the time; 250 took 44 s

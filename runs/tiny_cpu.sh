@@ -52,17 +52,14 @@ step data python data.py $PRESET                                   # the scenes 
 step tokenizer python tokenizer.py $PRESET                         # the text BPE
 step vqgan python vqgan.py $PRESET --out_dir=$OUT/vqgan            # the VQ tokenizer
 
-# The Base arm: VQA only, and no seg head: the head guides the seg maps drawn, which Base never draws,
-# and cost its answers; stage 1 adds it from scratch (docs/experiments.md).
-BASE="--aux=False --seg_head=False --seg_guidance=0"
 arms() {  # arms PREFIX SEED_ARGS: train every arm under $OUT/PREFIX, each stage from the one before it
   local p=$1 s=$2 R=$OUT${1:+/${1%/}}
-  step ${p}base python train_stage1.py $PRESET $s --vq_ckpt=$VQ $BASE --out_dir=$R/base      # the Base arm: VQA only
+  step ${p}base python train_stage1.py $PRESET $s --vq_ckpt=$VQ --aux=False --out_dir=$R/base      # the Base arm: VQA only
   # stage 1 starts from Base, as the paper's starts from a pretrained model that already answers questions
   step ${p}stage1 python train_stage1.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/base/ckpt.pt --out_dir=$R/stage1  # + depth/seg generation
   if [ -z "$p" ] && [ "${EXTRA:-0}" = 1 ]; then
     TOKENS=$(python -c "import json; print(sum(json.load(open(f'$R/{a}/final.json'))['tokens'] for a in ('base', 'stage1')))")
-    step base_tokens python train_stage1.py $PRESET --vq_ckpt=$VQ $BASE --out_dir=$R/base_tokens --token_budget=$TOKENS
+    step base_tokens python train_stage1.py $PRESET --vq_ckpt=$VQ --aux=False --out_dir=$R/base_tokens --token_budget=$TOKENS
   fi
   step ${p}stage2 python train_stage2.py $PRESET $s --vq_ckpt=$VQ --init_from=$R/stage1/ckpt.pt --out_dir=$R/stage2  # COOPER: interleaved SFT
   step ${p}stage2_text python train_stage2.py $PRESET $s --vq_ckpt=$VQ --tools=none --init_from=$R/base/ckpt.pt --out_dir=$R/stage2_text  # RE: text CoT SFT
