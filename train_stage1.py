@@ -7,8 +7,9 @@ The model learns, in one vocabulary and with one next-token loss, to
   (c) draw a segmentation map likewise:              RGB, <segmentation>…</segmentation> -> map
   (d) answer with its maps in context, the way the PE arm is judged: RGB -> depth -> seg -> question -> answer
 Loss falls only on what the assistant says. `--aux=False` trains the Base arm on the same VQA
-examples (a) alone, without the seg head (it guides the seg maps drawn, and Base draws none); `--token_budget=N` sizes a run by tokens instead of iterations (a Base run
-with the tokens of Base and stage 1 together tells whether a gain is more than extra compute).
+examples (a) alone, without the seg head (it guides the seg maps drawn, and Base draws none);
+`--token_budget=N` sizes a run by tokens instead of iterations (a Base run with the tokens of Base
+and stage 1 together tells whether a gain is more than extra compute).
 
 The paper starts stage 1 from a pretrained model that already answers questions; here that model
 is the Base arm, so the pipeline (runs/tiny_cpu.sh) trains Base first and starts stage 1 from it
