@@ -18,7 +18,7 @@ vqgan = dict(data_dir=_data_dir, image_size=48, channels=96, max_iters=2400, dis
 # query heads) with Muon (its rate held, then falling over the last 40%), the object and depth heads, the referring
 # loss, the pixel reader (on the photo's own pixels), 7 questions an image, questions after the maps too, and the
 # seg head guiding the seg maps, which Base trains without; sequences of ~350 (VQA) to ~520 tokens (RGB, depth, seg,
-# question, answer). 1760 iterations of 4 sequences, ~0.17 s each:
+# question, answer). 1760 iterations of 4 sequences, ~0.2–0.25 s each on the AMD EPYC:
 # the tokens of 440 iterations of 16, in 4× the steps, which is what the answers need. runs/tiny_cpu.sh
 # starts stage 1 from Base's weights: from scratch (VQA 1 or 3 parts to 1.5 of maps) its answers
 # passed chance in one run of six; from Base they keep its comparisons (docs/experiments.md).
