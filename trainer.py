@@ -224,20 +224,17 @@ def init_model(cfg, run, tok, n_image_tokens, code_patches=None, vq=None):
                           dropout=cfg["dropout"], vocab_size=tok.vocab_size, attn_impl=cfg["attn_impl"], grid_rope=cfg["grid_rope"], grid_prior=cfg["grid_prior"],
                           image_offset=tok.image_offset, n_image_tokens=n_image_tokens,
                           code_patch_dim=0 if code_patches is None else code_patches.shape[1],
-                          object_classes=sizes["object_classes"] if cfg.get("object_head") else 0,
                           object_head_weight=float(cfg.get("object_head_weight", 1.0)),
-                          depth_bins=sizes["depth_bins"] if cfg.get("depth_head") else 0,
                           depth_head_weight=float(cfg.get("depth_head_weight", 1.0)),
                           reader_vq=asdict(vq.cfg) if cfg.get("image_reader") else None,
                           reader_pixels=reads_pixels(cfg),
                           pointer=bool(cfg.get("pointer")), refer_layer=int(cfg.get("refer_layer", -1)),
                           number_weight=float(cfg.get("number_weight", 0.0)),
-                          seg_codes=sizes["seg_codes"] if cfg.get("seg_head") else 0,
                           seg_head_weight=float(cfg.get("seg_head_weight", 1.0)),
                           seg_head_hidden=int(cfg.get("seg_head_hidden", 0)),
-                          anchor_classes=sizes["anchor_classes"] if cfg.get("anchor_head") else 0,
                           anchor_head_weight=float(cfg.get("anchor_head_weight", 1.0)),
-                          seg_guidance=float(cfg.get("seg_guidance", 0.0)))
+                          seg_guidance=float(cfg.get("seg_guidance", 0.0)),
+                          **{size: sizes[size] if cfg.get(flag) else 0 for flag, size in HEADS.items()})
     layout = dict(vocab_size=tok.vocab_size, image_offset=tok.image_offset, n_image_tokens=n_image_tokens)
     for key, value in layout.items():
         if model_args.get(key) != value:
