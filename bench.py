@@ -301,6 +301,8 @@ LEARN = dict(
     # were measured with (the tiny preset trains a shorter one, for its time)
     out_dir="out/learn",
     arm="rgb",  # rgb: direct VQA only (the Base arm); maps: + depth/seg generation and the PE chain (stage 1); blind: the blind baseline alone
+    base_share=0.0,  # arm=maps, > 0: this share of the budget's tokens first trains VQA only without the seg head, as arm=rgb
+    # does, and the rest trains the maps arm from those weights, the seg head added (the tiny preset's Base, then stage 1)
     blind=True,  # also train the blind baseline: the same VQA batches without the image
     minutes=30.0,  # the arm's training budget, timed from whole steps (evaluations and the blind baseline come on top)
     tokens=0,  # > 0: the budget in tokens instead
@@ -359,6 +361,8 @@ def learn_config(argv=()):
         cfg = configure({**LEARN, **MAPS_ARM}, section="learn", argv=list(argv))
     if cfg["arm"] not in ("rgb", "maps", "blind"):
         raise SystemExit(f"config error: arm must be rgb, maps or blind, got {cfg['arm']!r}")
+    if not 0 <= cfg["base_share"] < 1 or (cfg["base_share"] > 0 and cfg["arm"] != "maps"):
+        raise SystemExit(f"config error: base_share must be in [0, 1) and needs arm=maps, got {cfg['base_share']} with arm={cfg['arm']}")
     if cfg["seg_guidance"] > 0 and not cfg["seg_head"]:
         raise SystemExit("config error: seg_guidance > 0 needs seg_head=True (arm=maps sets both: "
                          "with --seg_head=False pass --seg_guidance=0 too)")
@@ -396,6 +400,8 @@ def bench_learn(argv=()):
     val_rgb = None if rgb is None else rgb["val"]
     scenes = {s: splits[s]["scenes"] if s in splits else data.load_scenes(cfg["data_dir"], s) for s in ("train", "val")}
     places, coverage = batches.place_targets(splits, n_image, **targets, codes=codes)
+    # the VQA-only first part (base_share > 0) trains no seg head, so its rows carry no seg labels
+    base_places = batches.place_targets(splits, n_image, **dict(targets, seg_head=False), codes=codes)[0]
     cats = sorted({q["category"] for q in questions["val"]})
     eval_qs = ev.balanced_sample(questions["val"], cfg["per_category"] * len(cats))
     drilled = {}
@@ -411,11 +417,12 @@ def bench_learn(argv=()):
     run = trainer.setup_run(cfg["device"])
     val_split = splits.get("val") if cfg["arm"] == "maps" else None
 
-    def batch_maker(blind, seen):
-        """The get_batch of an arm (blind: VQA only, no image), counting the train tokens and answers
-        (<answer> tokens: a maps row spends more tokens an answer than a VQA row) in seen."""
-        batch = batches.stage1_batches(tok, codes, questions, scenes, cfg, {"vqa": 1.0} if blind else weights,
-                                       places, coverage, blind, rgb)
+    def batch_maker(blind, seen, vqa_only=False):
+        """The get_batch of an arm (blind: VQA only, no image; vqa_only: VQA only, without the seg head's
+        labels), counting the train tokens and answers (<answer> tokens: a maps row spends more tokens
+        an answer than a VQA row) in seen."""
+        batch = batches.stage1_batches(tok, codes, questions, scenes, cfg, {"vqa": 1.0} if blind or vqa_only else weights,
+                                       base_places if vqa_only else places, coverage, blind, rgb)
 
         def get_batch(split, rng):
             b = batch(split, rng)
@@ -425,20 +432,21 @@ def bench_learn(argv=()):
             return b
         return get_batch
 
-    def train_arm(name, blind, max_iters):
-        """Train one model; returns its curve [{iter, tokens, answers, acc_<cat>}] and the loop's last metrics."""
-        c = dict(cfg, out_dir=os.path.join(cfg["out_dir"], name), max_iters=max_iters,
-                 eval_interval=-(-max_iters // cfg["evals"]))  # the last evaluation is the run's final one
-        seen = {"tokens": 0, "answers": 0}
-        get_batch = batch_maker(blind, seen)
-        curve = []
+    def train_arm(name, blind, max_iters, evals=cfg["evals"], seen=None, curve=None, vqa_only=False, **overrides):
+        """Train one model; returns its curve [{iter, tokens, answers, acc_<cat>}] and the loop's last metrics.
+        A second part of a run passes the first's seen and curve, to go on counting and drawing them."""
+        c = dict(cfg, **overrides, out_dir=os.path.join(cfg["out_dir"], name), max_iters=max_iters,
+                 eval_interval=-(-max_iters // evals))  # the last evaluation is the run's final one
+        seen = {"tokens": 0, "answers": 0} if seen is None else seen
+        get_batch = batch_maker(blind, seen, vqa_only)
+        curve = [] if curve is None else curve
 
         def evaluate(model, it):
             model.eval()
             sc = ev.direct_scores(model, tok, eval_qs, codes["val"], n_image, blind=blind, rgb=val_rgb)
             out = {f"acc_{cat}": float(np.mean([sc[k] for k in ks])) for cat, ks in by_cat.items()}
             out["vqa_acc"] = float(np.mean([out[f"acc_{cat}"] for cat in cats]))  # the question file's categories
-            if not blind and cfg["arm"] == "maps":
+            if not blind and not vqa_only and cfg["arm"] == "maps":
                 maps, _ = ev.map_quality(model, tok, vq, val_split, codes["val"], range(cfg["map_scenes"]), n_image, **ev.DECODE)
                 out.update(map_object_depth_absrel=maps["object_depth_absrel"], map_seg_miou_matched=maps["seg_miou_matched"])
             model.train()
@@ -449,11 +457,14 @@ def bench_learn(argv=()):
         model, optimizer, start = trainer.init_model(c, run, tok, n_image, patches, vq)
         return curve, trainer.train(c, run, model, optimizer, start, get_batch, evaluate)
 
+    def per_iter_tokens(get_batch, rng):
+        # 1000 sampled batches (~7 s): a batch's size varies with its kind (s.d. ~30% of the mean in the
+        # maps arm), and 20 of them once planned a run 7% over its token budget
+        return np.mean([get_batch("train", rng)[0].numel() for _ in range(1000)]) * cfg["grad_accum"]
+
     # the budget in iterations: tokens / mean batch size, or minutes / the measured step time
     rng, get_batch = np.random.default_rng([cfg["seed"], 9]), batch_maker(False, {"tokens": 0, "answers": 0})
-    # 1000 sampled batches (~7 s): a batch's size varies with its kind (s.d. ~30% of the mean in the
-    # maps arm), and 20 of them once planned a run 7% over its token budget
-    per_iter = np.mean([get_batch("train", rng)[0].numel() for _ in range(1000)]) * cfg["grad_accum"]
+    per_iter = per_iter_tokens(get_batch, rng)
     if cfg["tokens"] > 0:
         max_iters = max(cfg["evals"], round(cfg["tokens"] / per_iter))
     else:
@@ -475,13 +486,26 @@ def bench_learn(argv=()):
         del model, optimizer
     print(f"learn: arm {cfg['arm']}, {max_iters} iterations (~{max_iters * per_iter / 1e6:.2f}M tokens), "
           f"{len(eval_qs)} val questions ({cfg['per_category']} a category)")
-    # arm=blind: the baseline alone, for as many iterations as the rgb arm would train
-    curve, last = train_arm(cfg["arm"], cfg["arm"] == "blind", max_iters)
+    vqa_iters = max_iters * cfg["vqa_weight"] / sum(weights.values())  # the VQA batches among them
+    if cfg["base_share"] > 0:  # the budget's tokens split: the first part's batches are VQA only (shorter)
+        base_iters = max(1, round(cfg["base_share"] * max_iters * per_iter
+                                  / per_iter_tokens(batch_maker(False, {"tokens": 0, "answers": 0}, True), rng)))
+        maps_iters = max(cfg["evals"], round((1 - cfg["base_share"]) * max_iters))
+        print(f"learn: base_share {cfg['base_share']}: {base_iters} VQA-only iterations, then {maps_iters} of the maps arm")
+        curve, _ = train_arm("maps_base", False, base_iters, evals=max(1, round(cfg["evals"] * cfg["base_share"])),
+                             vqa_only=True, seg_head=False, seg_guidance=0.0)
+        seen = {k: curve[-1][k] for k in ("tokens", "answers")}
+        curve, last = train_arm(cfg["arm"], False, maps_iters, seen=seen, curve=curve,
+                                init_from=os.path.join(cfg["out_dir"], "maps_base", "ckpt.pt"))
+        last["tokens"] = seen["tokens"]  # both parts'
+        vqa_iters = base_iters + maps_iters * cfg["vqa_weight"] / sum(weights.values())
+        max_iters = base_iters + maps_iters
+    else:  # arm=blind: the baseline alone, for as many iterations as the rgb arm would train
+        curve, last = train_arm(cfg["arm"], cfg["arm"] == "blind", max_iters)
     minutes = (time.time() - t_start) / 60
     blind_last = {}
     if cfg["blind"] and cfg["arm"] != "blind":  # as many VQA batches as the arm saw
-        vqa_share = cfg["vqa_weight"] / sum(weights.values())
-        _, blind_last = train_arm("blind", True, max(cfg["evals"], round(max_iters * vqa_share)))
+        _, blind_last = train_arm("blind", True, max(cfg["evals"], round(vqa_iters)))
 
     key = "learn_blind_" if cfg["arm"] == "blind" else "learn_"  # a blind arm alone keeps the rgb arm's keys in bench.json
     out = {"learn_arm": cfg["arm"], f"{key}tokens": last["tokens"], f"{key}answers": curve[-1]["answers"], f"{key}iters": max_iters,

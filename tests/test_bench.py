@@ -27,6 +27,8 @@ def test_maps_defaults_do_not_leak_into_module_state():
     (["--arm=maps", "--seg_head=False"], "seg_guidance > 0 needs seg_head=True"),
     (["--arm=maps", "--seg_head_weight=x"], "expected float"),
     (["--no_such_key=1"], "unknown config key"),
+    (["--base_share=0.5"], "base_share must be in \\[0, 1\\) and needs arm=maps"),
+    (["--arm=maps", "--base_share=1"], "base_share must be in"),
 ])
 def test_bad_learn_config_stops_with_a_clear_error(argv, message):
     with pytest.raises(SystemExit, match=message):
